@@ -1,0 +1,7 @@
+"""Run the remix command line as ``python -m pipeline``."""
+
+from __future__ import annotations
+
+from pipeline.cli import main
+
+raise SystemExit(main())

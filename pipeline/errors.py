@@ -1,0 +1,165 @@
+"""The exception hierarchy; retryability is a class attribute, never a string match.
+
+```
+PipelineError
+├── ConfigError, ManifestError       # user input; exit code 2
+├── ApiError                         # .url, .status, .task_id where known
+│   ├── TransportError               # connect/read failure           retryable
+│   │   └── RequestTimeoutError      # the HTTP call timed out        retryable
+│   ├── RateLimitedError             # 429, .retry_after_s            retryable
+│   ├── ServerError                  # 5xx                            retryable
+│   ├── RequestRejectedError         # other 4xx
+│   │   ├── AuthError                # 401/403                        run-fatal
+│   │   └── InsufficientCreditError  # 402, credit/balance/quota code run-fatal
+│   ├── ProtocolError                # body didn't match the wire     retryable
+│   └── DownloadError                # result image not fetched       retryable
+├── AmbiguousSubmitError             # submit left, fate unknown: resolve, never resend
+├── TaskFailedError                  # API reported failure: .task_id, .code, .message
+├── TaskTimeoutError                 # poll deadline passed: .task_id, .waited_s
+├── BudgetExceededError              # ledger cap reached: stop feeding, drain
+└── StorageError                     # run directory not writable     run-fatal
+```
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class PipelineError(Exception):
+    """Base of every error remix raises on purpose."""
+
+    retryable: ClassVar[bool] = False
+    run_fatal: ClassVar[bool] = False
+    """True when no further task can succeed until the user fixes something."""
+
+
+class ConfigError(PipelineError):
+    """Settings (config.toml, env, flags) are invalid."""
+
+
+class ManifestError(PipelineError):
+    """A job manifest is invalid; carries every problem found, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class ApiError(PipelineError):
+    """An HTTP exchange with the API did not give a usable answer."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        task_id: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+        self.task_id = task_id
+        self.code = code
+
+
+class TransportError(ApiError):
+    retryable = True
+
+
+class RequestTimeoutError(TransportError, TimeoutError):
+    retryable = True
+
+
+class RateLimitedError(ApiError):
+    retryable = True
+
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, **kw: object
+    ) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after_s = retry_after_s
+
+
+class ServerError(ApiError):
+    retryable = True
+
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, **kw: object
+    ) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after_s = retry_after_s
+
+
+class RequestRejectedError(ApiError):
+    """A 4xx for the whole request: sending it again gives the same answer."""
+
+
+class AuthError(RequestRejectedError):
+    run_fatal = True
+
+
+class InsufficientCreditError(RequestRejectedError):
+    run_fatal = True
+
+
+class ProtocolError(ApiError):
+    """The body did not match the wire contract (maybe a proxy's error page)."""
+
+    retryable = True
+
+
+class DownloadError(ApiError):
+    retryable = True
+
+
+class AmbiguousSubmitError(PipelineError):
+    """A submit left but its outcome is unknown; it may already be billed.
+
+    Never resend these taskUUIDs: resolve them with getResponse first.
+    """
+
+    def __init__(self, message: str, task_uuids: list[str]) -> None:
+        super().__init__(message)
+        self.task_uuids = task_uuids
+
+
+class TaskFailedError(PipelineError):
+    """The API reported that one task failed."""
+
+    def __init__(
+        self,
+        task_id: str,
+        code: str,
+        message: str,
+        *,
+        parameter: list[str] | None = None,
+        retryable: bool = False,
+    ) -> None:
+        where = f" (parameter {', '.join(parameter)})" if parameter else ""
+        super().__init__(f"task {task_id} failed: {code}: {message}{where}")
+        self.task_id = task_id
+        self.code = code
+        self.message = message
+        self.parameter = parameter or []
+        self.task_retryable = retryable
+
+
+class TaskTimeoutError(PipelineError):
+    def __init__(self, task_id: str, waited_s: float) -> None:
+        super().__init__(
+            f"task {task_id} timed out after {waited_s:.1f}s waiting for the result; "
+            "raise poll.deadline_s or rerun to resume"
+        )
+        self.task_id = task_id
+        self.waited_s = waited_s
+
+
+class BudgetExceededError(PipelineError):
+    run_fatal = True
+
+
+class StorageError(PipelineError):
+    run_fatal = True
