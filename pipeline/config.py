@@ -68,12 +68,14 @@ class LimitSettings(Section):
     """Most tasks in one submit request."""
     poll_batch: PositiveInt = 100
     """Most taskUUIDs in one getResponse request."""
-    download_concurrency: PositiveInt = 16
+    download_concurrency: PositiveInt = 64
 
 
 class PollSettings(Section):
     interval_s: PositiveFloat = 1.0
     """First wait between polls of the in-flight set."""
+    min_interval_s: PositiveFloat = 0.02
+    """Shortest gap between two questions about the same task."""
     max_interval_s: PositiveFloat = 10.0
     deadline_s: PositiveFloat = 900.0
     """A task still unfinished this long after submit fails as timed out (resumable)."""

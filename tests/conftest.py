@@ -1,10 +1,59 @@
-"""Shared test fixtures: the anyio backend (asyncio, since aiohttp is asyncio-only)."""
+"""Shared test fixtures: the anyio backend, and sandbox servers on ephemeral ports.
+
+``sandbox`` is a started ``TestServer`` running ``SandboxConfig(seed=0, latency_s=0)``
+(API key ``"sandbox"``); ``make_sandbox`` builds more, with any config and clock:
+
+    server = await make_sandbox(SandboxConfig(latency_s=0, rate_limit_rate=1.0))
+    base_url = str(server.make_url("/v1"))
+    state = server.app[STATE]
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
 import pytest
+from aiohttp.test_utils import TestServer
+
+from pipeline.sandbox import SandboxConfig, create_app
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+class SandboxFactory(Protocol):
+    async def __call__(
+        self,
+        config: SandboxConfig | None = None,
+        *,
+        clock: Callable[[], float] = ...,
+    ) -> TestServer: ...
+
+
+@pytest.fixture
+async def make_sandbox() -> AsyncIterator[SandboxFactory]:
+    """Start sandbox servers on demand; all are closed when the test ends."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(
+            config: SandboxConfig | None = None,
+            *,
+            clock: Callable[[], float] = time.monotonic,
+        ) -> TestServer:
+            app = create_app(config or SandboxConfig(seed=0, latency_s=0), clock=clock)
+            server = TestServer(app)
+            await stack.enter_async_context(server)
+            return server
+
+        yield make
+
+
+@pytest.fixture
+async def sandbox(make_sandbox: SandboxFactory) -> TestServer:
+    """A started sandbox with zero latency and the default key ``"sandbox"``."""
+    return await make_sandbox()

@@ -1,0 +1,429 @@
+"""The ``remix`` command: arguments, logging, exit codes; the only anyio.run caller.
+
+Exit codes: 0 every task done; 1 some tasks failed for good (see the ledger); 2 invalid
+input, nothing submitted; 3 stopped early (budget, auth, credit, interrupt, disk):
+resumable with the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydantic import SecretStr
+
+from pipeline.config import ENV_API_KEY, Settings, load_settings
+from pipeline.engine import EngineOptions, JobTotals, RunSummary, run_job
+from pipeline.errors import ConfigError, ManifestError, PipelineError
+from pipeline.expand import validate_manifest
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.progress import NullProgress, Progress, TqdmProgress
+from pipeline.rundir import open_run_dir
+
+log = logging.getLogger("pipeline")
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+SANDBOX_KEY = "sandbox"
+
+
+def _decimal(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0 or not value.is_finite():
+        raise argparse.ArgumentTypeError(f"must be a non-negative amount: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index_s, count_s = text.split("/")
+        index, count = int(index_s), int(count_s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--shard takes I/N, e.g. 0/4: {text!r}"
+        ) from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N: {text!r}")
+    return index, count
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="remix",
+        description="Batch image-to-image runs on Runware's Ideogram Remix API.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    # The same flags after the subcommand; SUPPRESS keeps them from resetting the above.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser(
+        "plan", parents=[common], help="validate, count and estimate; spends nothing"
+    )
+    plan.add_argument("manifest", type=Path)
+    plan.add_argument("--config", type=Path)
+    plan.add_argument("--format", choices=["table", "json"], default="table")
+    plan.set_defaults(func=cmd_plan)
+
+    run = sub.add_parser("run", parents=[common], help="run or resume a job")
+    run.add_argument("manifest", type=Path)
+    run.add_argument("--run-dir", type=Path)
+    run.add_argument("--config", type=Path)
+    run.add_argument(
+        "--sandbox", action="store_true", help="start the local sandbox API in-process"
+    )
+    run.add_argument("--concurrency", type=_positive_int)
+    run.add_argument("--budget", type=_decimal, help="hard cap in USD for the run dir")
+    run.add_argument(
+        "--shard", type=_shard, help="run shard I of N (0-based), e.g. 0/4"
+    )
+    run.add_argument(
+        "--retry-failed", action="store_true", help="submit failed tasks again"
+    )
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser(
+        "status", parents=[common], help="progress, failures and cost of a run dir"
+    )
+    status.add_argument("run_dir", type=Path)
+    status.add_argument("--format", choices=["table", "json"], default="table")
+    status.set_defaults(func=cmd_status)
+
+    report = sub.add_parser(
+        "report", parents=[common], help="cost report over one or more run dirs"
+    )
+    report.add_argument("run_dirs", type=Path, nargs="+")
+    report.add_argument("--by", default="variant")
+    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.set_defaults(func=cmd_report)
+
+    gallery = sub.add_parser(
+        "gallery", parents=[common], help="write RUN_DIR/gallery.html"
+    )
+    gallery.add_argument("run_dir", type=Path)
+    gallery.set_defaults(func=cmd_gallery)
+
+    sandbox = sub.add_parser(
+        "sandbox", parents=[common], help="serve the local Runware-compatible API"
+    )
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8080)
+    sandbox.add_argument("--seed", type=int, default=0)
+    sandbox.add_argument("--api-key", default=SANDBOX_KEY)
+    sandbox.add_argument("--latency", type=float, default=0.5, help="seconds per task")
+    sandbox.add_argument("--latency-jitter", type=float, default=0.0)
+    sandbox.add_argument(
+        "--failure-rate", type=float, default=0.0, help="share of tasks that fail"
+    )
+    sandbox.add_argument("--server-error-rate", type=float, default=0.0)
+    sandbox.add_argument("--rate-limit-rate", type=float, default=0.0)
+    sandbox.add_argument("--max-in-flight", type=int)
+    sandbox.set_defaults(func=cmd_sandbox)
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO
+    if verbose >= 2:
+        level = logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the remix command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging(args.verbose)
+    try:
+        code: int = args.func(args)
+    except ManifestError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        print(
+            f"remix: {len(exc.problems)} problem(s) found; nothing was submitted",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    except ConfigError as exc:
+        print(f"remix: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except PipelineError as exc:
+        print(f"remix: {exc}", file=sys.stderr)
+        return EXIT_STOPPED if exc.run_fatal else EXIT_FAILED
+    except KeyboardInterrupt:
+        print("remix: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_STOPPED
+    except Exception:
+        log.exception("remix: unexpected error")
+        return EXIT_FAILED
+    return code
+
+
+# ---------------------------------------------------------------------- plan
+
+
+def _load_valid(path: Path, settings: Settings) -> tuple[Manifest, dict[str, Any]]:
+    """Load and validate a manifest; every problem at once, or totals for the plan."""
+    manifest = load_manifest(path)
+    report = validate_manifest(manifest, path)
+    if report.problems:
+        raise ManifestError(list(report.problems))
+    by_speed: dict[str, int] = dict(report.images_by_speed)
+    estimate = sum(
+        (settings.price_for(speed) * count for speed, count in by_speed.items()),
+        Decimal(0),
+    )
+    return manifest, {
+        "job": manifest.job.name,
+        "manifest": str(path),
+        "tasks": report.tasks,
+        "images": report.images,
+        "images_by_rendering_speed": by_speed,
+        "estimated_cost_usd": str(estimate),
+        "budget_usd": None
+        if manifest.job.budget_usd is None
+        else str(manifest.job.budget_usd),
+    }
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    _, plan = _load_valid(args.manifest, settings)
+    if args.format == "json":
+        print(json.dumps(plan, indent=2))
+        return EXIT_OK
+    rows = [
+        ("job", plan["job"]),
+        ("tasks", f"{plan['tasks']:,}"),
+        ("images", f"{plan['images']:,}"),
+    ]
+    rows += [
+        (f"  {speed or 'DEFAULT'} images", f"{count:,} x ${settings.price_for(speed)}")
+        for speed, count in sorted(plan["images_by_rendering_speed"].items())
+    ]
+    rows.append(("estimated cost", f"${plan['estimated_cost_usd']}"))
+    if plan["budget_usd"] is not None:
+        rows.append(("budget", f"${plan['budget_usd']}"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print("valid: nothing was submitted")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------- run
+
+
+def _run_settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if args.concurrency is not None:
+        overrides["limits"] = {"concurrency": args.concurrency}
+    return load_settings(args.config, overrides=overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _run_settings(args)
+    manifest, plan = _load_valid(args.manifest, settings)
+    if not args.sandbox and settings.api_key is None:
+        raise ConfigError(
+            f"no API key: set {ENV_API_KEY} (from your Runware dashboard, API keys) "
+            "to run against the real API, or add --sandbox to run against the "
+            "local sandbox"
+        )
+    shard_label = None if args.shard is None else f"{args.shard[0]}/{args.shard[1]}"
+    run_dir: Path = args.run_dir or settings.run.runs_dir / (
+        manifest.job.name
+        + ("" if args.shard is None else f"-shard{args.shard[0]}of{args.shard[1]}")
+    )
+    budget = args.budget if args.budget is not None else manifest.job.budget_usd
+    options = EngineOptions(
+        concurrency=settings.limits.concurrency,
+        budget_usd=budget,
+        retry_failed=args.retry_failed,
+        shard=args.shard,
+        handle_signals=True,
+    )
+    with open_run_dir(
+        run_dir,
+        manifest_path=args.manifest,
+        settings_public=settings.public_dict(),
+        shard=shard_label,
+    ) as resuming:
+        if resuming:
+            log.warning("resuming the run in %s", run_dir)
+        progress: Progress = NullProgress() if args.quiet else TqdmProgress()
+        summary = anyio.run(
+            _run_async,
+            args,
+            settings,
+            manifest,
+            plan,
+            run_dir,
+            options,
+            progress,
+            backend="asyncio",
+        )
+        _write_outputs(run_dir)
+    _print_summary(summary, run_dir, args)
+    return summary.exit_code
+
+
+async def _run_async(
+    args: argparse.Namespace,
+    settings: Settings,
+    manifest: Manifest,
+    plan: dict[str, Any],
+    run_dir: Path,
+    options: EngineOptions,
+    progress: Progress,
+) -> RunSummary:
+    if args.sandbox:
+        from pipeline.sandbox import SandboxConfig, running_sandbox
+
+        # Never send a real key to the sandbox.
+        async with running_sandbox(
+            SandboxConfig(api_key=SANDBOX_KEY, latency_s=0.5)
+        ) as base_url:
+            local = settings.model_copy(
+                update={
+                    "api": settings.api.model_copy(update={"base_url": base_url}),
+                    "api_key": SecretStr(SANDBOX_KEY),
+                }
+            )
+            return await run_job(
+                manifest=manifest,
+                manifest_path=args.manifest,
+                totals=_totals(plan),
+                run_dir=run_dir,
+                settings=local,
+                options=options,
+                progress=progress,
+            )
+    return await run_job(
+        manifest=manifest,
+        manifest_path=args.manifest,
+        totals=_totals(plan),
+        run_dir=run_dir,
+        settings=settings,
+        options=options,
+        progress=progress,
+    )
+
+
+def _totals(plan: dict[str, Any]) -> JobTotals:
+    return JobTotals(
+        tasks=plan["tasks"],
+        images=plan["images"],
+        estimate_usd=Decimal(plan["estimated_cost_usd"]),
+    )
+
+
+def _write_outputs(run_dir: Path) -> None:
+    """ledger.csv and gallery.html, rebuilt from the journal after every run."""
+    from pipeline import report
+
+    report.write_ledger(run_dir)
+    try:
+        from pipeline import gallery
+    except ImportError:  # gallery arrives with the reports issue
+        return
+    gallery.write_gallery(run_dir)
+
+
+def _print_summary(
+    summary: RunSummary, run_dir: Path, args: argparse.Namespace
+) -> None:
+    rate = summary.images_new / summary.wall_s if summary.wall_s > 0 else 0.0
+    lines = [
+        f"run dir      {run_dir}",
+        f"tasks        {summary.tasks_done:,} done, {summary.tasks_failed:,} failed, "
+        f"{summary.tasks_unfinished + summary.tasks_unsubmitted:,} left "
+        f"of {summary.tasks_total:,}",
+        f"images       {summary.images_done:,} of {summary.images_total:,} "
+        f"({summary.images_new:,} new, {rate:.1f}/s)",
+        f"cost         ${summary.spent_usd} total, ${summary.spent_this_run_usd} "
+        "this run",
+        f"api requests {summary.api_requests:,} "
+        f"({summary.api_requests / max(1, summary.images_new):.3f} per new image)",
+        f"wall time    {summary.wall_s:.1f}s",
+        f"ledger       {run_dir / 'ledger.csv'}",
+    ]
+    if summary.failures:
+        lines.append("failures:")
+        lines += [f"  {key}: {code}: {msg}" for key, code, msg in summary.failures[:20]]
+        if len(summary.failures) > 20:
+            lines.append(f"  ... and {len(summary.failures) - 20} more (see ledger)")
+    if summary.tasks_skipped_failed:
+        lines.append(
+            f"{summary.tasks_skipped_failed} task(s) failed in an earlier run; "
+            "add --retry-failed to submit them again"
+        )
+    if summary.exit_code == EXIT_STOPPED:
+        why = summary.stop_message or summary.stop_reason or "unfinished tasks"
+        lines.append(f"stopped early: {why}")
+        lines.append("resume with: " + " ".join(["remix", *args.argv]))
+    print("\n".join(lines))
+
+
+# ------------------------------------------------------------ status / report
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline import report
+
+    return report.print_status(args.run_dir, fmt=args.format)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline import report
+
+    return report.print_report(args.run_dirs, by=args.by, fmt=args.format)
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from pipeline import gallery
+
+    path = gallery.write_gallery(args.run_dir)
+    print(path)
+    return EXIT_OK
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from pipeline.sandbox import SandboxConfig, serve
+
+    config = SandboxConfig(
+        seed=args.seed,
+        api_key=args.api_key,
+        latency_s=args.latency,
+        latency_jitter_s=args.latency_jitter,
+        task_fail_rate=args.failure_rate,
+        server_error_rate=args.server_error_rate,
+        rate_limit_rate=args.rate_limit_rate,
+        max_in_flight=args.max_in_flight,
+    )
+    serve(args.host, args.port, config)
+    return EXIT_OK

@@ -1,0 +1,650 @@
+"""The Runware HTTP client: POSTs task arrays, downloads results, maps failures to ours.
+
+One ``aiohttp.ClientSession`` per run. Every API call is one POST of a JSON array to
+``settings.api.base_url``. Answers are classified by HTTP status first, then by error
+code (runware-protocol.md §2). This is the only module that catches
+``aiohttp.ClientError`` or ``pydantic.ValidationError``; it holds no concurrency
+policy (that is the ``Pacer``'s and the engine's) and writes nothing to disk.
+
+Submits are never retried and never resend a taskUUID (protocol §7 a, b): a submit
+whose fate is unknown reports its tasks as *ambiguous*, to be resolved by polling.
+Polls, uploads and downloads are safe to retry and go through ``call_with_retry``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+import aiohttp
+import anyio
+import pydantic
+
+from pipeline.config import Settings
+from pipeline.errors import (
+    ApiError,
+    AuthError,
+    DownloadError,
+    InsufficientCreditError,
+    PipelineError,
+    ProtocolError,
+    RateLimitedError,
+    RequestRejectedError,
+    RequestTimeoutError,
+    ServerError,
+    TransportError,
+)
+from pipeline.limits import Pacer
+from pipeline.retry import call_with_retry, retry_after_s
+from pipeline.wire import (
+    AuthenticationRequest,
+    Envelope,
+    ErrorItem,
+    GetResponseRequest,
+    ImageInferenceRequest,
+    ImageResult,
+    ImageUploadRequest,
+    Processing,
+    UploadResult,
+)
+
+__all__ = [
+    "PollOutcome",
+    "RunwareClient",
+    "SubmitOutcome",
+    "UnusableImageError",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+KEY_HINT: Final = (
+    "set RUNWARE_API_KEY to a valid Runware API key "
+    "(create one at https://my.runware.ai/keys), or run with --sandbox"
+)
+CREDIT_HINT: Final = "top up the account, then rerun the same command to resume"
+
+AUTH_CODES: Final = frozenset({"invalidApiKey", "missingApiKey", "unauthorized"})
+CONFLICT_CODE: Final = "conflictTaskUUID"
+NOT_FOUND_CODE: Final = "taskFailedOrNotFound"
+TRANSIENT_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
+CONGESTION_STATUSES: Final = frozenset({429, 503, 504})
+_CHUNK_BYTES: Final = 64 * 1024
+
+
+class UnusableImageError(DownloadError):
+    """A result image that fetching again cannot fix: too large, or not decodable."""
+
+    retryable = False
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOutcome:
+    """What one submit request told us, by taskUUID (as str).
+
+    A taskUUID may be both accepted and in ``results`` (a sync answer). ``failed`` wins
+    over ``accepted`` when the server sent both for one task.
+    """
+
+    accepted: list[str] = field(default_factory=list)
+    """Acknowledged (or answered with data): poll these."""
+    results: list[ImageResult] = field(default_factory=list)
+    """Finished images that came back in the submit answer itself."""
+    failed: dict[str, ErrorItem] = field(default_factory=dict)
+    """Definite per-task failures: the server named the task."""
+    ambiguous: list[str] = field(default_factory=list)
+    """Fate unknown (maybe billed): resolve by polling; never resend the same UUID."""
+
+
+@dataclass(frozen=True, slots=True)
+class PollOutcome:
+    """What one or more getResponse requests told us, matched by taskUUID."""
+
+    results: list[ImageResult] = field(default_factory=list)
+    """Finished images; replies are cumulative, so de-duplicate by imageUUID."""
+    processing: set[str] = field(default_factory=set)
+    """Known but not finished (any non-final status), or absent from the reply."""
+    failed: dict[str, ErrorItem] = field(default_factory=dict)
+    not_found: set[str] = field(default_factory=set)
+    """The server answered taskFailedOrNotFound."""
+
+    def merged(self, other: PollOutcome) -> PollOutcome:
+        """Both outcomes together (for a batch answered in parts)."""
+        return PollOutcome(
+            results=[*self.results, *other.results],
+            processing=self.processing | other.processing,
+            failed={**self.failed, **other.failed},
+            not_found=self.not_found | other.not_found,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """One HTTP answer, before classification."""
+
+    status: int
+    body: bytes
+    retry_after_s: float | None
+
+
+class _BatchRejectedError(RequestRejectedError):
+    """A request-level 4xx for a multi-task poll: split the batch and ask again."""
+
+
+def _is_credit_code(code: str) -> bool:
+    return code == "paymentRequired" or any(
+        word in code for word in ("Credits", "Balance", "Quota")
+    )
+
+
+def _describe(errors: Iterable[ErrorItem]) -> str:
+    parts = [f"{e.code}: {e.message}".rstrip(": ") for e in errors]
+    return "; ".join(parts) if parts else "no error details"
+
+
+class RunwareClient:
+    """Speaks Runware's REST protocol for one run.
+
+    Use as ``async with RunwareClient(settings) as client:``; the session opens and
+    closes with the block. The key is read from ``settings.api_key`` at each request
+    and appears in no repr, log line or error message.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pacer: Pacer | None = None,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self._settings = settings
+        self._pacer = pacer
+        self._sleep = sleep
+        self._session: aiohttp.ClientSession | None = None
+        self._url = settings.api.base_url
+        self.requests_sent = 0
+        """API POSTs sent (for requests-per-image figures)."""
+        self.retries = 0
+        """Retried polls, uploads and downloads."""
+
+    def __repr__(self) -> str:
+        auth = "body" if self._settings.api.auth_in_body else "header"
+        state = "open" if self._session is not None else "closed"
+        return f"RunwareClient(base_url={self._url!r}, auth={auth}, {state})"
+
+    async def __aenter__(self) -> Self:
+        self._session = aiohttp.ClientSession(raise_for_status=False)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            with anyio.CancelScope(shield=True):
+                await session.close()
+
+    # ------------------------------------------------------------------ public API
+
+    async def submit(self, tasks: Sequence[ImageInferenceRequest]) -> SubmitOutcome:
+        """Send many imageInference tasks in ONE request; never retried.
+
+        Raises:
+            AuthError, InsufficientCreditError: run-fatal answers (401/403/402 or a
+                key/credit code). Everything else is reported in the outcome.
+        """
+        uuids = [str(task.task_uuid) for task in tasks]
+        if not uuids:
+            return SubmitOutcome()
+        started = time.monotonic()
+        try:
+            reply = await self._post([task.to_wire() for task in tasks])
+            outcome = self._submit_outcome(reply, uuids)
+        except (AuthError, InsufficientCreditError):
+            raise
+        except ApiError as exc:
+            # The request may have reached the server: its tasks may be running and
+            # billed. Only polling can tell (protocol §7 b).
+            log.debug(
+                "submit %d tasks: outcome unknown (%s); all ambiguous", len(uuids), exc
+            )
+            return SubmitOutcome(ambiguous=uuids)
+        log.debug(
+            "submit %d tasks: HTTP %d, accepted %d, results %d, failed %d, "
+            "ambiguous %d in %.3fs",
+            len(uuids),
+            reply.status,
+            len(outcome.accepted),
+            len(outcome.results),
+            len(outcome.failed),
+            len(outcome.ambiguous),
+            time.monotonic() - started,
+        )
+        return outcome
+
+    async def poll(self, task_uuids: Sequence[str]) -> PollOutcome:
+        """Ask for every task's state in ONE getResponse request (the caller chunks).
+
+        Retried on retryable errors. A request-level 4xx for several tasks splits the
+        batch in halves, since batched getResponse is undocumented (protocol §3).
+
+        Raises:
+            AuthError, InsufficientCreditError: run-fatal answers.
+            ApiError: a retryable error that outlasted the retry budget.
+        """
+        uuids = list(dict.fromkeys(task_uuids))
+        if not uuids:
+            return PollOutcome()
+        try:
+            return await self._retrying(lambda: self._poll_once(uuids))
+        except _BatchRejectedError as exc:
+            half = len(uuids) // 2
+            log.debug("poll of %d rejected (%s); splitting", len(uuids), exc)
+            first = await self.poll(uuids[:half])
+            return first.merged(await self.poll(uuids[half:]))
+
+    async def resolve(self, task_uuids: Sequence[str]) -> PollOutcome:
+        """Ask what the server knows about ambiguous submits before resubmitting."""
+        return await self.poll(task_uuids)
+
+    async def upload_image(self, image: str) -> str:
+        """Upload a reference (data URI, base64 or URL) and return its imageUUID.
+
+        Each attempt uses a fresh taskUUID; uploads are free, so a duplicate after a
+        lost answer costs nothing.
+        """
+        return await self._retrying(lambda: self._upload_once(image))
+
+    async def fetch_image(self, result: ImageResult) -> bytes:
+        """The bytes of a result image: downloaded from its URL, or decoded.
+
+        Raises:
+            UnusableImageError: larger than ``api.max_download_bytes`` or undecodable.
+            DownloadError: the download failed after retries.
+        """
+        try:
+            kind, value = result.payload
+        except ValueError as exc:
+            raise UnusableImageError(str(exc), task_id=result.task_uuid) from exc
+        if kind == "url":
+            return await self._retrying(lambda: self._download_once(value, result))
+        if kind == "data_uri":
+            _, sep, value = value.partition(";base64,")
+            if not sep:
+                raise UnusableImageError(
+                    f"result {result.image_uuid}: data URI is not base64",
+                    task_id=result.task_uuid,
+                )
+        return self._decode_base64(value, result)
+
+    # ------------------------------------------------------------------ attempts
+
+    async def _retrying(self, fn: Callable[[], Awaitable[T]]) -> T:
+        return await call_with_retry(
+            fn, self._settings.retry, sleep=self._sleep, on_retry=self._on_retry
+        )
+
+    def _on_retry(self, exc: PipelineError, attempt: int, wait_s: float) -> None:
+        self.retries += 1
+        log.debug("attempt %d failed: %s; retrying in %.2fs", attempt, exc, wait_s)
+
+    async def _poll_once(self, uuids: list[str]) -> PollOutcome:
+        tasks = [
+            GetResponseRequest(task_uuid=uuid.UUID(u)).model_dump(mode="json")
+            for u in uuids
+        ]
+        reply = await self._post(tasks)
+        wanted = set(uuids)
+        envelope, request_level = self._checked(reply, wanted)
+        if request_level:
+            if len(uuids) > 1:
+                raise _BatchRejectedError(
+                    f"getResponse for {len(uuids)} tasks rejected with HTTP "
+                    f"{reply.status}: {self._scrub(_describe(envelope.errors))}",
+                    url=self._url,
+                    status=reply.status,
+                )
+            # One task and a definite 4xx: that answer is about this task.
+            only = uuids[0]
+            err = envelope.errors[0] if envelope.errors else ErrorItem(code="unknown")
+            if err.code == NOT_FOUND_CODE:
+                return PollOutcome(not_found={only})
+            return PollOutcome(failed={only: err})
+
+        results: list[ImageResult] = []
+        processing: set[str] = set()
+        seen: set[str] = set()
+        for item in envelope.data:
+            if item.task_uuid not in wanted:
+                continue
+            seen.add(item.task_uuid)
+            match item:
+                case ImageResult():
+                    results.append(item)
+                case Processing():
+                    processing.add(item.task_uuid)
+                case UploadResult():
+                    pass  # not an answer to getResponse; ignore it
+        failed: dict[str, ErrorItem] = {}
+        not_found: set[str] = set()
+        for err in envelope.errors:
+            if err.task_uuid not in wanted:
+                continue
+            seen.add(err.task_uuid)
+            if err.code == NOT_FOUND_CODE:
+                not_found.add(err.task_uuid)
+            else:
+                failed[err.task_uuid] = err
+        # Silence is not "not found": keep polling it until the caller's deadline.
+        processing |= wanted - seen
+        processing -= failed.keys() | not_found
+        return PollOutcome(results, processing, failed, not_found)
+
+    async def _upload_once(self, image: str) -> str:
+        task_uuid = uuid.uuid4()
+        request = ImageUploadRequest(task_uuid=task_uuid, image=image)
+        reply = await self._post([request.model_dump(mode="json")])
+        wanted = str(task_uuid)
+        envelope, request_level = self._checked(reply, {wanted})
+        for err in envelope.errors:
+            if request_level or err.task_uuid == wanted:
+                where = (
+                    f" (parameter {', '.join(err.parameters)})"
+                    if err.parameters
+                    else ""
+                )
+                raise RequestRejectedError(
+                    f"imageUpload rejected: {self._scrub(_describe([err]))}{where}; "
+                    "check that the reference is a PNG, JPG or WEBP image",
+                    url=self._url,
+                    status=reply.status,
+                    task_id=wanted,
+                    code=err.code,
+                )
+        for item in envelope.data:
+            if isinstance(item, UploadResult) and item.task_uuid == wanted:
+                return item.image_uuid
+        raise ProtocolError(
+            f"imageUpload answer (HTTP {reply.status}) has no imageUUID for its task",
+            url=self._url,
+            status=reply.status,
+            task_id=wanted,
+        )
+
+    async def _download_once(self, url: str, result: ImageResult) -> bytes:
+        session = self._require_session()
+        api = self._settings.api
+        timeout = aiohttp.ClientTimeout(
+            total=api.download_timeout_s, sock_connect=api.connect_timeout_s
+        )
+        cap = api.max_download_bytes
+        try:
+            # No Authorization header: result URLs need none, and the key must never
+            # travel to a host other than the API.
+            async with session.get(url, timeout=timeout) as resp:
+                if not 200 <= resp.status < 300:
+                    raise DownloadError(
+                        f"download of result {result.image_uuid} answered HTTP "
+                        f"{resp.status}",
+                        url=url,
+                        status=resp.status,
+                        task_id=result.task_uuid,
+                    )
+                if resp.content_length is not None and resp.content_length > cap:
+                    raise self._too_large(result, url, resp.content_length)
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > cap:
+                        raise self._too_large(result, url, size)
+                    chunks.append(chunk)
+        except TimeoutError as exc:
+            raise DownloadError(
+                f"download of result {result.image_uuid} timed out after "
+                f"{api.download_timeout_s}s",
+                url=url,
+                task_id=result.task_uuid,
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise DownloadError(
+                f"download of result {result.image_uuid} failed: {exc!r}",
+                url=url,
+                task_id=result.task_uuid,
+            ) from exc
+        return b"".join(chunks)
+
+    def _too_large(
+        self, result: ImageResult, url: str, size: int
+    ) -> UnusableImageError:
+        cap = self._settings.api.max_download_bytes
+        return UnusableImageError(
+            f"result {result.image_uuid} is larger than api.max_download_bytes "
+            f"({size} > {cap} bytes); raise the limit if this image is expected",
+            url=url,
+            task_id=result.task_uuid,
+        )
+
+    def _decode_base64(self, value: str, result: ImageResult) -> bytes:
+        cap = self._settings.api.max_download_bytes
+        text = "".join(value.split())
+        if len(text) // 4 * 3 > cap + 2:
+            raise self._too_large(result, "inline data", len(text) // 4 * 3)
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise UnusableImageError(
+                f"result {result.image_uuid} carries invalid base64 data",
+                task_id=result.task_uuid,
+            ) from exc
+        if len(data) > cap:
+            raise self._too_large(result, "inline data", len(data))
+        return data
+
+    # ------------------------------------------------------------------ HTTP core
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use RunwareClient inside 'async with'")
+        return self._session
+
+    def _scrub(self, text: str) -> str:
+        """Remove the key from server-supplied text before it enters a message."""
+        key = self._settings.api_key
+        secret = key.get_secret_value() if key is not None else ""
+        return text.replace(secret, "***") if secret else text
+
+    async def _post(self, tasks: list[dict[str, Any]]) -> _Reply:
+        """POST one task array; transport failures become TransportError."""
+        session = self._require_session()
+        key = self._settings.api_key
+        if key is None or not key.get_secret_value():
+            raise AuthError(f"no API key configured: {KEY_HINT}", url=self._url)
+        api = self._settings.api
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if api.auth_in_body:
+            auth = AuthenticationRequest(api_key=key.get_secret_value())
+            tasks = [auth.model_dump(mode="json"), *tasks]
+        else:
+            headers["Authorization"] = f"Bearer {key.get_secret_value()}"
+        body = json.dumps(tasks, separators=(",", ":")).encode()
+        timeout = aiohttp.ClientTimeout(
+            total=api.request_timeout_s, sock_connect=api.connect_timeout_s
+        )
+        if self._pacer is not None:
+            await self._pacer.before_request()
+        self.requests_sent += 1
+        try:
+            async with session.post(
+                self._url, data=body, headers=headers, timeout=timeout
+            ) as resp:
+                reply = _Reply(
+                    status=resp.status,
+                    body=await resp.read(),
+                    retry_after_s=retry_after_s(resp.headers.get("Retry-After")),
+                )
+        except TimeoutError as exc:
+            raise RequestTimeoutError(
+                f"POST {self._url} timed out after {api.request_timeout_s}s; "
+                "raise api.request_timeout_s if the API is slow",
+                url=self._url,
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError(
+                f"POST {self._url} failed: {exc!r}", url=self._url
+            ) from exc
+        if self._pacer is not None:
+            if reply.status in CONGESTION_STATUSES:
+                self._pacer.congested(reply.retry_after_s)
+            elif 200 <= reply.status < 300:
+                self._pacer.relieved()
+        return reply
+
+    def _parse(self, reply: _Reply) -> Envelope:
+        try:
+            return Envelope.model_validate_json(reply.body)
+        except pydantic.ValidationError as exc:
+            snippet = self._scrub(reply.body[:120].decode("utf-8", "replace"))
+            raise ProtocolError(
+                f"HTTP {reply.status} body from {self._url} is not a Runware "
+                f"response ({exc.error_count()} problems): {snippet!r}",
+                url=self._url,
+                status=reply.status,
+            ) from exc
+
+    def _checked(self, reply: _Reply, wanted: set[str]) -> tuple[Envelope, bool]:
+        """Classify an answer by status, then by code (protocol §2).
+
+        Returns the envelope and whether it is a request-level 4xx (its errors name
+        none of the ``wanted`` tasks). Raises the run-fatal and retryable errors.
+        """
+        status = reply.status
+        if status in (401, 403) or status == 402 or status in TRANSIENT_STATUSES:
+            envelope = self._parse_lenient(reply)
+            self._raise_for_status(reply, envelope)
+        envelope = self._parse(reply)
+        self._raise_for_codes(reply, envelope)
+        if 200 <= status < 300:
+            return envelope, False
+        if 400 <= status < 500:
+            named = any(err.task_uuid in wanted for err in envelope.errors)
+            return envelope, not named
+        raise ProtocolError(
+            f"unexpected HTTP {status} from {self._url}: "
+            f"{self._scrub(_describe(envelope.errors))}",
+            url=self._url,
+            status=status,
+        )
+
+    def _parse_lenient(self, reply: _Reply) -> Envelope:
+        """The envelope if the error body is one (for its codes), else an empty one."""
+        try:
+            return self._parse(reply)
+        except ProtocolError:
+            return Envelope()
+
+    def _raise_for_status(self, reply: _Reply, envelope: Envelope) -> None:
+        status = reply.status
+        detail = self._scrub(_describe(envelope.errors))
+        code = envelope.errors[0].code if envelope.errors else None
+        if status in (401, 403):
+            raise AuthError(
+                f"the API refused the key (HTTP {status}, {detail}): {KEY_HINT}",
+                url=self._url,
+                status=status,
+                code=code,
+            )
+        if status == 402 or any(_is_credit_code(e.code) for e in envelope.errors):
+            raise self._credit_error(status, detail, code)
+        if status == 429:
+            raise RateLimitedError(
+                f"the API is over capacity (HTTP 429, {detail}); backing off",
+                retry_after_s=reply.retry_after_s,
+                url=self._url,
+                status=status,
+                code=code,
+            )
+        raise ServerError(
+            f"the API answered HTTP {status} ({detail}); this is transient",
+            retry_after_s=reply.retry_after_s,
+            url=self._url,
+            status=status,
+            code=code,
+        )
+
+    def _raise_for_codes(self, reply: _Reply, envelope: Envelope) -> None:
+        """Run-fatal codes under any status (e.g. an auth code in a 400)."""
+        for err in envelope.errors:
+            if err.code in AUTH_CODES:
+                raise AuthError(
+                    f"the API refused the key ({self._scrub(_describe([err]))}): "
+                    f"{KEY_HINT}",
+                    url=self._url,
+                    status=reply.status,
+                    code=err.code,
+                )
+            if _is_credit_code(err.code):
+                raise self._credit_error(
+                    reply.status, self._scrub(_describe([err])), err.code
+                )
+
+    def _credit_error(
+        self, status: int, detail: str, code: str | None
+    ) -> InsufficientCreditError:
+        return InsufficientCreditError(
+            f"the account has insufficient credit (HTTP {status}, {detail}): "
+            f"{CREDIT_HINT}",
+            url=self._url,
+            status=status,
+            code=code,
+        )
+
+    def _submit_outcome(self, reply: _Reply, uuids: list[str]) -> SubmitOutcome:
+        wanted = set(uuids)
+        envelope, request_level = self._checked(reply, wanted)
+        if request_level:
+            # A definite 4xx about the request as a whole: no task was taken.
+            err = envelope.errors[0] if envelope.errors else ErrorItem(code="unknown")
+            return SubmitOutcome(failed=dict.fromkeys(uuids, err))
+        accepted: set[str] = set()
+        results: list[ImageResult] = []
+        for item in envelope.data:
+            if item.task_uuid not in wanted:
+                continue
+            accepted.add(item.task_uuid)
+            if isinstance(item, ImageResult):
+                results.append(item)
+        failed: dict[str, ErrorItem] = {}
+        conflicts: set[str] = set()
+        for err in envelope.errors:
+            if err.task_uuid not in wanted:
+                continue
+            if err.code == CONFLICT_CODE:
+                # Already known to the server: poll it, never resend it.
+                conflicts.add(err.task_uuid)
+            else:
+                failed[err.task_uuid] = err
+        accepted -= failed.keys() | conflicts
+        ambiguous = [
+            u
+            for u in uuids
+            if u in conflicts or (u not in accepted and u not in failed)
+        ]
+        return SubmitOutcome(
+            accepted=[u for u in uuids if u in accepted],
+            results=results,
+            failed=failed,
+            ambiguous=list(dict.fromkeys(ambiguous)),
+        )

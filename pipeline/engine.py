@@ -1,0 +1,1168 @@
+"""The worker pool: feed, submit (batched), one poller, fetch, store; one task group.
+
+Why this shape:
+- *Concurrency means tasks in flight at the API.* A slot is taken when a task is
+  submitted and given back only when all its images are on disk (or it failed).
+- *Requests per image well below one.* Submits carry many tasks; one poller asks about
+  every due taskUUID in batched getResponse requests. Each task is polled first when it
+  is expected to be done (from the latency observed so far), then less and less often.
+- *Never pay twice.* A ``submitted`` event is fsync'd before the request leaves. A
+  submit whose outcome is unknown is polled; only a task the server twice says it does
+  not know (after a grace period) is sent again, under a new taskUUID linked to the old.
+- *The budget is a hard cap.* Each task's estimated cost is reserved before its submit.
+- *One writer per resource.* Only the collector changes the summary and progress; the
+  journal is appended under one lock so the ``submitted``-before-send order holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from pipeline.client import RunwareClient, SubmitOutcome
+from pipeline.config import Settings
+from pipeline.errors import (
+    AuthError,
+    DownloadError,
+    InsufficientCreditError,
+    PipelineError,
+    StorageError,
+    TaskTimeoutError,
+)
+from pipeline.expand import TaskSpec, expand, shard_of
+from pipeline.journal import (
+    JOURNAL_NAME,
+    CompletedEvent,
+    Event,
+    FailedEvent,
+    JournalWriter,
+    LostEvent,
+    ResumeState,
+    RunEndedEvent,
+    RunStartedEvent,
+    SubmittedEvent,
+    UploadedEvent,
+    load_state,
+)
+from pipeline.limits import AccountPacer, AdaptiveLimit, Budget, RateMeter
+from pipeline.manifest import Manifest
+from pipeline.progress import NullProgress, Progress
+from pipeline.references import ReferenceUploader
+from pipeline.storage import (
+    detect_ext,
+    encode_sidecar,
+    image_relpath,
+    sidecar_path,
+    write_atomic_many,
+)
+from pipeline.wire import ErrorItem, ImageInferenceRequest, ImageResult
+
+log = logging.getLogger(__name__)
+
+_EXT_BY_FORMAT: Final = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
+_STORE_BATCH: Final = 128
+"""Most images written (and journaled) in one go by the collector."""
+_LATENCY_ALPHA: Final = 0.2
+"""Weight of a new latency sample in the running estimate."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class RunSummary:
+    """Public counters of one run (also what tests assert on)."""
+
+    tasks_total: int = 0
+    images_total: int = 0
+    tasks_done: int = 0
+    images_done: int = 0
+    images_new: int = 0
+    tasks_failed: int = 0
+    tasks_skipped_failed: int = 0
+    tasks_unfinished: int = 0
+    tasks_unsubmitted: int = 0
+    submitted: int = 0
+    resubmitted: int = 0
+    resumed: int = 0
+    lost: int = 0
+    submit_requests: int = 0
+    poll_requests: int = 0
+    uploads: int = 0
+    max_in_flight: int = 0
+    spent_usd: Decimal = Decimal(0)
+    spent_this_run_usd: Decimal = Decimal(0)
+    missing_cost_images: int = 0
+    stop_reason: str | None = None
+    stop_message: str | None = None
+    wall_s: float = 0.0
+    failures: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def api_requests(self) -> int:
+        """Submits + polls + uploads (downloads excluded)."""
+        return self.submit_requests + self.poll_requests + self.uploads
+
+    @property
+    def exit_code(self) -> int:
+        """0 all done; 1 some tasks failed for good; 3 stopped early, resumable."""
+        if (
+            self.stop_reason is not None
+            or self.tasks_unfinished
+            or (self.tasks_unsubmitted)
+        ):
+            return 3
+        if self.tasks_failed or self.tasks_skipped_failed:
+            return 1
+        return 0
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    concurrency: int
+    budget_usd: Decimal | None = None
+    retry_failed: bool = False
+    shard: tuple[int, int] | None = None
+    handle_signals: bool = False
+    """Install SIGINT/SIGTERM handlers (the CLI does; tests stop it directly)."""
+
+
+@dataclass(eq=False)
+class _Prepared:
+    spec: TaskSpec
+    request: ImageInferenceRequest
+    replaces: str | None = None
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One taskUUID the API may be working on."""
+
+    spec: TaskSpec
+    task_uuid: str
+    wire: dict[str, Any]
+    submitted_at: float
+    submitted_wall: datetime | None
+    reserved_per_image: Decimal
+    next_poll_at: float
+    backoff_s: float
+    acked: bool = False
+    ambiguous: bool = False
+    seen_processing: bool = False
+    not_found: int = 0
+    last_processing_at: float | None = None
+    seen: set[str] = field(default_factory=set)
+    assigned: int = 0
+    stored: int = 0
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class _Fetch:
+    flight: _Flight
+    result: ImageResult
+    index: int
+
+
+@dataclass(eq=False)
+class _Stored:
+    flight: _Flight
+    result: ImageResult
+    index: int
+    relpath: str
+    sha256: str
+    size: int
+
+
+@dataclass(eq=False)
+class _Downloaded:
+    job: _Fetch
+    data: bytes
+
+
+@dataclass(eq=False)
+class _FetchFailed:
+    flight: _Flight
+    result: ImageResult
+    error: str
+
+
+class _SlotGate:
+    """Counts tasks in flight against a limit that AIMD may move."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self.in_flight = 0
+        self.peak = 0
+        self._changed = anyio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    @property
+    def free(self) -> int:
+        return max(0, self._limit() - self.in_flight)
+
+    async def acquire(self, want: int, window_s: float) -> int:
+        """Take between 1 and ``want`` slots, waiting up to ``window_s`` for more.
+
+        Coalescing slots freed close together turns many one-task submits into one.
+        """
+        while self.free == 0:
+            await self._changed.wait()
+        target = min(want, max(1, self._limit() // 4))
+        if self.free < target and window_s > 0:
+            with anyio.move_on_after(window_s):
+                while self.free < target:
+                    await self._changed.wait()
+        take = min(want, self.free)
+        self.force_acquire(take)
+        return take
+
+    def force_acquire(self, n: int = 1) -> None:
+        self.in_flight += n
+        self.peak = max(self.peak, self.in_flight)
+
+    def release(self, n: int = 1) -> None:
+        self.in_flight -= n
+        self._notify()
+
+
+class _Backlog:
+    """Tasks ready to submit: bounded for the feeder, unbounded for resubmissions.
+
+    A resubmission must never wait behind a full queue, or the poller that makes it
+    could block the very completions that free space (a deadlock).
+    """
+
+    def __init__(self, bound: int) -> None:
+        self._items: deque[_Prepared] = deque()
+        self._bound = bound
+        self._changed = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def put(self, item: _Prepared) -> None:
+        while len(self._items) >= self._bound:
+            await self._changed.wait()
+        self._items.append(item)
+        self._notify()
+
+    def put_urgent(self, item: _Prepared) -> None:
+        self._items.appendleft(item)
+        self._notify()
+
+    def put_back(self, items: Iterable[_Prepared]) -> None:
+        self._items.extendleft(reversed(list(items)))
+        self._notify()
+
+    async def take(self, most: int) -> list[_Prepared]:
+        while not self._items:
+            await self._changed.wait()
+        out = [self._items.popleft() for _ in range(min(most, len(self._items)))]
+        self._notify()
+        return out
+
+    def drain(self) -> list[_Prepared]:
+        out = list(self._items)
+        self._items.clear()
+        self._notify()
+        return out
+
+
+class Engine:
+    """Runs one job's tasks against the API into a run directory."""
+
+    def __init__(
+        self,
+        *,
+        specs: Callable[[], Iterator[TaskSpec]],
+        run_dir: Path,
+        settings: Settings,
+        options: EngineOptions,
+        state: ResumeState,
+        journal: JournalWriter,
+        summary: RunSummary,
+        progress: Progress | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._specs = specs
+        self._run_dir = run_dir
+        self._settings = settings
+        self._options = options
+        self._state = state
+        self._journal = journal
+        self._journal_lock = anyio.Lock()
+        self.summary = summary
+        self._progress = progress or NullProgress()
+        self._clock = clock
+        limits = settings.limits
+        top = max(1, options.concurrency)
+        self._adaptive = AdaptiveLimit(
+            initial=top, minimum=min(limits.min_concurrency, top), maximum=top
+        )
+        self._gate = _SlotGate(lambda: self._adaptive.value)
+        self._rate = RateMeter(limits.requests_per_s, limits.burst, clock=clock)
+        self._pacer = AccountPacer(self._rate, self._adaptive)
+        cap = options.budget_usd
+        self._budget = Budget(cap, spent_usd=state.spent_usd)
+        self._backlog = _Backlog(bound=max(2 * limits.submit_batch, 8))
+        self._polling: dict[str, _Flight] = {}
+        self._poll_wakeup = anyio.Event()
+        self._latency_s: float | None = None
+        self._max_price_seen = Decimal(0)
+        self._outstanding = 0
+        self._feeding_done = False
+        self._all_done = anyio.Event()
+        self._draining = anyio.Event()
+        self._work_scope: anyio.CancelScope | None = None
+        self._client: RunwareClient | None = None
+        self._uploader: ReferenceUploader | None = None
+        self._fetch_send: MemoryObjectSendStream[_Fetch] | None = None
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self, reason: str = "interrupted", message: str = "") -> None:
+        """Stop submitting; in-flight tasks may finish (the first Ctrl-C)."""
+        if self.summary.stop_reason is None:
+            self.summary.stop_reason = reason
+            self.summary.stop_message = message or None
+            log.warning(
+                "stopping (%s): no new submits; finishing in-flight tasks", reason
+            )
+        self._draining.set()
+        self._drop_backlog()
+        self._check_done()
+
+    def stop_now(self) -> None:
+        """Cancel everything at once (the second Ctrl-C); the journal stays valid."""
+        if self.summary.stop_reason is None:
+            self.summary.stop_reason = "interrupted"
+        if self._work_scope is not None:
+            self._work_scope.cancel()
+
+    # ---------------------------------------------------------------- the run
+
+    async def run(self) -> RunSummary:
+        started = self._clock()
+        self._progress.start(self.summary.images_total, self.summary.images_done)
+        try:
+            async with RunwareClient(self._settings, pacer=self._pacer) as client:
+                self._client = client
+                uploader = ReferenceUploader(
+                    client, dict(self._state.uploads), self._journal_upload
+                )
+                self._uploader = uploader
+                try:
+                    await self._run_stages(uploader)
+                finally:
+                    self.summary.uploads = uploader.uploads
+        finally:
+            self.summary.wall_s = self._clock() - started
+            self.summary.max_in_flight = self._gate.peak
+            self._drop_backlog()
+            # Whatever is still outstanding was sent but not finished: a rerun polls it.
+            self.summary.tasks_unfinished += max(0, self._outstanding)
+            self._outstanding = 0
+            self._progress.close()
+            with anyio.CancelScope(shield=True):
+                await self._append(
+                    RunEndedEvent(
+                        ts=_now(),
+                        reason=self.summary.stop_reason or "finished",
+                        done=self.summary.tasks_done,
+                        failed=self.summary.tasks_failed,
+                        spent_usd=self.summary.spent_usd,
+                    )
+                )
+            log.info(
+                "run ended: done=%d failed=%d unfinished=%d resubmitted=%d lost=%d "
+                "spent=$%s requests=%d wall=%.1fs reason=%s",
+                self.summary.tasks_done,
+                self.summary.tasks_failed,
+                self.summary.tasks_unfinished,
+                self.summary.resubmitted,
+                self.summary.lost,
+                self.summary.spent_usd,
+                self.summary.api_requests,
+                self.summary.wall_s,
+                self.summary.stop_reason or "finished",
+            )
+        return self.summary
+
+    async def _run_stages(self, uploader: ReferenceUploader) -> None:
+        fetch_send, fetch_recv = anyio.create_memory_object_stream[_Fetch](
+            max_buffer_size=max(16, 2 * self._settings.limits.download_concurrency)
+        )
+        done_send, done_recv = anyio.create_memory_object_stream[
+            _Downloaded | _FetchFailed
+        ](max_buffer_size=_STORE_BATCH)
+        self._fetch_send = fetch_send
+        try:
+            async with anyio.create_task_group() as outer:
+                if self._options.handle_signals:
+                    outer.start_soon(self._signal_watcher, outer)
+                with anyio.CancelScope() as work_scope:
+                    self._work_scope = work_scope
+                    try:
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(self._feeder, uploader)
+                            tg.start_soon(self._submitter)
+                            tg.start_soon(self._poller)
+                            for _ in range(self._settings.limits.download_concurrency):
+                                tg.start_soon(
+                                    self._fetcher, fetch_recv.clone(), done_send.clone()
+                                )
+                            tg.start_soon(self._collector, done_recv)
+                            fetch_recv.close()
+                            done_send.close()
+                            await self._all_done.wait()
+                            tg.cancel_scope.cancel()
+                    except* (AuthError, InsufficientCreditError) as group:
+                        exc = group.exceptions[0]
+                        reason = "auth" if isinstance(exc, AuthError) else "credit"
+                        self.summary.stop_reason = reason
+                        self.summary.stop_message = str(exc)
+                        log.error("%s", exc)
+                    except* StorageError as group:
+                        self.summary.stop_reason = "storage"
+                        self.summary.stop_message = str(group.exceptions[0])
+                        log.error("%s", group.exceptions[0])
+                outer.cancel_scope.cancel()
+        finally:
+            fetch_send.close()
+
+    async def _signal_watcher(self, scope_owner: TaskGroup) -> None:
+        """First signal: drain with a grace period; second: stop at once."""
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self._draining.is_set():
+                    log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    self.stop_now()
+                    return
+                log.warning(
+                    "%s: no new submits; waiting up to %.0fs for in-flight tasks "
+                    "(press Ctrl-C again to stop at once; rerun to resume)",
+                    signal.Signals(signum).name,
+                    self._settings.run.shutdown_grace_s,
+                )
+                self.request_stop("interrupted")
+                scope_owner.start_soon(self._grace_timer)
+
+    async def _grace_timer(self) -> None:
+        await anyio.sleep(self._settings.run.shutdown_grace_s)
+        self.stop_now()
+
+    # ---------------------------------------------------------------- journal
+
+    async def _append(self, *events: Event) -> None:
+        async with self._journal_lock:
+            await self._journal.append(*events)
+
+    async def _journal_upload(self, digest: str, image_uuid: str, path: Path) -> None:
+        await self._append(
+            UploadedEvent(
+                ts=_now(), sha256=digest, image_uuid=image_uuid, source=str(path)
+            )
+        )
+
+    # ------------------------------------------------------------------ feeder
+
+    def _selected(self) -> Iterator[TaskSpec]:
+        shard = self._options.shard
+        if shard is None:
+            yield from self._specs()
+            return
+        index, count = shard
+        for spec in self._specs():
+            if shard_of(spec.key, count) == index:
+                yield spec
+
+    async def _feeder(self, uploader: ReferenceUploader) -> None:
+        state = self._state
+        try:
+            if state.pending:
+                # Resume: ask about every task a previous run sent before sending more.
+                for spec in self._selected():
+                    if spec.key in state.pending and not state.is_complete(spec.key):
+                        self._resume_flights(spec)
+            for spec in self._selected():
+                if self._draining.is_set():
+                    break
+                key = spec.key
+                if state.is_complete(key) or key in state.pending:
+                    continue
+                if key in state.failed and not self._options.retry_failed:
+                    continue
+                request = await self._prepare(spec, uploader)
+                self._outstanding += 1
+                await self._backlog.put(_Prepared(spec, request))
+        finally:
+            self._feeding_done = True
+            self._check_done()
+
+    async def _prepare(
+        self, spec: TaskSpec, uploader: ReferenceUploader
+    ) -> ImageInferenceRequest:
+        uploaded = await uploader.resolve_all(spec.local_files)
+        return spec.request(uuid.uuid4(), uploaded)
+
+    def _resume_flights(self, spec: TaskSpec) -> None:
+        now = self._clock()
+        stored = self._state.completed_images.get(spec.key, {})
+        for event in self._state.pending[spec.key]:
+            flight = _Flight(
+                spec=spec,
+                task_uuid=event.task_uuid,
+                wire={},
+                submitted_at=now,
+                submitted_wall=event.ts,
+                reserved_per_image=Decimal(0),
+                next_poll_at=now,
+                backoff_s=self._settings.poll.interval_s,
+                ambiguous=True,
+                seen={c.image_uuid for c in stored.values()},
+                assigned=len(stored),
+                stored=len(stored),
+            )
+            self._outstanding += 1
+            self.summary.resumed += 1
+            self._gate.force_acquire()
+            self._polling[flight.task_uuid] = flight
+        self._wake_poller()
+
+    # --------------------------------------------------------------- submitter
+
+    def _coalesce_s(self) -> float:
+        latency = self._latency_s or self._settings.poll.interval_s
+        return min(0.25, max(0.005, 0.02 * latency))
+
+    def _price_per_image(self, spec: TaskSpec) -> Decimal:
+        return max(self._settings.price_for(spec.rendering_speed), self._max_price_seen)
+
+    async def _submitter(self) -> None:
+        batch_max = self._settings.limits.submit_batch
+        while True:
+            items = await self._backlog.take(batch_max)
+            slots = await self._gate.acquire(len(items), self._coalesce_s())
+            if slots < len(items):
+                self._backlog.put_back(items[slots:])
+                items = items[:slots]
+            if self._draining.is_set():
+                self._gate.release(len(items))
+                self._drop(items)
+                continue
+            batch: list[_Prepared] = []
+            for item in items:
+                reserve = self._price_per_image(item.spec) * item.spec.images
+                if self._budget.try_reserve(reserve):
+                    batch.append(item)
+                else:
+                    self._gate.release(1)
+                    self._drop([item])
+                    self.request_stop(
+                        "budget",
+                        f"budget ${self._options.budget_usd} reached (spent "
+                        f"${self._budget.spent_usd}); raise --budget and rerun to "
+                        "continue",
+                    )
+            if batch:
+                await self._submit(batch)
+
+    async def _submit(self, batch: list[_Prepared]) -> None:
+        assert self._client is not None
+        now = self._clock()
+        wall = _now()
+        flights: list[_Flight] = []
+        events: list[Event] = []
+        for item in batch:
+            price = self._price_per_image(item.spec)
+            task_uuid = str(item.request.task_uuid)
+            flights.append(
+                _Flight(
+                    spec=item.spec,
+                    task_uuid=task_uuid,
+                    wire=item.request.to_wire(),
+                    submitted_at=now,
+                    submitted_wall=wall,
+                    reserved_per_image=price,
+                    next_poll_at=now + self._first_poll_delay(),
+                    backoff_s=self._poll_gap(),
+                )
+            )
+            events.append(
+                SubmittedEvent(
+                    ts=wall,
+                    key=item.spec.key,
+                    task_uuid=task_uuid,
+                    images=item.spec.images,
+                    estimate_usd=price * item.spec.images,
+                    replaces=item.replaces,
+                )
+            )
+        await self._append(*events)  # durable BEFORE the request leaves
+        self.summary.submitted += len(batch)
+        self.summary.resubmitted += sum(1 for i in batch if i.replaces)
+        self.summary.submit_requests += 1
+        for flight in flights:
+            self._polling[flight.task_uuid] = flight
+        try:
+            outcome = await self._client.submit([i.request for i in batch])
+        except (AuthError, InsufficientCreditError):
+            # A definite refusal: nothing was accepted, so nothing to poll later.
+            await self._append(
+                *(
+                    LostEvent(ts=_now(), key=f.spec.key, task_uuid=f.task_uuid)
+                    for f in flights
+                )
+            )
+            for flight in flights:
+                self._polling.pop(flight.task_uuid, None)
+                self._finish(flight)
+                self._budget.release(flight.reserved_per_image * flight.spec.images)
+                self._outstanding -= 1
+                self.summary.tasks_unsubmitted += 1
+            raise
+        await self._handle_submit(flights, outcome)
+        self._wake_poller()
+
+    async def _handle_submit(
+        self, flights: list[_Flight], outcome: SubmitOutcome
+    ) -> None:
+        by_uuid = {f.task_uuid: f for f in flights}
+        for task_uuid in outcome.accepted:
+            if (flight := by_uuid.get(task_uuid)) is not None:
+                flight.acked = True
+        for task_uuid in outcome.ambiguous:
+            if (flight := by_uuid.get(task_uuid)) is not None:
+                flight.ambiguous = True
+                flight.next_poll_at = self._clock() + min(
+                    self._first_poll_delay(), self._settings.poll.interval_s
+                )
+        for task_uuid, error in outcome.failed.items():
+            if (flight := by_uuid.get(task_uuid)) is not None:
+                await self._fail(flight, error)
+        await self._take_results(outcome.results, by_uuid)
+
+    # ------------------------------------------------------------------ poller
+
+    def _first_poll_delay(self) -> float:
+        """Ask first when the task is expected to be done."""
+        if self._latency_s is None:
+            return self._settings.poll.interval_s
+        return min(self._latency_s, self._settings.poll.max_interval_s)
+
+    def _poll_gap(self) -> float:
+        latency = self._latency_s or self._settings.poll.interval_s
+        return min(
+            self._settings.poll.max_interval_s,
+            max(self._settings.poll.min_interval_s, 0.05 * latency),
+        )
+
+    def _wake_poller(self) -> None:
+        self._poll_wakeup.set()
+
+    async def _poller(self) -> None:
+        batch = self._settings.limits.poll_batch
+        while True:
+            now = self._clock()
+            coalesce = self._poll_gap()
+            due = [
+                f
+                for f in self._polling.values()
+                if not f.finished and f.next_poll_at <= now + coalesce / 2
+            ]
+            if not due:
+                pending = [
+                    f.next_poll_at for f in self._polling.values() if not f.finished
+                ]
+                wait = min(pending) - now if pending else math.inf
+                self._poll_wakeup = anyio.Event()
+                with anyio.move_on_after(max(wait, 0.0)):
+                    await self._poll_wakeup.wait()
+                continue
+            async with anyio.create_task_group() as tg:
+                for start in range(0, len(due), batch):
+                    tg.start_soon(self._poll_chunk, due[start : start + batch])
+
+    async def _poll_chunk(self, flights: list[_Flight]) -> None:
+        assert self._client is not None
+        by_uuid = {f.task_uuid: f for f in flights}
+        self.summary.poll_requests += 1
+        try:
+            outcome = await self._client.poll(list(by_uuid))
+        except PipelineError as exc:
+            if exc.run_fatal:
+                raise
+            log.warning(
+                "poll of %d tasks failed (%s); will ask again", len(flights), exc
+            )
+            later = self._clock() + self._settings.poll.max_interval_s
+            for flight in flights:
+                flight.next_poll_at = later
+            return
+        now = self._clock()
+        await self._take_results(outcome.results, by_uuid)
+        for task_uuid, error in outcome.failed.items():
+            if (failed := by_uuid.get(task_uuid)) is not None and not failed.finished:
+                await self._fail(failed, error)
+        for task_uuid in outcome.not_found:
+            if (unknown := by_uuid.get(task_uuid)) is not None and not unknown.finished:
+                await self._not_found(unknown, now)
+        for task_uuid in outcome.processing:
+            if (busy := by_uuid.get(task_uuid)) is not None:
+                busy.acked = True
+                busy.seen_processing = True
+                busy.last_processing_at = now
+        for flight in flights:
+            if flight.finished or flight.assigned >= flight.spec.images:
+                continue
+            if now - flight.submitted_at > self._settings.poll.deadline_s:
+                self._time_out(flight, now)
+                continue
+            if flight.task_uuid in outcome.not_found:
+                continue  # _not_found scheduled its next question
+            flight.next_poll_at = now + flight.backoff_s
+            flight.backoff_s = min(
+                flight.backoff_s * 1.5, self._settings.poll.max_interval_s
+            )
+
+    async def _take_results(
+        self, results: list[ImageResult], by_uuid: dict[str, _Flight]
+    ) -> None:
+        assert self._fetch_send is not None
+        now = self._clock()
+        for result in results:
+            flight = by_uuid.get(result.task_uuid) or self._polling.get(
+                result.task_uuid
+            )
+            if flight is None or flight.finished or result.image_uuid in flight.seen:
+                continue
+            if not flight.seen:
+                self._observe_latency(flight, now)
+            flight.acked = True
+            flight.seen.add(result.image_uuid)
+            index = flight.assigned  # 0-based, as the journal and paths count
+            flight.assigned += 1
+            if flight.assigned >= flight.spec.images:
+                self._polling.pop(flight.task_uuid, None)
+            await self._fetch_send.send(_Fetch(flight, result, index))
+
+    def _observe_latency(self, flight: _Flight, now: float) -> None:
+        """Learn when to ask first: the task finished after its last 'processing'.
+
+        Found done at the first question, the task may have finished well before it
+        was asked: nudge the estimate down, so the next ones are asked a bit sooner
+        until one answers 'processing' and pins the latency between two questions.
+        """
+        upper = now - flight.submitted_at
+        if flight.last_processing_at is None:
+            sample = 0.9 * upper
+        else:
+            sample = (flight.last_processing_at - flight.submitted_at + upper) / 2
+        if self._latency_s is None:
+            self._latency_s = sample
+        else:
+            self._latency_s += _LATENCY_ALPHA * (sample - self._latency_s)
+
+    async def _not_found(self, flight: _Flight, now: float) -> None:
+        """The server does not know this taskUUID (yet, or any more)."""
+        flight.not_found += 1
+        if flight.acked and flight.seen_processing:
+            await self._fail(
+                flight,
+                ErrorItem(
+                    code="taskFailedOrNotFound",
+                    message="the API no longer knows this task (expired?); "
+                    "rerun with --retry-failed to submit it again",
+                ),
+                retryable=True,
+            )
+            return
+        grace = self._settings.poll.not_found_grace_s
+        if flight.not_found < 2 or now - flight.submitted_at < grace:
+            flight.next_poll_at = now + max(self._poll_gap(), grace / 2)
+            return
+        # Twice unknown after the grace period: it never arrived, so it was not billed.
+        self._polling.pop(flight.task_uuid, None)
+        flight.finished = True
+        self.summary.lost += 1
+        await self._append(
+            LostEvent(ts=_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
+        )
+        self._gate.release(1)
+        self._budget.release(flight.reserved_per_image * flight.spec.images)
+        if self._draining.is_set():
+            self._outstanding -= 1
+            self.summary.tasks_unsubmitted += 1
+            self._check_done()
+            return
+        log.info(
+            "task %s (%s) never reached the API; sending it again",
+            flight.task_uuid,
+            flight.spec.key,
+        )
+        assert self._uploader is not None
+        request = await self._prepare(flight.spec, self._uploader)
+        self._backlog.put_urgent(
+            _Prepared(flight.spec, request, replaces=flight.task_uuid)
+        )
+
+    def _time_out(self, flight: _Flight, now: float) -> None:
+        error = TaskTimeoutError(flight.task_uuid, now - flight.submitted_at)
+        log.warning("%s (%s)", error, flight.spec.key)
+        self._polling.pop(flight.task_uuid, None)
+        self._finish(flight)
+        self._budget.release(
+            flight.reserved_per_image * (flight.spec.images - flight.stored)
+        )
+        self.summary.tasks_unfinished += 1
+        self._outstanding -= 1
+        self._check_done()
+
+    # -------------------------------------------------------- fetch and store
+
+    async def _fetcher(
+        self,
+        fetches: MemoryObjectReceiveStream[_Fetch],
+        done: MemoryObjectSendStream[_Downloaded | _FetchFailed],
+    ) -> None:
+        """Download (or decode) result images; the collector writes them in batches."""
+        assert self._client is not None
+        async with fetches, done:
+            async for job in fetches:
+                try:
+                    data = await self._client.fetch_image(job.result)
+                except DownloadError as exc:
+                    await done.send(_FetchFailed(job.flight, job.result, str(exc)))
+                    continue
+                await done.send(_Downloaded(job, data))
+
+    def _image_path(self, job: _Fetch, data: bytes) -> str:
+        spec = job.flight.spec
+        wanted = _EXT_BY_FORMAT.get(str(spec.params.get("outputFormat", "JPG")), "jpg")
+        ext = detect_ext(data) or wanted
+        rel = image_relpath(
+            spec.reference_id, spec.variant_id, spec.axes, job.index, ext
+        )
+        return str(rel)
+
+    def _sidecar(self, job: _Fetch, relpath: str) -> dict[str, Any]:
+        spec = job.flight.spec
+        result = job.result
+        return {
+            "key": spec.key,
+            "reference": spec.reference_id,
+            "variant": spec.variant_id,
+            "axes": dict(spec.axes),
+            "index": job.index,
+            "prompt": spec.params.get("positivePrompt"),
+            "negative_prompt": spec.params.get("negativePrompt"),
+            "params": job.flight.wire or dict(spec.params),
+            "task_uuid": job.flight.task_uuid,
+            "image_uuid": result.image_uuid,
+            "seed": result.seed,
+            "cost_usd": result.cost,
+            "nsfw_content": result.nsfw_content,
+            "path": relpath,
+        }
+
+    async def _collector(
+        self, done: MemoryObjectReceiveStream[_Downloaded | _FetchFailed]
+    ) -> None:
+        """The single writer of images, completions, the summary and progress.
+
+        Whatever has arrived is written in one batch: one worker-thread hop for the
+        files, one fsync'd journal append for their ``completed`` events.
+        """
+        async with done:
+            async for first in done:
+                batch = [first]
+                while len(batch) < _STORE_BATCH:
+                    try:
+                        batch.append(done.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                downloaded = [i for i in batch if isinstance(i, _Downloaded)]
+                for stored in await self._store(downloaded):
+                    self._record(stored)
+                for item in batch:
+                    if isinstance(item, _FetchFailed):
+                        self._fetch_failed(item)
+                self._report_progress()
+
+    async def _store(self, items: list[_Downloaded]) -> list[_Stored]:
+        """Images and sidecars durably on disk, then their completions journaled."""
+        if not items:
+            return []
+        files: list[tuple[Path, bytes]] = []
+        relpaths: list[str] = []
+        for item in items:
+            relpath = self._image_path(item.job, item.data)
+            relpaths.append(relpath)
+            path = self._run_dir / relpath
+            meta = encode_sidecar(self._sidecar(item.job, relpath))
+            files += [(path, item.data), (sidecar_path(path), meta)]
+        digests = await write_atomic_many(files)
+        stored = [
+            _Stored(i.job.flight, i.job.result, i.job.index, rel, sha, len(i.data))
+            for i, rel, sha in zip(items, relpaths, digests[::2], strict=True)
+        ]
+        await self._append(
+            *(
+                CompletedEvent(
+                    ts=_now(),
+                    key=s.flight.spec.key,
+                    task_uuid=s.flight.task_uuid,
+                    image_uuid=s.result.image_uuid,
+                    index=s.index,
+                    seed=s.result.seed,
+                    cost_usd=s.result.cost,
+                    path=s.relpath,
+                    sha256=s.sha256,
+                    bytes=s.size,
+                    submitted_at=s.flight.submitted_wall,
+                )
+                for s in stored
+            )
+        )
+        return stored
+
+    def _fetch_failed(self, item: _FetchFailed) -> None:
+        """Billed but not downloaded: left pending, so a rerun polls and fetches it."""
+        flight = item.flight
+        log.warning(
+            "image %s of %s not downloaded (%s); rerun to fetch it",
+            item.result.image_uuid,
+            flight.spec.key,
+            item.error,
+        )
+        if not flight.finished:
+            self._polling.pop(flight.task_uuid, None)
+            self._finish(flight)
+            self._budget.release(
+                flight.reserved_per_image * (flight.spec.images - flight.stored)
+            )
+            self.summary.tasks_unfinished += 1
+            self._outstanding -= 1
+            self._check_done()
+
+    def _record(self, item: _Stored) -> None:
+        """Account for one stored image (its completion is already journaled)."""
+        flight = item.flight
+        result = item.result
+        cost = result.cost
+        if cost is None:
+            self.summary.missing_cost_images += 1
+            cost = flight.reserved_per_image
+        else:
+            self._max_price_seen = max(self._max_price_seen, cost)
+        if result.cost is not None:
+            self.summary.spent_usd += result.cost
+            self.summary.spent_this_run_usd += result.cost
+        if not flight.finished:
+            self._budget.settle(flight.reserved_per_image, cost)
+        flight.stored += 1
+        self.summary.images_done += 1
+        self.summary.images_new += 1
+        log.info(
+            "done %s image %d/%d seed=%s cost=%s",
+            flight.spec.key,
+            item.index + 1,
+            flight.spec.images,
+            result.seed,
+            result.cost,
+        )
+        if flight.stored >= flight.spec.images and not flight.finished:
+            self._finish(flight)
+            self._adaptive.succeeded()
+            self.summary.tasks_done += 1
+            self._outstanding -= 1
+            self._check_done()
+
+    # ---------------------------------------------------------------- endings
+
+    def _finish(self, flight: _Flight) -> None:
+        if not flight.finished:
+            flight.finished = True
+            self._gate.release(1)
+
+    async def _refused_stale_upload(self, flight: _Flight, error: ErrorItem) -> bool:
+        """A reference uploaded by an earlier run was refused: upload it again.
+
+        The refusal is a definite answer (nothing was billed), so the task goes
+        again under a new taskUUID with freshly uploaded images.
+        """
+        images = ("inputs.referenceImages", "providerSettings.ideogram.styleReference")
+        if self._uploader is None or not any(
+            p.startswith(images) for p in error.parameters
+        ):
+            return False
+        if not self._uploader.forget_inherited(flight.spec.local_files):
+            return False
+        log.info(
+            "%s: an earlier upload of its reference expired; uploading it again",
+            flight.spec.key,
+        )
+        self._polling.pop(flight.task_uuid, None)
+        self._finish(flight)
+        self._budget.release(flight.reserved_per_image * flight.spec.images)
+        await self._append(
+            LostEvent(ts=_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
+        )
+        request = await self._prepare(flight.spec, self._uploader)
+        self._backlog.put_urgent(
+            _Prepared(flight.spec, request, replaces=flight.task_uuid)
+        )
+        return True
+
+    async def _fail(
+        self, flight: _Flight, error: ErrorItem, *, retryable: bool = False
+    ) -> None:
+        if flight.finished:
+            self._polling.pop(flight.task_uuid, None)
+            return
+        if await self._refused_stale_upload(flight, error):
+            return
+        self._polling.pop(flight.task_uuid, None)
+        self._finish(flight)
+        self._budget.release(
+            flight.reserved_per_image * (flight.spec.images - flight.stored)
+        )
+        await self._append(
+            FailedEvent(
+                ts=_now(),
+                key=flight.spec.key,
+                task_uuid=flight.task_uuid,
+                code=error.code,
+                message=error.message,
+                parameter=error.parameters,
+                retryable=retryable,
+            )
+        )
+        log.info("failed %s: %s: %s", flight.spec.key, error.code, error.message)
+        self.summary.tasks_failed += 1
+        self.summary.failures.append((flight.spec.key, error.code, error.message))
+        self._outstanding -= 1
+        self._check_done()
+        self._report_progress()
+
+    def _drop(self, items: Iterable[_Prepared]) -> None:
+        """Never submitted (stop requested): a rerun submits them."""
+        for _ in items:
+            self._outstanding -= 1
+            self.summary.tasks_unsubmitted += 1
+        self._check_done()
+
+    def _drop_backlog(self) -> None:
+        self._drop(self._backlog.drain())
+
+    def _check_done(self) -> None:
+        if self._feeding_done and self._outstanding <= 0:
+            self._all_done.set()
+
+    def _report_progress(self) -> None:
+        self._progress.update(
+            done=self.summary.images_done,
+            failed=self.summary.tasks_failed,
+            in_flight=self._gate.in_flight,
+            spent_usd=self.summary.spent_usd,
+        )
+
+
+@dataclass(frozen=True)
+class JobTotals:
+    """The plan's numbers for the whole manifest."""
+
+    tasks: int
+    images: int
+    estimate_usd: Decimal
+
+
+async def run_job(
+    *,
+    manifest: Manifest,
+    manifest_path: Path,
+    totals: JobTotals,
+    run_dir: Path,
+    settings: Settings,
+    options: EngineOptions,
+    progress: Progress | None = None,
+    on_engine: Callable[[Engine], None] | None = None,
+) -> RunSummary:
+    """Run (or resume) a validated job into an opened, locked run dir.
+
+    Args:
+        on_engine: called with the engine before it starts (tests use it to stop it).
+    """
+    journal_path = run_dir / JOURNAL_NAME
+    state = load_state(journal_path)
+    tasks, images = totals.tasks, totals.images
+    if options.shard is not None:
+        index, count = options.shard
+        tasks = images = 0
+        for spec in expand(manifest):  # counted, never held: a shard may be 100k
+            if shard_of(spec.key, count) == index:
+                tasks += 1
+                images += spec.images
+    summary = RunSummary(
+        tasks_total=tasks,
+        images_total=images,
+        images_done=state.images_done,
+        spent_usd=state.spent_usd,
+        tasks_skipped_failed=0
+        if options.retry_failed
+        else len([k for k in state.failed if not state.is_complete(k)]),
+    )
+    manifest_sha = hashlib.sha256(await anyio.Path(manifest_path).read_bytes())
+    async with JournalWriter.open(journal_path) as journal:
+        await journal.append(
+            RunStartedEvent(
+                ts=_now(),
+                run_id=run_dir.name,
+                manifest_sha256=manifest_sha.hexdigest(),
+                tasks=tasks,
+                images=images,
+                estimate_usd=totals.estimate_usd,
+                shard=None
+                if options.shard is None
+                else f"{options.shard[0]}/{options.shard[1]}",
+            )
+        )
+        engine = Engine(
+            specs=lambda: expand(manifest),
+            run_dir=run_dir,
+            settings=settings,
+            options=options,
+            state=state,
+            journal=journal,
+            summary=summary,
+            progress=progress,
+        )
+        if on_engine is not None:
+            on_engine(engine)
+        with logging_redirect_tqdm():
+            return await engine.run()

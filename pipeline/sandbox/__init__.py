@@ -1,0 +1,22 @@
+"""A Runware-compatible local API server with latency, limits and fault injection."""
+
+from __future__ import annotations
+
+from pipeline.sandbox.app import STATE, Sandbox, SandboxConfig, create_app
+from pipeline.sandbox.faults import Fault
+from pipeline.sandbox.runner import running_sandbox, serve, serve_until_signalled
+from pipeline.sandbox.state import BilledImage, SandboxState, SandboxTask
+
+__all__ = [
+    "STATE",
+    "BilledImage",
+    "Fault",
+    "Sandbox",
+    "SandboxConfig",
+    "SandboxState",
+    "SandboxTask",
+    "create_app",
+    "running_sandbox",
+    "serve",
+    "serve_until_signalled",
+]

@@ -1,0 +1,892 @@
+"""The Runware-compatible aiohttp.web application: task arrays in, envelopes out.
+
+One POST endpoint (``/v1``) takes arrays of imageInference, getResponse, imageUpload and
+authentication tasks, validates each with the shared ``wire`` models (by alias only, so
+snake_case fails), and answers ``{"data": [...]}`` / ``{"errors": [...]}`` with the
+documented statuses. Results are served under ``/images/``. Latency, limits and faults
+come from ``SandboxConfig``; task state is lazy on the injected clock. One background
+job per accepted task renders and bills its images at completion and fires its webhook
+and uploadEndpoint, so work is paid for even when nobody polls (as on the real API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import hmac
+import io
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any, Final
+
+import aiohttp
+import anyio
+import anyio.to_thread
+from aiohttp import web
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
+from yarl import URL
+
+from pipeline.sandbox.faults import Fault, FaultInjector, FaultRates
+from pipeline.sandbox.render import (
+    FORMATS,
+    RenderSpec,
+    Source,
+    hex_to_rgb,
+    placeholder,
+    preset_palette,
+    render,
+    sniff,
+)
+from pipeline.sandbox.state import (
+    ImageSlot,
+    SandboxState,
+    SandboxTask,
+    StoredImage,
+    content_key,
+)
+from pipeline.wire import (
+    DEFAULT_PRICE_USD,
+    REQUEST_ADAPTER,
+    RESULT_KEYS,
+    AuthenticationRequest,
+    ErrorItem,
+    GetResponseRequest,
+    ImageInferenceRequest,
+    ImageResult,
+    ImageUploadRequest,
+    UploadResult,
+    error_body,
+    image_ref_kind,
+)
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Job = Callable[[], Coroutine[Any, Any, None]]
+JsonObject = dict[str, Any]
+
+API_PATH: Final = "/v1"
+IMAGES_PATH: Final = "/images"
+_OWN_IMAGE = re.compile(r"^/images/([0-9a-fA-F-]{36})\.[A-Za-z0-9]+$")
+_UPLOAD_PLACEHOLDER_SIZE: Final = (1024, 576)
+
+
+def _default_prices() -> Mapping[str, Decimal]:
+    return MappingProxyType(
+        dict.fromkeys(("TURBO", "DEFAULT", "QUALITY"), DEFAULT_PRICE_USD)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxConfig:
+    """How the sandbox behaves: latency, limits, prices and which faults to play."""
+
+    seed: int = 0
+    api_key: str | None = field(default="sandbox", repr=False)
+    """The key clients must send; None accepts any key (or none)."""
+    latency_s: float = 0.3
+    latency_jitter_s: float = 0.0
+    result_stagger_s: float = 0.05
+    """With numberResults > 1, image i finishes i * this after the first."""
+    max_in_flight: int | None = None
+    """Queue capacity in tasks; a submit beyond it gets 429 and nothing is accepted."""
+    server_error_rate: float = 0.0
+    rate_limit_rate: float = 0.0
+    retry_after_s: float = 1.0
+    drop_after_accept_rate: float = 0.0
+    malformed_rate: float = 0.0
+    download_failure_rate: float = 0.0
+    slow_response_s: float = 0.0
+    task_fail_rate: float = 0.0
+    prices_usd: Mapping[str, Decimal] = field(
+        default_factory=_default_prices, hash=False
+    )
+    """Price per image by renderingSpeed."""
+    image_ttl_s: int = 3600
+    """How long result URLs live when the request sets no ttl."""
+    render_scale: float = 1.0
+    """Render images this much smaller (benchmarks); reported sizes are unchanged."""
+    fault_task_types: frozenset[str] | None = None
+    """Only requests holding one of these task types get request faults (None: all)."""
+
+    def __post_init__(self) -> None:
+        if self.render_scale <= 0:
+            raise ValueError("render_scale must be positive")
+        self.fault_rates()  # validates the rates
+
+    def price_for(self, rendering_speed: str | None) -> Decimal:
+        """USD per image for a renderingSpeed (None means DEFAULT)."""
+        speed = rendering_speed or "DEFAULT"
+        return self.prices_usd.get(speed, DEFAULT_PRICE_USD)
+
+    def fault_rates(self) -> FaultRates:
+        return FaultRates(
+            server_error=self.server_error_rate,
+            rate_limit=self.rate_limit_rate,
+            drop_after_accept=self.drop_after_accept_rate,
+            malformed=self.malformed_rate,
+            download_failure=self.download_failure_rate,
+            task_fail=self.task_fail_rate,
+        )
+
+
+class _TaskError(Exception):
+    """A per-task problem that becomes one item of the response's ``errors``."""
+
+    def __init__(self, code: str, message: str, parameter: str | list[str]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.parameter = parameter
+
+
+@dataclass
+class _Outcome:
+    data: list[JsonObject] = field(default_factory=list)
+    errors: list[JsonObject] = field(default_factory=list)
+
+    def body(self) -> JsonObject:
+        if not self.errors:
+            return {"data": self.data}
+        if not self.data:
+            return {"errors": self.errors}
+        return {"data": self.data, "errors": self.errors}
+
+    @property
+    def status(self) -> int:
+        return 400 if self.errors and not self.data else 200
+
+
+class Sandbox:
+    """The app's runtime: config, state, faults, clock and the background job sink."""
+
+    def __init__(self, config: SandboxConfig, clock: Clock) -> None:
+        self.config = config
+        self.clock = clock
+        self.state = SandboxState(seed=config.seed)
+        self.faults = FaultInjector(
+            config.fault_rates(), seed=config.seed, task_types=config.fault_task_types
+        )
+        self.session: aiohttp.ClientSession | None = None
+        self.jobs: MemoryObjectSendStream[Job] | None = None
+
+    # -- auth ------------------------------------------------------------------
+
+    def authorised(self, key: str | None) -> bool:
+        expected = self.config.api_key
+        if expected is None:
+            return True
+        return key is not None and hmac.compare_digest(key.encode(), expected.encode())
+
+    # -- per-request processing ----------------------------------------------------
+
+    async def process(
+        self, tasks: list[JsonObject], origin: str
+    ) -> _Outcome | web.Response:
+        """Answer every task of one request; a 429 response when over capacity."""
+        now = self.clock()
+        parsed: list[Any] = []
+        for obj in tasks:
+            try:
+                # JSON mode: strict models still take UUID strings and enum values.
+                parsed.append(
+                    REQUEST_ADAPTER.validate_json(json.dumps(obj), by_name=False)
+                )
+            except ValidationError as exc:
+                parsed.append(_validation_error(obj, exc))
+
+        seen: set[str] = set()
+        conflicts: set[int] = set()
+        for i, req in enumerate(parsed):
+            if isinstance(req, ImageInferenceRequest):
+                key = str(req.task_uuid)
+                if key in self.state.used_task_uuids or key in seen:
+                    conflicts.add(i)
+                seen.add(key)
+        accepting = sum(isinstance(req, ImageInferenceRequest) for req in parsed) - len(
+            conflicts
+        )
+        limit = self.config.max_in_flight
+        if (
+            limit is not None
+            and accepting
+            and self.state.in_flight(now) + accepting > limit
+        ):
+            return _retry_response(
+                429,
+                "rateLimitExceeded",
+                f"queue capacity of {limit} tasks exceeded; retry later",
+                self.config.retry_after_s,
+            )
+
+        outcome = _Outcome()
+        sync_tasks: list[SandboxTask] = []
+        for i, (obj, req) in enumerate(zip(tasks, parsed, strict=True)):
+            match req:
+                case ErrorItem():
+                    outcome.errors.append(
+                        req.model_dump(mode="json", exclude_none=True)
+                    )
+                case ImageInferenceRequest():
+                    raw_uuid = str(obj.get("taskUUID"))
+                    if i in conflicts:
+                        self.state.duplicate_task_uuids += 1
+                        outcome.errors.append(
+                            _error(
+                                "conflictTaskUUID",
+                                f"taskUUID {raw_uuid} was already used; every task "
+                                "needs a new UUID (poll the old one with getResponse)",
+                                "taskUUID",
+                                "imageInference",
+                                raw_uuid,
+                            )
+                        )
+                        continue
+                    try:
+                        task = await self._accept(req, raw_uuid, origin, now)
+                    except _TaskError as exc:
+                        outcome.errors.append(
+                            _error(
+                                exc.code,
+                                exc.message,
+                                exc.parameter,
+                                "imageInference",
+                                raw_uuid,
+                            )
+                        )
+                        continue
+                    if req.delivery_method == "async":
+                        outcome.data.append(_processing(task.task_uuid))
+                    else:
+                        sync_tasks.append(task)
+                case GetResponseRequest():
+                    await self._poll(str(obj.get("taskUUID")), outcome)
+                case ImageUploadRequest():
+                    try:
+                        outcome.data.append(
+                            await self._upload(req, str(obj.get("taskUUID")), origin)
+                        )
+                    except _TaskError as exc:
+                        outcome.errors.append(
+                            _error(
+                                exc.code,
+                                exc.message,
+                                exc.parameter,
+                                "imageUpload",
+                                str(obj.get("taskUUID")),
+                            )
+                        )
+                case AuthenticationRequest():
+                    outcome.errors.append(
+                        _error(
+                            "invalidParameter",
+                            "the authentication task must be the first of the array",
+                            "taskType",
+                            "authentication",
+                            None,
+                        )
+                    )
+                case _:
+                    raise AssertionError("unreachable")
+        if sync_tasks:
+            await self._sleep_until(max(t.done_at for t in sync_tasks))
+            for task in sync_tasks:
+                await self._task_items(task, self.clock(), outcome, processing=False)
+        return outcome
+
+    async def _poll(self, task_uuid: str, outcome: _Outcome) -> None:
+        task = self.state.task(task_uuid)
+        if task is None:
+            outcome.errors.append(
+                _error(
+                    "taskFailedOrNotFound",
+                    f"no task {task_uuid} is known: "
+                    "it was never accepted or has expired",
+                    "taskUUID",
+                    "getResponse",
+                    task_uuid,
+                    status="error",
+                )
+            )
+            return
+        await self._task_items(task, self.clock(), outcome, processing=True)
+
+    async def _task_items(
+        self, task: SandboxTask, now: float, outcome: _Outcome, *, processing: bool
+    ) -> None:
+        """Success items for finished images, a processing item while any remain."""
+        finished = task.finished(now)
+        for slot in finished:
+            item = await self._success_item(task, slot)
+            if item is not None:
+                outcome.data.append(item)
+        if task.failed:
+            if task.is_done(now):
+                outcome.errors.append(_failure(task))
+            elif processing:
+                outcome.data.append(_processing(task.task_uuid))
+        elif processing and len(finished) < len(task.images):
+            outcome.data.append(_processing(task.task_uuid))
+
+    # -- tasks -----------------------------------------------------------------
+
+    async def _accept(
+        self, req: ImageInferenceRequest, raw_uuid: str, origin: str, now: float
+    ) -> SandboxTask:
+        reference = await self._resolve(
+            req.inputs.reference_images[0], "inputs.referenceImages"
+        )
+        ideogram = req.provider_settings.ideogram if req.provider_settings else None
+        style_refs: tuple[Source, ...] = ()
+        palette: tuple[tuple[tuple[int, int, int], float], ...] = ()
+        if ideogram is not None:
+            if ideogram.style_reference_images:
+                style_refs = tuple(
+                    [
+                        await self._resolve(
+                            ref, "providerSettings.ideogram.styleReferenceImages"
+                        )
+                        for ref in ideogram.style_reference_images
+                    ]
+                )
+            if ideogram.color_palette is not None:
+                if ideogram.color_palette.name is not None:
+                    palette = preset_palette(ideogram.color_palette.name)
+                else:
+                    palette = tuple(
+                        (hex_to_rgb(m.color_hex), m.color_weight or 1.0)
+                        for m in ideogram.color_palette.members or ()
+                    )
+        config = self.config
+        first = now + config.latency_s + self.state.jitter(config.latency_jitter_s)
+        slots = [
+            ImageSlot(
+                index=i,
+                image_uuid=self.state.new_uuid(),
+                seed=self.state.new_seed(),
+                ready_at=first + i * config.result_stagger_s,
+            )
+            for i in range(req.images)
+        ]
+        task = SandboxTask(
+            task_uuid=raw_uuid,
+            request=req,
+            content_key=content_key(req),
+            submitted_at=now,
+            done_at=max(slot.ready_at for slot in slots),
+            images=slots,
+            failed=self.faults.roll(Fault.TASK_FAIL),
+            origin=origin,
+            reference=reference,
+            style_refs=style_refs,
+            spec=RenderSpec(
+                width=req.width,
+                height=req.height,
+                seed=0,
+                style_type=(ideogram.style_type if ideogram else None) or "AUTO",
+                palette=palette,
+                remix_strength=(ideogram.remix_strength if ideogram else None) or 50,
+                output_format=req.output_format or "JPG",
+                quality=req.output_quality or 95,
+                scale=config.render_scale,
+            ),
+        )
+        self.state.add_task(task, now)
+        log.debug("accepted task %s (%d images)", raw_uuid, len(slots))
+        if self.jobs is not None:
+            self.jobs.send_nowait(functools.partial(self._complete, task))
+        return task
+
+    async def _success_item(
+        self, task: SandboxTask, slot: ImageSlot
+    ) -> JsonObject | None:
+        data = await self._ensure_image(task, slot)
+        if data is None:
+            return None
+        req = task.request
+        output_type = req.output_type or "URL"
+        _, ext, mime = FORMATS[task.spec.output_format]
+        payload: str
+        match output_type:
+            case "URL":
+                payload = f"{task.origin}{IMAGES_PATH}/{slot.image_uuid}.{ext}"
+            case "dataURI":
+                payload = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+            case "base64Data":
+                payload = base64.b64encode(data).decode()
+        result: JsonObject = {
+            "taskType": "imageInference",
+            "taskUUID": task.task_uuid,
+            "imageUUID": slot.image_uuid,
+            "status": "success",
+            RESULT_KEYS[output_type]: payload,
+            "seed": slot.seed,
+        }
+        if req.include_cost:
+            result["cost"] = self._price(task)
+        if req.safety is not None and req.safety.check_content:
+            result["NSFWContent"] = False
+        # Round-trip through the shared response model: what we send, the client reads.
+        return ImageResult.model_validate(result).model_dump(
+            mode="json", exclude_none=True
+        )
+
+    def _price(self, task: SandboxTask) -> Decimal:
+        ideogram = (
+            task.request.provider_settings.ideogram
+            if task.request.provider_settings
+            else None
+        )
+        return self.config.price_for(ideogram.rendering_speed if ideogram else None)
+
+    async def _ensure_image(self, task: SandboxTask, slot: ImageSlot) -> bytes | None:
+        """Render a finished image once, store it for download, and bill it."""
+        if slot.data is not None:
+            return slot.data
+        async with task.lock:
+            return await self._render_locked(task, slot)
+
+    async def _render_locked(self, task: SandboxTask, slot: ImageSlot) -> bytes | None:
+        # Another caller may have rendered it while we waited for the lock.
+        if slot.data is not None or task.failed:
+            return slot.data
+        spec = dataclasses.replace(task.spec, seed=slot.seed)
+        try:
+            data = await anyio.to_thread.run_sync(
+                functools.partial(render, task.reference, spec, task.style_refs)
+            )
+        except ValueError as exc:
+            log.info("task %s failed to render: %s", task.task_uuid, exc)
+            task.failed = True
+            task.failure = str(exc)
+            return None
+        slot.sha256 = hashlib.sha256(data).hexdigest()
+        slot.data = data
+        _, ext, mime = FORMATS[spec.output_format]
+        ttl_s = task.request.ttl or self.config.image_ttl_s
+        self.state.images[slot.image_uuid] = StoredImage(
+            data=data, ext=ext, content_type=mime, expires_at=slot.ready_at + ttl_s
+        )
+        self.state.bill(task, slot, self._price(task))
+        return data
+
+    async def _complete(self, task: SandboxTask) -> None:
+        """Background job: finish, bill and deliver each image as it becomes ready."""
+        req = task.request
+        for slot in task.images:
+            await self._sleep_until(slot.ready_at)
+            item = await self._success_item(task, slot)
+            if item is None:
+                break
+            if req.webhook_url is not None:
+                await self._send("POST", req.webhook_url, json_body={"data": [item]})
+            if req.upload_endpoint is not None and slot.data is not None:
+                await self._send("PUT", req.upload_endpoint, data=slot.data)
+        if task.failed and req.webhook_url is not None:
+            await self._sleep_until(task.done_at)
+            await self._send(
+                "POST", req.webhook_url, json_body={"errors": [_failure(task)]}
+            )
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: JsonObject | None = None,
+        data: bytes | None = None,
+    ) -> None:
+        if self.session is None:
+            return
+        host = URL(url).host  # never log the full URL: presigned ones carry credentials
+        try:
+            async with self.session.request(
+                method, url, json=json_body, data=data
+            ) as resp:
+                await resp.read()
+                if resp.status >= 300:
+                    log.warning("%s to %s answered %d", method, host, resp.status)
+                    return
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("%s to %s failed: %s", method, host, exc)
+            return
+        if method == "POST":
+            self.state.webhooks_sent += 1
+        else:
+            self.state.upload_endpoint_puts += 1
+
+    async def _sleep_until(self, deadline: float) -> None:
+        # The deadline is on the injected clock, so there is no event to wait for.
+        while (remaining := deadline - self.clock()) > 0:  # noqa: ASYNC110
+            await anyio.sleep(remaining)
+
+    # -- images ----------------------------------------------------------------
+
+    async def _resolve(self, value: str, parameter: str) -> Source:
+        """Turn a reference (UUID, URL, data URI, base64) into a render source.
+
+        Never fetches a foreign URL: those get a placeholder derived from the URL.
+        """
+        match image_ref_kind(value):
+            case "uuid":
+                stored = self.state.images.get(value.lower())
+                if stored is None:
+                    raise _TaskError(
+                        "invalidParameter",
+                        f"image {value} is not known here; "
+                        "upload it with imageUpload first",
+                        parameter,
+                    )
+                return Source(key=value.lower(), data=stored.data)
+            case "url":
+                own = _OWN_IMAGE.match(URL(value).path)
+                if own is not None and (
+                    stored := self.state.images.get(own[1].lower())
+                ):
+                    return Source(key=own[1].lower(), data=stored.data)
+                return Source(key=f"url:{value}")
+            case "data_uri" | "base64":
+                encoded = (
+                    value.split(";base64,", 1)[1]
+                    if value.startswith("data:")
+                    else value
+                )
+                try:
+                    data = base64.b64decode(encoded)
+                    sniff(data)
+                except (binascii.Error, ValueError) as exc:
+                    raise _TaskError(
+                        "invalidParameter",
+                        f"the image could not be decoded: {exc}",
+                        parameter,
+                    ) from exc
+                return Source(
+                    key=f"sha256:{hashlib.sha256(data).hexdigest()}", data=data
+                )
+            case None:
+                raise _TaskError(
+                    "invalidParameter",
+                    "must be an image UUID, an http(s) URL, a data URI or base64 data",
+                    parameter,
+                )
+
+    async def _upload(
+        self, req: ImageUploadRequest, raw_uuid: str, origin: str
+    ) -> JsonObject:
+        source = await self._resolve(req.image, "image")
+        data = source.data
+        if data is None:
+            data = await anyio.to_thread.run_sync(_placeholder_jpeg, source.key)
+        ext, mime = sniff(data)
+        image_uuid = self.state.new_uuid()
+        self.state.images[image_uuid] = StoredImage(
+            data=data, ext=ext, content_type=mime, expires_at=None
+        )
+        self.state.uploads += 1
+        return UploadResult(
+            task_uuid=raw_uuid,
+            image_uuid=image_uuid,
+            image_url=f"{origin}{IMAGES_PATH}/{image_uuid}.{ext}",
+        ).model_dump(mode="json", exclude_none=True)
+
+
+def _placeholder_jpeg(key: str) -> bytes:
+    buf = io.BytesIO()
+    placeholder(key, _UPLOAD_PLACEHOLDER_SIZE).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# Bodies
+
+
+def _error(
+    code: str,
+    message: str,
+    parameter: str | list[str] | None,
+    task_type: str | None,
+    task_uuid: str | None,
+    *,
+    status: str | None = None,
+) -> JsonObject:
+    item = ErrorItem(
+        code=code,
+        message=message,
+        parameter=parameter,
+        task_type=task_type,
+        task_uuid=task_uuid,
+        status=status,
+    )
+    return item.model_dump(mode="json", exclude_none=True)
+
+
+def _processing(task_uuid: str) -> JsonObject:
+    # Never imageUUID or *URL keys here: SDKs read those as a finished result.
+    return {"taskType": "imageInference", "taskUUID": task_uuid, "status": "processing"}
+
+
+def _failure(task: SandboxTask) -> JsonObject:
+    return _error(
+        "inferenceError",
+        task.failure or "the provider failed to generate the image",
+        None,
+        "imageInference",
+        task.task_uuid,
+        status="error",
+    )
+
+
+def _loc_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
+    return path
+
+
+def _validation_error(obj: JsonObject, exc: ValidationError) -> ErrorItem:
+    """One Runware-shaped error naming the (first) offending parameter."""
+    rank = {"extra_forbidden": 0, "missing": 1}
+    errors = sorted(exc.errors(include_url=False), key=lambda e: rank.get(e["type"], 2))
+    task_type = obj.get("taskType") if isinstance(obj.get("taskType"), str) else None
+    problems: list[str] = []
+    first_param: str | list[str] = "taskType"
+    first_code = "invalidParameter"
+    for n, err in enumerate(errors):
+        loc = tuple(err["loc"])
+        if loc and loc[0] == task_type:
+            loc = loc[1:]
+        message = str(err["msg"]).removeprefix("Value error, ")
+        parameter: str | list[str]
+        code = {
+            "extra_forbidden": "unknownParameter",
+            "missing": "missingParameter",
+        }.get(err["type"], "invalidParameter")
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            parameter = "taskType"
+            code = "missingParameter" if err["type"] == "union_tag_not_found" else code
+        elif not loc and "width x height" in message:
+            parameter = ["width", "height"]
+        elif not loc and "ttl" in message:
+            parameter = "ttl"
+        else:
+            parameter = _loc_path(loc) or "taskType"
+        if err["type"] == "extra_forbidden" and isinstance(loc[-1], str):
+            camel = to_camel(loc[-1]).replace("Uuid", "UUID").replace("Url", "URL")
+            if camel != loc[-1]:
+                message += f" (parameters are camelCase: did you mean '{camel}'?)"
+        shown = ",".join(parameter) if isinstance(parameter, list) else parameter
+        problems.append(f"{shown}: {message}")
+        if n == 0:
+            first_param, first_code = parameter, code
+    raw_uuid = obj.get("taskUUID")
+    return ErrorItem(
+        code=first_code,
+        message="; ".join(problems),
+        parameter=first_param,
+        task_type=task_type,
+        task_uuid=raw_uuid if isinstance(raw_uuid, str) else None,
+    )
+
+
+def _retry_after(value_s: float) -> str:
+    return f"{value_s:g}"
+
+
+def _retry_response(
+    status: int, code: str, message: str, retry_after_s: float
+) -> web.Response:
+    return web.json_response(
+        error_body(code, message),
+        status=status,
+        headers={"Retry-After": _retry_after(retry_after_s)},
+    )
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+# ---------------------------------------------------------------------------
+# Handlers
+
+
+SANDBOX: Final = web.AppKey("sandbox", Sandbox)
+STATE: Final = web.AppKey("sandbox_state", SandboxState)
+
+
+async def _api(request: web.Request) -> web.StreamResponse:
+    sandbox = request.app[SANDBOX]
+    state, faults, config = sandbox.state, sandbox.faults, sandbox.config
+    state.http_requests += 1
+    try:
+        raw = json.loads(await request.read())
+    except ValueError:
+        raw = None
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or not all(isinstance(t, dict) for t in raw)
+    ):
+        return web.json_response(
+            error_body(
+                "invalidRequestBody",
+                "the body must be a non-empty JSON array of task objects",
+            ),
+            status=400,
+        )
+    tasks: list[JsonObject] = raw
+    key = _bearer(request)
+    if tasks[0].get("taskType") == "authentication":
+        auth = tasks.pop(0)
+        try:
+            parsed = REQUEST_ADAPTER.validate_json(json.dumps(auth), by_name=False)
+        except ValidationError:
+            parsed = None
+        key = parsed.api_key if isinstance(parsed, AuthenticationRequest) else None
+    if not sandbox.authorised(key):
+        code = "missingApiKey" if key is None else "invalidApiKey"
+        return web.json_response(
+            error_body(
+                code,
+                "Invalid API key. Get one at https://my.runware.ai/signup"
+                if key is not None
+                else "No API key: send 'Authorization: Bearer <key>' "
+                "or an authentication task",
+                parameter="apiKey",
+                task_type="authentication",
+            ),
+            status=401,
+        )
+    if not tasks:
+        return web.json_response({"data": [{"taskType": "authentication"}]})
+
+    types = [str(t.get("taskType")) for t in tasks]
+    state.requests.update(types)
+    eligible = faults.applies_to(types)
+    if config.slow_response_s > 0:
+        await anyio.sleep(config.slow_response_s)
+    if eligible and faults.roll(Fault.SERVER_ERROR):
+        status = (503, 500)[faults.choice(Fault.SERVER_ERROR, 2)]
+        return _retry_response(
+            status,
+            "serviceUnavailable",
+            "simulated server error; retry later",
+            config.retry_after_s,
+        )
+    if eligible and faults.roll(Fault.RATE_LIMIT):
+        return _retry_response(
+            429,
+            "rateLimitExceeded",
+            "simulated rate limit; retry later",
+            config.retry_after_s,
+        )
+
+    outcome = await sandbox.process(tasks, f"{request.scheme}://{request.host}")
+    if isinstance(outcome, web.Response):
+        return outcome
+
+    if eligible and "imageInference" in types and faults.roll(Fault.DROP_AFTER_ACCEPT):
+        log.debug("dropping the connection after accepting the request")
+        if request.transport is not None:
+            request.transport.close()
+        # Nothing can be written any more; aiohttp drops this response silently.
+        raise web.HTTPInternalServerError
+    if eligible and faults.roll(Fault.MALFORMED):
+        if faults.choice(Fault.MALFORMED, 2) == 0:
+            return web.Response(
+                status=200, text="<html>oops</html>", content_type="text/html"
+            )
+        text = json.dumps(outcome.body())
+        return web.Response(
+            status=200,
+            text=text[: max(1, len(text) // 2)],
+            content_type="application/json",
+        )
+    return web.json_response(outcome.body(), status=outcome.status)
+
+
+async def _image(request: web.Request) -> web.StreamResponse:
+    sandbox = request.app[SANDBOX]
+    image_uuid = request.match_info["name"].partition(".")[0].lower()
+    stored = sandbox.state.images.get(image_uuid)
+    if (
+        stored is not None
+        and stored.expires_at is not None
+        and sandbox.clock() >= stored.expires_at
+    ):
+        del sandbox.state.images[image_uuid]  # expired: free the memory too
+        stored = None
+    if stored is None:
+        return web.json_response(
+            error_body(
+                "imageNotFound", f"image {image_uuid} does not exist or has expired"
+            ),
+            status=404,
+        )
+    if sandbox.faults.roll(Fault.DOWNLOAD_FAILURE):
+        return web.json_response(
+            error_body("serverError", "simulated download failure"), status=500
+        )
+    sandbox.state.downloads += 1
+    return web.Response(body=stored.data, content_type=stored.content_type)
+
+
+async def _run_jobs(receive: MemoryObjectReceiveStream[Job]) -> None:
+    async with anyio.create_task_group() as tg, receive:
+        async for job in receive:
+            tg.start_soon(job)
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """Own the webhook session and the job runner for the app's lifetime."""
+    sandbox = app[SANDBOX]
+    # Unbounded on purpose: a submit must never wait on webhook work; the buffer holds
+    # at most one job per accepted task.
+    send, receive = anyio.create_memory_object_stream[Job](math.inf)
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=10)
+    ) as session:
+        sandbox.session, sandbox.jobs = session, send
+        # aiohttp's documented background-task pattern: one task for the app's
+        # lifetime, inside which the jobs run in an anyio task group.
+        runner = asyncio.get_running_loop().create_task(_run_jobs(receive))
+        try:
+            yield
+        finally:
+            sandbox.jobs = None
+            send.close()
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+            receive.close()
+            sandbox.session = None
+
+
+def create_app(
+    config: SandboxConfig, *, clock: Clock = time.monotonic
+) -> web.Application:
+    """The sandbox as an aiohttp application (POST /v1, GET /images/<uuid>.<ext>)."""
+    app = web.Application(client_max_size=64 * 1024**2)
+    sandbox = Sandbox(config, clock)
+    app[SANDBOX] = sandbox
+    app[STATE] = sandbox.state
+    app.router.add_post(API_PATH, _api)
+    app.router.add_get(IMAGES_PATH + "/{name}", _image)
+    app.cleanup_ctx.append(_background)
+    return app

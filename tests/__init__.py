@@ -1,0 +1,1 @@
+"""The remix test suite (a package so mypy and pytest agree on module names)."""

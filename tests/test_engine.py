@@ -1,0 +1,302 @@
+"""The worker pool against the sandbox: bounds, batching, resume, budget, faults."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from pipeline.journal import FailedEvent, LostEvent, load_state, read_journal
+from pipeline.report import write_ledger
+from pipeline.sandbox import STATE, SandboxConfig
+from tests.conftest import SandboxFactory
+from tests.jobkit import (
+    StopAfter,
+    base_url,
+    fast_settings,
+    image_files,
+    run_manifest,
+    write_job,
+)
+
+
+def styles(n: int) -> list[dict[str, str]]:
+    return [{"id": f"v{i}", "positivePrompt": f"style {i} {{thing}}"} for i in range(n)]
+
+
+VARIANTS: list[dict[str, Any]] = [
+    {"id": "ink", "positivePrompt": "a {thing} drawn in ink"},
+    {
+        "id": "poster",
+        "positivePrompt": "a {thing} as a poster",
+        "providerSettings": {"ideogram": {"styleType": "DESIGN"}},
+    },
+]
+
+
+async def test_job_completes_with_exact_costs_and_images(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """Every image lands on disk, matches what was billed; the ledger sums exactly."""
+    server = await make_sandbox(SandboxConfig(latency_s=0.05, render_scale=0.25))
+    job = write_job(
+        tmp_path,
+        refs=3,
+        variants=VARIANTS,
+        matrix={"providerSettings.ideogram.remixStrength": [20, 80]},
+    )
+    run_dir = tmp_path / "run"
+    summary = await run_manifest(
+        job, run_dir, fast_settings(tmp_path, base_url(server)), concurrency=4
+    )
+    state = server.app[STATE]
+    assert summary.exit_code == 0
+    assert (summary.tasks_done, summary.images_done) == (12, 12)
+    files = image_files(run_dir)
+    assert len(files) == 12
+    on_disk = {hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    assert on_disk == {b.sha256 for b in state.billed.values()}
+    ledger = write_ledger(run_dir)
+    with ledger.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sum(Decimal(r["cost_usd"]) for r in rows) == state.billed_total_usd
+    assert summary.spent_usd == state.billed_total_usd == Decimal("0.96")
+    assert state.submissions == 12
+    assert state.duplicate_task_uuids == 0
+
+
+async def test_in_flight_never_exceeds_concurrency(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """The sandbox never sees more tasks in flight than the concurrency (a spy)."""
+    server = await make_sandbox(SandboxConfig(latency_s=0.05, render_scale=0.1))
+    variants = styles(10)
+    job = write_job(tmp_path, refs=4, variants=variants)
+    summary = await run_manifest(
+        job, tmp_path / "run", fast_settings(tmp_path, base_url(server)), concurrency=5
+    )
+    state = server.app[STATE]
+    assert summary.tasks_done == 40
+    assert 0 < state.max_in_flight_seen <= 5
+    assert 0 < summary.max_in_flight <= 5
+
+
+async def test_requests_per_image_well_below_one(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """Batched submits and polls need far fewer API requests than images."""
+    server = await make_sandbox(SandboxConfig(latency_s=0.2, render_scale=0.1))
+    variants = styles(20)
+    job = write_job(tmp_path, refs=5, variants=variants)
+    summary = await run_manifest(
+        job, tmp_path / "run", fast_settings(tmp_path, base_url(server)), concurrency=50
+    )
+    state = server.app[STATE]
+    assert summary.tasks_done == 100
+    api_calls = state.http_requests
+    assert api_calls / 100 < 0.5, f"{api_calls} requests for 100 images"
+
+
+async def test_number_results_gives_one_row_per_image(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """numberResults=3: three distinct images per task, three ledger rows."""
+    server = await make_sandbox(
+        SandboxConfig(latency_s=0.05, result_stagger_s=0.05, render_scale=0.1)
+    )
+    job = write_job(tmp_path, refs=2, defaults={"numberResults": 3})
+    run_dir = tmp_path / "run"
+    summary = await run_manifest(
+        job, run_dir, fast_settings(tmp_path, base_url(server))
+    )
+    assert (summary.tasks_done, summary.images_done) == (2, 6)
+    files = image_files(run_dir)
+    assert len(files) == 6
+    assert {p.name for p in files} == {"image-1.png", "image-2.png", "image-3.png"}
+    with write_ledger(run_dir).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6
+    assert len({r["image_uuid"] for r in rows}) == 6
+
+
+async def test_resume_after_cancel_never_resubmits(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """A run cancelled mid-way resumes by polling: no task is submitted twice."""
+    server = await make_sandbox(SandboxConfig(latency_s=0.3, render_scale=0.1))
+    variants = styles(10)
+    job = write_job(tmp_path, refs=3, variants=variants)
+    settings = fast_settings(tmp_path, base_url(server))
+    run_dir = tmp_path / "run"
+    stopper = StopAfter(5)
+    first = await run_manifest(
+        job,
+        run_dir,
+        settings,
+        concurrency=8,
+        on_engine=stopper.attach,
+        progress=stopper,
+    )
+    assert first.exit_code == 3
+    assert 5 <= first.tasks_done < 30
+    assert not list(run_dir.rglob("*.part"))
+    pending = load_state(run_dir / "journal.jsonl").pending
+    assert pending, "cancelled with tasks in flight"
+    second = await run_manifest(job, run_dir, settings, concurrency=8)
+    state = server.app[STATE]
+    assert second.exit_code == 0
+    assert second.resumed == sum(len(v) for v in pending.values())
+    assert state.submissions == 30
+    assert state.duplicate_task_uuids == 0
+    assert state.content_billed_twice == 0
+    assert len(image_files(run_dir)) == 30
+    assert load_state(run_dir / "journal.jsonl").spent_usd == state.billed_total_usd
+
+
+async def test_budget_cap_stops_submitting_and_resumes(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """The budget is a hard cap: spend stays under it; a higher cap finishes the job."""
+    server = await make_sandbox(SandboxConfig(latency_s=0.05, render_scale=0.1))
+    variants = styles(5)
+    job = write_job(tmp_path, refs=2, variants=variants)
+    settings = fast_settings(tmp_path, base_url(server))
+    run_dir = tmp_path / "run"
+    first = await run_manifest(
+        job, run_dir, settings, concurrency=3, budget_usd=Decimal("0.40")
+    )
+    state = server.app[STATE]
+    assert first.exit_code == 3
+    assert first.stop_reason == "budget"
+    assert state.billed_total_usd <= Decimal("0.40")
+    assert first.spent_usd == state.billed_total_usd
+    second = await run_manifest(
+        job, run_dir, settings, concurrency=3, budget_usd=Decimal("1.00")
+    )
+    assert second.exit_code == 0
+    assert state.billed_total_usd == Decimal("0.80")
+    assert state.content_billed_twice == 0
+
+
+async def test_dropped_submits_are_resolved_not_paid_twice(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """Submits whose answer was lost are polled first; nothing is billed twice."""
+    server = await make_sandbox(
+        SandboxConfig(
+            latency_s=0.05,
+            render_scale=0.1,
+            drop_after_accept_rate=0.5,
+            fault_task_types=frozenset({"imageInference"}),
+        )
+    )
+    variants = styles(8)
+    job = write_job(tmp_path, refs=2, variants=variants)
+    summary = await run_manifest(
+        job, tmp_path / "run", fast_settings(tmp_path, base_url(server)), concurrency=4
+    )
+    state = server.app[STATE]
+    assert summary.tasks_done == 16
+    assert state.content_billed_twice == 0
+    assert state.duplicate_task_uuids == 0
+    assert summary.resubmitted == 0  # every dropped task was found by polling
+    assert len(state.billed) == 16
+
+
+async def test_rate_limited_submits_recover(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """429s with Retry-After on submits: unaccepted tasks go again under new UUIDs."""
+    server = await make_sandbox(
+        SandboxConfig(
+            latency_s=0.05,
+            render_scale=0.1,
+            rate_limit_rate=0.4,
+            retry_after_s=0.05,
+            fault_task_types=frozenset({"imageInference"}),
+        )
+    )
+    variants = styles(6)
+    job = write_job(tmp_path, refs=2, variants=variants)
+    run_dir = tmp_path / "run"
+    summary = await run_manifest(
+        job, run_dir, fast_settings(tmp_path, base_url(server)), concurrency=4
+    )
+    state = server.app[STATE]
+    assert summary.tasks_done == 12
+    assert summary.resubmitted > 0
+    lost = [
+        e for e in read_journal(run_dir / "journal.jsonl") if isinstance(e, LostEvent)
+    ]
+    assert len(lost) == summary.resubmitted
+    assert state.content_billed_twice == 0
+    assert len(state.billed) == 12
+
+
+async def test_task_failures_are_recorded_and_retried_on_request(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """A task failure is journaled with its code; --retry-failed sends it again."""
+    failing = await make_sandbox(
+        SandboxConfig(latency_s=0.02, render_scale=0.1, task_fail_rate=1.0)
+    )
+    job = write_job(tmp_path, refs=2)
+    run_dir = tmp_path / "run"
+    first = await run_manifest(job, run_dir, fast_settings(tmp_path, base_url(failing)))
+    assert first.exit_code == 1
+    assert first.tasks_failed == 2
+    failed = [
+        e for e in read_journal(run_dir / "journal.jsonl") if isinstance(e, FailedEvent)
+    ]
+    assert {e.code for e in failed} == {"inferenceError"}
+    healthy = await make_sandbox(SandboxConfig(latency_s=0.02, render_scale=0.1))
+    settings = fast_settings(tmp_path, base_url(healthy))
+    skipped = await run_manifest(job, run_dir, settings)
+    assert skipped.exit_code == 1
+    assert skipped.tasks_skipped_failed == 2
+    assert healthy.app[STATE].submissions == 0
+    retried = await run_manifest(job, run_dir, settings, retry_failed=True)
+    assert retried.exit_code == 0
+    assert retried.tasks_done == 2
+
+
+async def test_poll_deadline_leaves_task_resumable(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """A task past the poll deadline is left for a rerun, which polls, not pays."""
+    server = await make_sandbox(SandboxConfig(latency_s=1.0, render_scale=0.1))
+    job = write_job(tmp_path, refs=1)
+    run_dir = tmp_path / "run"
+    hasty = fast_settings(tmp_path, base_url(server), poll={"deadline_s": 0.2})
+    first = await run_manifest(job, run_dir, hasty)
+    assert first.exit_code == 3
+    assert first.tasks_unfinished == 1
+    patient = fast_settings(tmp_path, base_url(server))
+    second = await run_manifest(job, run_dir, patient)
+    assert second.exit_code == 0
+    assert server.app[STATE].submissions == 1
+
+
+async def test_bad_key_stops_the_run_resumably(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """A rejected key is run-fatal: exit 3, a RUNWARE_API_KEY hint, no key shown."""
+    server = await make_sandbox(SandboxConfig(latency_s=0.02, render_scale=0.1))
+    job = write_job(tmp_path, refs=2)
+    run_dir = tmp_path / "run"
+    wrong = "sk-wrong-key-123456"
+    summary = await run_manifest(
+        job, run_dir, fast_settings(tmp_path, base_url(server), key=wrong)
+    )
+    assert summary.exit_code == 3
+    assert summary.stop_reason == "auth"
+    assert "RUNWARE_API_KEY" in (summary.stop_message or "")
+    assert wrong not in (summary.stop_message or "")
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert wrong.encode() not in path.read_bytes()
+    fixed = await run_manifest(job, run_dir, fast_settings(tmp_path, base_url(server)))
+    assert fixed.exit_code == 0
+    assert fixed.tasks_done == 2

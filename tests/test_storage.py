@@ -1,0 +1,264 @@
+"""Storage: safe output paths, atomic writes, sidecars and partial-file cleanup."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import threading
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path, PurePosixPath
+
+import anyio
+import anyio.to_thread
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from pipeline.errors import StorageError
+from pipeline.storage import (
+    MAX_PART_LEN,
+    clean_partials,
+    detect_ext,
+    ext_for_format,
+    image_relpath,
+    safe_part,
+    sidecar_path,
+    write_atomic,
+    write_sidecar,
+)
+
+_SAFE = re.compile(r"[A-Za-z0-9._=,-]+")
+
+
+def assert_safe_component(part: str, max_len: int = MAX_PART_LEN) -> None:
+    assert _SAFE.fullmatch(part), part
+    assert part not in {"", ".", ".."}
+    assert not part.startswith(".")
+    assert len(part) <= max_len
+
+
+def files_in(directory: Path) -> list[str]:
+    """Every file under ``directory``, relative, sorted (sync: fine in a test)."""
+    return sorted(
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()
+    )
+
+
+# ---------------------------------------------------------------------------
+# Paths
+
+
+@given(st.text())
+def test_safe_part_is_one_safe_stable_component(s: str) -> None:
+    """Any string becomes one non-empty, dot-safe, short component, stably."""
+    part = safe_part(s)
+    assert_safe_component(part)
+    assert "/" not in part
+    assert "\\" not in part
+    assert safe_part(s) == part
+    assert safe_part(part) == part  # already safe: unchanged
+
+
+@given(st.text(), st.text())
+def test_safe_part_keeps_distinct_inputs_apart(a: str, b: str) -> None:
+    """Two different names never map to the same file."""
+    if a != b:
+        assert safe_part(a) != safe_part(b)
+
+
+def test_safe_part_examples() -> None:
+    """Safe names pass through; unsafe ones are replaced and tagged; long ones cut."""
+    assert safe_part("remixStrength=30,styleType=DESIGN") == (
+        "remixStrength=30,styleType=DESIGN"
+    )
+    assert safe_part("art-deco_v1.2") == "art-deco_v1.2"
+    assert re.fullmatch(r"a_b-[0-9a-f]{8}", safe_part("a/b"))
+    assert re.fullmatch(r"_\.-[0-9a-f]{8}", safe_part(".."))
+    assert re.fullmatch(r"_-[0-9a-f]{8}", safe_part(""))
+    assert re.fullmatch(r"_env-[0-9a-f]{8}", safe_part(".env"))
+    long = safe_part("x" * 300)
+    assert len(long) == MAX_PART_LEN
+    assert long.startswith("x" * 80)
+    assert long != safe_part("x" * 301)
+
+
+def test_image_relpath_layout() -> None:
+    """images/<reference>/<variant>/<axes>-<n>.<ext>, n 1-based, ext from format."""
+    axes = [("remixStrength", "30"), ("styleType", "DESIGN")]
+    assert image_relpath("atrium", "art-deco", axes, 0, "JPG") == PurePosixPath(
+        "images/atrium/art-deco/remixStrength=30,styleType=DESIGN-1.jpg"
+    )
+    assert image_relpath("atrium", "art-deco", [], 2, "WEBP") == PurePosixPath(
+        "images/atrium/art-deco/image-3.webp"
+    )
+    assert image_relpath("a", "b", [], 0, "png").suffix == ".png"
+    with pytest.raises(ValueError, match="unknown image format 'GIF'"):
+        image_relpath("a", "b", [], 0, "GIF")
+    with pytest.raises(ValueError, match="index must be >= 0"):
+        image_relpath("a", "b", [], -1, "JPG")
+
+
+@given(
+    ref=st.text(),
+    variant=st.text(),
+    axes=st.lists(st.tuples(st.text(), st.text()), max_size=4),
+    index=st.integers(0, 1000),
+    fmt=st.sampled_from(["JPG", "PNG", "WEBP", "jpeg"]),
+)
+def test_image_relpath_stays_inside_images(
+    ref: str, variant: str, axes: list[tuple[str, str]], index: int, fmt: str
+) -> None:
+    """Whatever the ids and axis values, the path is four safe parts under images/."""
+    path = image_relpath(ref, variant, axes, index, fmt)
+    assert path.parts[0] == "images"
+    assert len(path.parts) == 4
+    for part in path.parts[1:3]:
+        assert_safe_component(part)
+    assert_safe_component(path.name, MAX_PART_LEN + len(f"-{index + 1}.webp"))
+    assert path.name.endswith(f"-{index + 1}.{ext_for_format(fmt)}")
+    assert path == image_relpath(ref, variant, axes, index, fmt)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "ext"), [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")]
+)
+def test_detect_ext_by_magic_bytes(fmt: str, ext: str) -> None:
+    """Real Pillow-encoded images are recognised by their magic bytes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(buf, format=fmt)
+    assert detect_ext(buf.getvalue()) == ext
+
+
+def test_detect_ext_unknown() -> None:
+    """Bytes that are no image we store give None."""
+    assert detect_ext(b"") is None
+    assert detect_ext(b"GIF89a....") is None
+    assert detect_ext(b"RIFF\0\0\0\0WAVE") is None
+
+
+# ---------------------------------------------------------------------------
+# Atomic writes
+
+
+async def test_write_atomic_writes_and_leaves_no_part(tmp_path: Path) -> None:
+    """The bytes land under the real name, the sha256 is returned, no .part stays."""
+    target = tmp_path / "images" / "a" / "b" / "image-1.jpg"
+    data = b"\xff\xd8\xff" + os.urandom(1000)
+    digest = await write_atomic(target, data)
+    assert target.read_bytes() == data
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert files_in(tmp_path) == ["images/a/b/image-1.jpg"]
+    await write_atomic(target, b"second")
+    assert target.read_bytes() == b"second"
+
+
+async def test_failed_replace_leaves_no_part_and_says_disk_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC at the rename: StorageError says the disk is full and resumable."""
+
+    def no_space(src: object, dst: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", no_space)
+    target = tmp_path / "image-1.jpg"
+    with pytest.raises(
+        StorageError, match=r"image-1\.jpg: the disk is full.*resumable"
+    ):
+        await write_atomic(target, b"data")
+    assert files_in(tmp_path) == []
+
+
+async def test_unwritable_target_is_a_storage_error(tmp_path: Path) -> None:
+    """A path that cannot be created raises StorageError, leaving nothing behind."""
+    blocker = tmp_path / "images"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError, match="check the run directory is writable"):
+        await write_atomic(blocker / "a" / "image-1.jpg", b"data")
+    assert files_in(tmp_path) == ["images"]
+
+
+async def test_cancel_mid_write_leaves_no_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the bytes are being synced: no .part and no image remain."""
+    entered, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        release.wait(5)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    target = tmp_path / "image-1.jpg"
+    scope = anyio.CancelScope()
+    finished = False
+
+    async def writer() -> None:
+        nonlocal finished
+        with scope:
+            await write_atomic(target, b"x" * 100_000)
+            finished = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer)
+        assert await anyio.to_thread.run_sync(entered.wait, 5)
+        scope.cancel()
+        release.set()
+    assert scope.cancelled_caught
+    assert not finished
+    assert files_in(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------
+# Sidecars and cleanup
+
+
+async def test_sidecar_is_sorted_json_with_exact_decimals(tmp_path: Path) -> None:
+    """The sidecar sits next to the image, with sorted keys and decimal strings."""
+    image = tmp_path / "remixStrength=0.5-1.jpg"
+    meta = {
+        "seed": 7,
+        "cost_usd": Decimal("0.1") * 3,
+        "completed_at": datetime(2026, 1, 2, tzinfo=UTC),
+        "path": PurePosixPath("images/a/b/remixStrength=0.5-1.jpg"),
+        "prompt": "a café ✨",
+    }
+    written = await write_sidecar(image, meta)
+    assert written == sidecar_path(image) == tmp_path / "remixStrength=0.5-1.json"
+    text = written.read_text(encoding="utf-8")
+    loaded = json.loads(text)
+    assert list(loaded) == sorted(meta)
+    assert loaded["cost_usd"] == "0.3"
+    assert Decimal(loaded["cost_usd"]) == Decimal("0.3")
+    assert loaded["completed_at"] == "2026-01-02T00:00:00+00:00"
+    assert loaded["path"] == "images/a/b/remixStrength=0.5-1.jpg"
+    assert loaded["prompt"] == "a café ✨"
+    assert files_in(tmp_path) == ["remixStrength=0.5-1.json"]
+
+
+async def test_sidecar_rejects_unknown_types(tmp_path: Path) -> None:
+    """A value JSON cannot hold is a bug: TypeError, and no file written."""
+    with pytest.raises(TypeError, match="cannot store object in a sidecar"):
+        await write_sidecar(tmp_path / "i.jpg", {"x": object()})
+    assert files_in(tmp_path) == []
+
+
+def test_clean_partials_removes_only_part_files(tmp_path: Path) -> None:
+    """Leftover .part files anywhere in the run dir go; real files stay."""
+    deep = tmp_path / "images" / "a" / "b"
+    deep.mkdir(parents=True)
+    (deep / "image-1.jpg").write_bytes(b"ok")
+    (deep / "image-2.jpg.part").write_bytes(b"half")
+    (tmp_path / "ledger.csv.part").write_bytes(b"half")
+    assert clean_partials(tmp_path) == 2
+    assert files_in(tmp_path) == ["images/a/b/image-1.jpg"]
+    assert clean_partials(tmp_path) == 0
+    assert clean_partials(tmp_path / "missing") == 0
