@@ -1,0 +1,196 @@
+"""The ``remix`` command in process (``main([...])``) plus one subprocess smoke test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from tests.jobkit import image_files, write_job
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "jobs" / "demo.toml"
+
+
+@pytest.fixture(autouse=True)
+def _no_real_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RUNWARE_API_KEY", raising=False)
+    monkeypatch.delenv("REMIX_BASE_URL", raising=False)
+
+
+def test_plan_counts_the_demo_without_spending(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`remix plan` validates the demo and prints 24 tasks and their estimate."""
+    assert main(["plan", str(DEMO)]) == 0
+    out = capsys.readouterr().out
+    assert "tasks" in out
+    assert "24" in out
+    assert "$1.92" in out
+    assert "nothing was submitted" in out
+
+
+def test_plan_json_for_scripts(capsys: pytest.CaptureFixture[str]) -> None:
+    """`remix plan --format json` prints one JSON object with counts and cost."""
+    assert main(["plan", str(DEMO), "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["tasks"] == 24
+    assert plan["images"] == 24
+    assert plan["estimated_cost_usd"] == "1.92"
+
+
+def test_every_seed_example_manifest_is_valid() -> None:
+    """The shipped jobs (demo, nightly, the seed page's examples) all validate."""
+    for name in ("demo.toml", "nightly.toml", "seed-examples.toml"):
+        assert main(["plan", str(REPO / "jobs" / name)]) == 0, name
+
+
+def test_run_without_key_or_sandbox_says_how_to_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No key and no --sandbox: exit 2, naming RUNWARE_API_KEY and --sandbox."""
+    job = write_job(tmp_path)
+    assert main(["run", str(job), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "RUNWARE_API_KEY" in err
+    assert "--sandbox" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_invalid_manifest_exits_2_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad manifest: exit 2, the file, key and field named, no traceback."""
+    job = write_job(tmp_path, defaults={"outputQuality": 100})
+    code = main(["run", str(job), "--sandbox", "--run-dir", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "job.toml" in captured.err
+    assert "outputQuality" in captured.err
+    assert "r0/v0" in captured.err
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_run_resume_status_report_gallery(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sandbox run completes; rerunning spends nothing; status/report/gallery work."""
+    job = write_job(tmp_path, refs=2, defaults={"numberResults": 2})
+    run_dir = tmp_path / "run"
+    args = ["-q", "run", str(job), "--sandbox", "--run-dir", str(run_dir)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 done, 0 failed" in out
+    assert len(image_files(run_dir)) == 4
+    assert (run_dir / "ledger.csv").is_file()
+    assert (run_dir / "gallery.html").is_file()
+
+    journal_lines = (run_dir / "journal.jsonl").read_text().count("\n")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "0 new" in out
+    after = (run_dir / "journal.jsonl").read_text()
+    assert '"submitted"' not in "\n".join(after.splitlines()[journal_lines:])
+
+    assert main(["status", str(run_dir)]) == 0
+    assert "finished" in capsys.readouterr().out
+    assert main(["report", str(run_dir), "--by", "reference", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "0.32" in json.dumps(report)
+    assert main(["gallery", str(run_dir)]) == 0
+    assert "gallery.html" in capsys.readouterr().out
+
+
+def test_run_dir_of_another_manifest_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Resuming a run dir with a different manifest is refused before any request."""
+    first = write_job(tmp_path / "a")
+    second = write_job(tmp_path / "b", refs=3)
+    run_dir = tmp_path / "run"
+    assert main(["-q", "run", str(first), "--sandbox", "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    code = main(["-q", "run", str(second), "--sandbox", "--run-dir", str(run_dir)])
+    assert code == 2
+    assert "different manifest" in capsys.readouterr().err
+
+
+def test_shards_split_the_job_and_report_merges_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--shard 0/2 and 1/2 run disjoint halves; report over both sums the whole job."""
+    variants = [{"id": f"v{i}", "positivePrompt": f"style {i}"} for i in range(4)]
+    job = write_job(tmp_path, refs=2, variants=variants)
+    dirs = [tmp_path / "s0", tmp_path / "s1"]
+    for index, run_dir in enumerate(dirs):
+        argv = ["-q", "run", str(job), "--sandbox", "--run-dir", str(run_dir)]
+        assert main([*argv, "--shard", f"{index}/2"]) == 0
+    capsys.readouterr()
+    names = [{p.relative_to(d / "images") for p in image_files(d)} for d in dirs]
+    assert not names[0] & names[1]
+    assert len(names[0] | names[1]) == 8
+    assert main(["report", *map(str, dirs), "--format", "json"]) == 0
+    assert "0.64" in capsys.readouterr().out
+
+
+def test_bad_flags_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed --shard or --budget is refused by argparse with exit 2."""
+    for bad in (["--shard", "2/2"], ["--budget", "-1"], ["--concurrency", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["run", str(DEMO), "--sandbox", *bad])
+        assert exc.value.code == 2
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_sandbox_subprocess_prints_its_url_first() -> None:
+    """`remix sandbox --port 0` prints its base URL first and answers the protocol."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "sandbox", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    ) as proc:
+        _ask_and_stop(proc)
+    assert proc.returncode == 0
+
+
+def _ask_and_stop(proc: subprocess.Popen[str]) -> None:
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        assert url.endswith("/v1")
+        body = json.dumps(
+            [
+                {
+                    "taskType": "getResponse",
+                    "taskUUID": "0" * 8 + "-0000-4000-8000-" + "0" * 12,
+                }
+            ]
+        ).encode()
+        request = urllib.request.Request(
+            url,
+            data=body,
+            headers={
+                "Authorization": "Bearer sandbox",
+                "Content-Type": "application/json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                payload = json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # unknown task: a Runware-shaped 400
+            payload = json.loads(exc.read())
+        assert payload["errors"][0]["code"] == "taskFailedOrNotFound"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
