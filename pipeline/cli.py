@@ -23,8 +23,10 @@ from pipeline.config import ENV_API_KEY, Settings, load_settings
 from pipeline.engine import EngineOptions, JobTotals, RunSummary, run_job
 from pipeline.errors import ConfigError, ManifestError, PipelineError
 from pipeline.expand import validate_manifest
+from pipeline.gallery import write_gallery
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.progress import NullProgress, Progress, TqdmProgress
+from pipeline.report import print_report, print_status, write_ledger
 from pipeline.rundir import open_run_dir
 
 log = logging.getLogger("pipeline")
@@ -344,14 +346,8 @@ def _totals(plan: dict[str, Any]) -> JobTotals:
 
 def _write_outputs(run_dir: Path) -> None:
     """ledger.csv and gallery.html, rebuilt from the journal after every run."""
-    from pipeline import report
-
-    report.write_ledger(run_dir)
-    try:
-        from pipeline import gallery
-    except ImportError:  # gallery arrives with the reports issue
-        return
-    gallery.write_gallery(run_dir)
+    write_ledger(run_dir)
+    write_gallery(run_dir)
 
 
 def _print_summary(
@@ -393,21 +389,15 @@ def _print_summary(
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline import report
-
-    return report.print_status(args.run_dir, fmt=args.format)
+    return print_status(args.run_dir, fmt=args.format)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline import report
-
-    return report.print_report(args.run_dirs, by=args.by, fmt=args.format)
+    return print_report(args.run_dirs, by=args.by, fmt=args.format)
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from pipeline import gallery
-
-    path = gallery.write_gallery(args.run_dir)
+    path = write_gallery(args.run_dir)
     print(path)
     return EXIT_OK
 

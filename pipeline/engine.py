@@ -2,7 +2,8 @@
 
 Why this shape:
 - *Concurrency means tasks in flight at the API.* A slot is taken when a task is
-  submitted and given back only when all its images are on disk (or it failed).
+  submitted and given back once all its images are downloaded (or it failed); writing
+  them to disk overlaps the next tasks, and a bounded queue keeps memory in check.
 - *Requests per image well below one.* Submits carry many tasks; one poller asks about
   every due taskUUID in batched getResponse requests. Each task is polled first when it
   is expected to be done (from the latency observed so far), then less and less often.
@@ -78,8 +79,11 @@ log = logging.getLogger(__name__)
 _EXT_BY_FORMAT: Final = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
 _STORE_BATCH: Final = 128
 """Most images written (and journaled) in one go by the collector."""
-_LATENCY_ALPHA: Final = 0.2
-"""Weight of a new latency sample in the running estimate."""
+_LATENCY_WINDOW: Final = 64
+"""How many recent tasks' latencies decide when to ask about the next ones."""
+_LATENCY_QUANTILE: Final = 0.1
+"""Ask first when the quickest tenth of recent tasks were already done."""
+_FIRST_POLL_FRACTION: Final = 0.92
 
 
 def _now() -> datetime:
@@ -171,6 +175,10 @@ class _Flight:
     seen: set[str] = field(default_factory=set)
     assigned: int = 0
     stored: int = 0
+    stored_before: int = 0
+    """Images an earlier run already stored (a resumed numberResults > 1 task)."""
+    downloaded: int = 0
+    holds_slot: bool = True
     finished: bool = False
 
 
@@ -333,6 +341,7 @@ class Engine:
         self._polling: dict[str, _Flight] = {}
         self._poll_wakeup = anyio.Event()
         self._latency_s: float | None = None
+        self._done_after_s: deque[float] = deque(maxlen=_LATENCY_WINDOW)
         self._max_price_seen = Decimal(0)
         self._outstanding = 0
         self._feeding_done = False
@@ -547,6 +556,7 @@ class Engine:
                 seen={c.image_uuid for c in stored.values()},
                 assigned=len(stored),
                 stored=len(stored),
+                stored_before=len(stored),
             )
             self._outstanding += 1
             self.summary.resumed += 1
@@ -673,7 +683,9 @@ class Engine:
         """Ask first when the task is expected to be done."""
         if self._latency_s is None:
             return self._settings.poll.interval_s
-        return min(self._latency_s, self._settings.poll.max_interval_s)
+        # A little early: an estimate built from "already done" answers can only
+        # move down if some first questions come before the task is done.
+        return _FIRST_POLL_FRACTION * self._latency_s
 
     def _poll_gap(self) -> float:
         latency = self._latency_s or self._settings.poll.interval_s
@@ -772,21 +784,16 @@ class Engine:
             await self._fetch_send.send(_Fetch(flight, result, index))
 
     def _observe_latency(self, flight: _Flight, now: float) -> None:
-        """Learn when to ask first: the task finished after its last 'processing'.
+        """Learn when to ask first: a low quantile of when recent tasks were done.
 
-        Found done at the first question, the task may have finished well before it
-        was asked: nudge the estimate down, so the next ones are asked a bit sooner
-        until one answers 'processing' and pins the latency between two questions.
+        Each sample is an upper bound (the task was done by the time we asked), late
+        by however long the question waited. A low quantile picks the samples that
+        waited least, so the first question lands just after the task is done; the
+        few tasks asked too early are asked again a short gap later.
         """
-        upper = now - flight.submitted_at
-        if flight.last_processing_at is None:
-            sample = 0.9 * upper
-        else:
-            sample = (flight.last_processing_at - flight.submitted_at + upper) / 2
-        if self._latency_s is None:
-            self._latency_s = sample
-        else:
-            self._latency_s += _LATENCY_ALPHA * (sample - self._latency_s)
+        self._done_after_s.append(now - flight.submitted_at)
+        ordered = sorted(self._done_after_s)
+        self._latency_s = ordered[int(_LATENCY_QUANTILE * (len(ordered) - 1))]
 
     async def _not_found(self, flight: _Flight, now: float) -> None:
         """The server does not know this taskUUID (yet, or any more)."""
@@ -808,12 +815,11 @@ class Engine:
             return
         # Twice unknown after the grace period: it never arrived, so it was not billed.
         self._polling.pop(flight.task_uuid, None)
-        flight.finished = True
+        self._finish(flight)
         self.summary.lost += 1
         await self._append(
             LostEvent(ts=_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
         )
-        self._gate.release(1)
         self._budget.release(flight.reserved_per_image * flight.spec.images)
         if self._draining.is_set():
             self._outstanding -= 1
@@ -860,6 +866,10 @@ class Engine:
                     await done.send(_FetchFailed(job.flight, job.result, str(exc)))
                     continue
                 await done.send(_Downloaded(job, data))
+                flight = job.flight
+                flight.downloaded += 1
+                if flight.downloaded >= flight.spec.images - flight.stored_before:
+                    self._release_slot(flight)  # the API is done with this task
 
     def _image_path(self, job: _Fetch, data: bytes) -> str:
         spec = job.flight.spec
@@ -1006,8 +1016,12 @@ class Engine:
     # ---------------------------------------------------------------- endings
 
     def _finish(self, flight: _Flight) -> None:
-        if not flight.finished:
-            flight.finished = True
+        flight.finished = True
+        self._release_slot(flight)
+
+    def _release_slot(self, flight: _Flight) -> None:
+        if flight.holds_slot:
+            flight.holds_slot = False
             self._gate.release(1)
 
     async def _refused_stale_upload(self, flight: _Flight, error: ErrorItem) -> bool:

@@ -43,6 +43,8 @@ class ImageSlot:
     image_uuid: str
     seed: int
     ready_at: float
+    rendered: bytes | None = field(default=None, repr=False)
+    """Rendered ahead of ready_at; published (served and billed) only then."""
     data: bytes | None = field(default=None, repr=False)
     sha256: str | None = None
 
