@@ -39,6 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pipeline.client import RunwareClient, SubmitOutcome
 from pipeline.config import Settings
 from pipeline.errors import (
+    ApiError,
     AuthError,
     DownloadError,
     InsufficientCreditError,
@@ -179,6 +180,8 @@ class _Flight:
     """Images an earlier run already stored (a resumed numberResults > 1 task)."""
     downloaded: int = 0
     holds_slot: bool = True
+    inherited_uploads: tuple[str, ...] = ()
+    """Image UUIDs in the request that an earlier run uploaded (they may expire)."""
     finished: bool = False
 
 
@@ -460,6 +463,15 @@ class Engine:
                         self.summary.stop_reason = "storage"
                         self.summary.stop_message = str(group.exceptions[0])
                         log.error("%s", group.exceptions[0])
+                    except* ApiError as group:
+                        # Retries ran out on a call no task can absorb (an upload):
+                        # the API is unreachable or broken; stop, resumable.
+                        self.summary.stop_reason = "api"
+                        self.summary.stop_message = (
+                            f"{group.exceptions[0]}; check the network and "
+                            f"{self._settings.api.base_url}, then rerun to resume"
+                        )
+                        log.error("%s", self.summary.stop_message)
                 outer.cancel_scope.cancel()
         finally:
             fetch_send.close()
@@ -621,6 +633,7 @@ class Engine:
                     reserved_per_image=price,
                     next_poll_at=now + self._first_poll_delay(),
                     backoff_s=self._poll_gap(),
+                    inherited_uploads=self._inherited_uploads(item.request),
                 )
             )
             events.append(
@@ -658,6 +671,14 @@ class Engine:
             raise
         await self._handle_submit(flights, outcome)
         self._wake_poller()
+
+    def _inherited_uploads(self, request: ImageInferenceRequest) -> tuple[str, ...]:
+        if self._uploader is None:
+            return ()
+        used = list(request.inputs.reference_images)
+        if request.provider_settings is not None:
+            used += request.provider_settings.ideogram.style_reference_images or []
+        return tuple(self._uploader.inherited(used))
 
     async def _handle_submit(
         self, flights: list[_Flight], outcome: SubmitOutcome
@@ -1035,10 +1056,13 @@ class Engine:
             p.startswith(images) for p in error.parameters
         ):
             return False
-        if not self._uploader.forget_inherited(flight.spec.local_files):
+        if not flight.inherited_uploads:
             return False
+        for image_uuid in flight.inherited_uploads:
+            self._uploader.forget(image_uuid)
         log.info(
-            "%s: an earlier upload of its reference expired; uploading it again",
+            "%s: an earlier run's upload of its reference was refused; uploading "
+            "it again",
             flight.spec.key,
         )
         self._polling.pop(flight.task_uuid, None)

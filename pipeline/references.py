@@ -12,7 +12,7 @@ import base64
 import hashlib
 import io
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -74,6 +74,7 @@ class ReferenceUploader:
         self._by_path: dict[Path, str] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._fresh: set[str] = set()
+        self._inherited: set[str] = set(known.values())
         self.uploads = 0
 
     async def resolve(self, path: Path) -> str:
@@ -96,22 +97,18 @@ class ReferenceUploader:
         self._by_path[path] = image_uuid
         return image_uuid
 
-    def forget_inherited(self, paths: tuple[Path, ...]) -> bool:
-        """Drop image UUIDs an earlier run uploaded for these files; True if any.
+    def inherited(self, image_uuids: Iterable[str]) -> list[str]:
+        """Those of ``image_uuids`` that an earlier run uploaded (not this one)."""
+        return [u for u in image_uuids if u in self._inherited and u not in self._fresh]
 
-        Uploads expire on the API (30 days after last use), so a UUID from the
-        journal can be refused; the next resolve uploads the file again.
-        """
-        forgot = False
-        for path in paths:
-            image_uuid = self._by_path.get(path)
-            if image_uuid is None or image_uuid in self._fresh:
-                continue
+    def forget(self, image_uuid: str) -> None:
+        """Never use this upload again: the API refused it (uploads expire 30 days
+        after last use); the next resolve uploads the file anew."""
+        self._inherited.discard(image_uuid)
+        for path in [p for p, u in self._by_path.items() if u == image_uuid]:
             del self._by_path[path]
-            for digest in [d for d, u in self._known.items() if u == image_uuid]:
-                del self._known[digest]
-            forgot = True
-        return forgot
+        for digest in [d for d, u in self._known.items() if u == image_uuid]:
+            del self._known[digest]
 
     async def resolve_all(self, paths: tuple[Path, ...]) -> dict[Path, str]:
         return {path: await self.resolve(path) for path in paths}

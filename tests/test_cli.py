@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main
+from pipeline.journal import load_state
 from tests.jobkit import image_files, write_job
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,3 +197,32 @@ def _ask_and_stop(proc: subprocess.Popen[str]) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_and_exits_resumable(tmp_path: Path) -> None:
+    """SIGTERM: no new submits, in-flight tasks finish, exit 3; a rerun completes."""
+    variants = [{"id": f"v{i}", "positivePrompt": f"style {i}"} for i in range(10)]
+    job = write_job(tmp_path, refs=4, variants=variants)
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "pipeline", "-q", "run", str(job), "--sandbox"]
+    argv += ["--run-dir", str(run_dir), "--concurrency", "4"]
+    env = {k: v for k, v in os.environ.items() if k != "RUNWARE_API_KEY"}
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as proc:
+        journal = run_dir / "journal.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if journal.exists() and '"completed"' in journal.read_text():
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert "resume with:" in out
+    state = load_state(journal)
+    assert not state.pending  # the grace period let every in-flight task finish
+    assert 0 < state.images_done < 40
+    assert main(["-q", "run", str(job), "--sandbox", "--run-dir", str(run_dir)]) == 0
+    assert len(image_files(run_dir)) == 40

@@ -300,3 +300,20 @@ async def test_bad_key_stops_the_run_resumably(
     fixed = await run_manifest(job, run_dir, fast_settings(tmp_path, base_url(server)))
     assert fixed.exit_code == 0
     assert fixed.tasks_done == 2
+
+
+async def test_unreachable_api_stops_resumably(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """An API that cannot be reached stops the run (exit 3); a rerun finishes it."""
+    job = write_job(tmp_path, refs=2)
+    run_dir = tmp_path / "run"
+    dead = fast_settings(tmp_path, "http://127.0.0.1:9/v1")
+    first = await run_manifest(job, run_dir, dead)
+    assert first.exit_code == 3
+    assert first.stop_reason == "api"
+    assert "rerun to resume" in (first.stop_message or "")
+    server = await make_sandbox(SandboxConfig(latency_s=0.02, render_scale=0.1))
+    second = await run_manifest(job, run_dir, fast_settings(tmp_path, base_url(server)))
+    assert second.exit_code == 0
+    assert second.tasks_done == 2

@@ -155,8 +155,13 @@ class SandboxState:
         return self._rng.getrandbits(32)
 
     def new_uuid(self) -> str:
-        """A v4 UUID drawn from the seeded generator (reproducible runs)."""
-        return str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
+        """A fresh v4 UUID for an image or upload.
+
+        Not from the seeded generator: like the real API's, UUIDs must never repeat
+        across server restarts, or a client's cached upload from an earlier sandbox
+        would look valid on the next one. Seeds and pixels stay reproducible.
+        """
+        return str(uuid.uuid4())
 
     def jitter(self, upper_s: float) -> float:
         return self._rng.uniform(0.0, upper_s) if upper_s > 0 else 0.0
