@@ -496,3 +496,37 @@ def test_gallery_renders_in_headless_chromium(demo: DemoRun, tmp_path: Path) -> 
     assert result["panel_cost"] == "$0.06"
     with Image.open(shot) as png:
         assert png.size == (1400, 1000)
+
+
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="no chromium binary (Debian: apt-get install chromium; .ci/run installs it)",
+)
+@pytest.mark.timeout(180)
+def test_real_demo_run_gallery_in_headless_chromium(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sandbox demo run: 24 images + 3 references load, 3x4x2 cells, prompts."""
+    from pipeline.cli import main
+
+    monkeypatch.delenv("RUNWARE_API_KEY", raising=False)
+    demo_toml = Path(__file__).resolve().parent.parent / "jobs" / "demo.toml"
+    run_dir = tmp_path / "demo"
+    assert (
+        main(["-q", "run", str(demo_toml), "--sandbox", "--run-dir", str(run_dir)]) == 0
+    )
+    shot = run_dir / "gallery.png"
+    result = render_in_chromium(run_dir / GALLERY_NAME, tmp_path, screenshot=shot)
+    assert result["broken"] == []
+    assert result["loaded"] == result["images"] == 24 + 3  # results + references
+    assert result["cells"] == 3 * 4 * 2
+    assert result["pairs"] == 3 * 4
+    assert result["failed"] == 0
+    key = result["selected_key"]
+    assert isinstance(key, str)
+    sidecars = {
+        json.loads(p.read_text())["key"]: json.loads(p.read_text())
+        for p in (run_dir / "images").rglob("*.json")
+    }
+    assert result["panel_prompt"] == sidecars[key]["prompt"]
+    assert result["panel_cost"] == "$0.08"
