@@ -45,6 +45,7 @@ from pipeline.sandbox.render import (
     FORMATS,
     RenderSpec,
     Source,
+    auto_style,
     hex_to_rgb,
     placeholder,
     preset_palette,
@@ -397,7 +398,7 @@ class Sandbox:
                 width=req.width,
                 height=req.height,
                 seed=0,
-                style_type=(ideogram.style_type if ideogram else None) or "AUTO",
+                style_type=_style_for(req),
                 palette=palette,
                 remix_strength=(ideogram.remix_strength if ideogram else None) or 50,
                 output_format=req.output_format or "JPG",
@@ -613,6 +614,12 @@ class Sandbox:
             image_uuid=image_uuid,
             image_url=f"{origin}{IMAGES_PATH}/{image_uuid}.{ext}",
         ).model_dump(mode="json", exclude_none=True)
+
+
+def _style_for(req: ImageInferenceRequest) -> str:
+    ideogram = req.provider_settings.ideogram if req.provider_settings else None
+    style = (ideogram.style_type if ideogram else None) or "AUTO"
+    return auto_style(req.positive_prompt) if style == "AUTO" else style
 
 
 def _placeholder_jpeg(key: str) -> bytes:

@@ -287,11 +287,29 @@ def _stylise(base: Image.Image, style: str) -> Image.Image:
             dreamy = _hue_shift(ImageEnhance.Color(base).enhance(1.5), 40)
             glow = dreamy.filter(ImageFilter.GaussianBlur(4))
             return Image.blend(dreamy, ImageChops.screen(dreamy, glow), 0.6)
-        case _:  # GENERAL and AUTO: balanced
-            img = ImageEnhance.Contrast(ImageEnhance.Color(base).enhance(1.25)).enhance(
-                1.1
-            )
-            return ImageOps.posterize(img, 5)
+        case _:  # GENERAL (AUTO is resolved from the prompt first): painterly
+            painted = base.filter(ImageFilter.MedianFilter(5))
+            vivid = ImageEnhance.Contrast(ImageEnhance.Color(painted).enhance(1.35))
+            flat = ImageOps.posterize(vivid.enhance(1.1), 4)
+            return Image.blend(flat, _ink(flat, _edges(gray, bold=False)), 0.5)
+
+
+_AUTO_STYLES: Final = (
+    ("ANIME", ("anime", "manga", "cel-shaded", "cartoon")),
+    ("RENDER_3D", ("3d", "render", "clay", "isometric", "octane")),
+    ("DESIGN", ("poster", "logo", "typography", "flat", "graphic", "illustration")),
+    ("FICTION", ("fantasy", "dream", "storybook", "fairy", "magical", "myth")),
+    ("REALISTIC", ("photo", "realistic", "cinematic", "photograph", "editorial")),
+)
+
+
+def auto_style(prompt: str) -> str:
+    """What AUTO picks: the style the prompt's words suggest, else GENERAL."""
+    words = prompt.lower()
+    for style, hints in _AUTO_STYLES:
+        if any(hint in words for hint in hints):
+            return style
+    return "GENERAL"
 
 
 def _palette_lut(palette: Sequence[tuple[RGB, float]]) -> list[int]:
