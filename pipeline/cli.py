@@ -289,8 +289,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress,
             backend="asyncio",
         )
-        _write_outputs(run_dir)
+        outputs_written = _write_outputs(run_dir)
     _print_summary(summary, run_dir, args)
+    if not outputs_written:
+        return max(summary.exit_code, EXIT_STOPPED)
     return summary.exit_code
 
 
@@ -344,10 +346,21 @@ def _totals(plan: dict[str, Any]) -> JobTotals:
     )
 
 
-def _write_outputs(run_dir: Path) -> None:
-    """ledger.csv and gallery.html, rebuilt from the journal after every run."""
-    write_ledger(run_dir)
-    write_gallery(run_dir)
+def _write_outputs(run_dir: Path) -> bool:
+    """ledger.csv and gallery.html, rebuilt from the journal after every run.
+
+    They are derived from the journal, so failing to write them (a full disk) loses
+    nothing: the summary still prints, and a rerun writes them.
+    """
+    try:
+        write_ledger(run_dir)
+        write_gallery(run_dir)
+    except (PipelineError, OSError) as exc:
+        log.error(
+            "could not write the ledger or gallery (%s); rerun to write them", exc
+        )
+        return False
+    return True
 
 
 def _print_summary(

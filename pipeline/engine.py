@@ -175,6 +175,8 @@ class _Flight:
     last_processing_at: float | None = None
     seen: set[str] = field(default_factory=set)
     assigned: int = 0
+    taken: set[int] = field(default_factory=set)
+    """Image indices stored or being fetched: a new result takes the lowest free."""
     stored: int = 0
     stored_before: int = 0
     """Images an earlier run already stored (a resumed numberResults > 1 task)."""
@@ -567,6 +569,7 @@ class Engine:
                 ambiguous=True,
                 seen={c.image_uuid for c in stored.values()},
                 assigned=len(stored),
+                taken=set(stored),
                 stored=len(stored),
                 stored_before=len(stored),
             )
@@ -798,7 +801,12 @@ class Engine:
                 self._observe_latency(flight, now)
             flight.acked = True
             flight.seen.add(result.image_uuid)
-            index = flight.assigned  # 0-based, as the journal and paths count
+            # 0-based, as the journal and paths count; after a crash the stored
+            # indices may have a hole (image 2 stored, image 1 not): fill it.
+            index = next(
+                i for i in range(len(flight.taken) + 1) if i not in flight.taken
+            )
+            flight.taken.add(index)
             flight.assigned += 1
             if flight.assigned >= flight.spec.images:
                 self._polling.pop(flight.task_uuid, None)

@@ -111,8 +111,12 @@ def make_thumbnail(
     dst.parent.mkdir(parents=True, exist_ok=True)
     # Thumbnails are derived data: a rename keeps them whole, no fsync needed.
     tmp = dst.with_name(dst.name + ".part")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, dst)
+    try:
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # never leave a half thumbnail behind
+        raise
     return size
 
 
