@@ -190,7 +190,11 @@ def write_job(
         ]
     if shape.matrix > 1:
         strengths = ", ".join(str(10 + 15 * i) for i in range(shape.matrix))
-        lines += ["", "[matrix]", f'"providerSettings.ideogram.remixStrength" = [{strengths}]']
+        lines += [
+            "",
+            "[matrix]",
+            f'"providerSettings.ideogram.remixStrength" = [{strengths}]',
+        ]
     path = root / "job.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

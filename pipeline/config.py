@@ -61,9 +61,9 @@ class LimitSettings(Section):
     """Most tasks in flight at the API at once (submitted, not yet finished)."""
     min_concurrency: PositiveInt = 4
     """Floor for the adaptive (AIMD) concurrency after 429/503/504 answers."""
-    requests_per_s: PositiveFloat = 20.0
+    requests_per_s: PositiveFloat = 100.0
     """Most API requests started per second (submits, polls, uploads)."""
-    burst: PositiveInt = 10
+    burst: PositiveInt = 50
     submit_batch: PositiveInt = 50
     """Most tasks in one submit request."""
     poll_batch: PositiveInt = 100
@@ -72,9 +72,10 @@ class LimitSettings(Section):
 
 
 class PollSettings(Section):
-    interval_s: PositiveFloat = 1.0
-    """First wait between polls of the in-flight set."""
-    min_interval_s: PositiveFloat = 0.02
+    interval_s: PositiveFloat = 0.5
+    """When to first ask about a task before any latency has been observed; later
+    questions follow the observed latency."""
+    min_interval_s: PositiveFloat = 0.01
     """Shortest gap between two questions about the same task."""
     max_interval_s: PositiveFloat = 10.0
     deadline_s: PositiveFloat = 900.0

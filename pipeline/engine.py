@@ -80,11 +80,14 @@ log = logging.getLogger(__name__)
 _EXT_BY_FORMAT: Final = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
 _STORE_BATCH: Final = 128
 """Most images written (and journaled) in one go by the collector."""
-_LATENCY_WINDOW: Final = 64
-"""How many recent tasks' latencies decide when to ask about the next ones."""
-_LATENCY_QUANTILE: Final = 0.1
-"""Ask first when the quickest tenth of recent tasks were already done."""
-_FIRST_POLL_FRACTION: Final = 0.92
+_LATENCY_ALPHA: Final = 0.05
+"""Weight of one task's latency sample in the running estimate."""
+_PROBE_EARLIER: Final = 0.95
+_GAP_FRACTION: Final = 0.03
+"""Ask again this share of the latency after a 'processing' answer (then less often):
+short enough that a task is seen soon after it is done, long enough that polls stay
+a small fraction of requests (they carry up to poll_batch tasks each)."""
+"""A task done when first asked finished at most then: guess a little earlier."""
 
 
 def _now() -> datetime:
@@ -171,6 +174,9 @@ class _Flight:
     acked: bool = False
     ambiguous: bool = False
     seen_processing: bool = False
+    teaches_latency: bool = True
+    """Its first question was timed by the latency estimate (not a resume or an
+    ambiguous submit), so its answer tells whether the estimate is early or late."""
     not_found: int = 0
     last_processing_at: float | None = None
     seen: set[str] = field(default_factory=set)
@@ -346,7 +352,6 @@ class Engine:
         self._polling: dict[str, _Flight] = {}
         self._poll_wakeup = anyio.Event()
         self._latency_s: float | None = None
-        self._done_after_s: deque[float] = deque(maxlen=_LATENCY_WINDOW)
         self._max_price_seen = Decimal(0)
         self._outstanding = 0
         self._feeding_done = False
@@ -567,6 +572,7 @@ class Engine:
                 next_poll_at=now,
                 backoff_s=self._settings.poll.interval_s,
                 ambiguous=True,
+                teaches_latency=False,
                 seen={c.image_uuid for c in stored.values()},
                 assigned=len(stored),
                 taken=set(stored),
@@ -693,6 +699,7 @@ class Engine:
         for task_uuid in outcome.ambiguous:
             if (flight := by_uuid.get(task_uuid)) is not None:
                 flight.ambiguous = True
+                flight.teaches_latency = False
                 flight.next_poll_at = self._clock() + min(
                     self._first_poll_delay(), self._settings.poll.interval_s
                 )
@@ -707,15 +714,13 @@ class Engine:
         """Ask first when the task is expected to be done."""
         if self._latency_s is None:
             return self._settings.poll.interval_s
-        # A little early: an estimate built from "already done" answers can only
-        # move down if some first questions come before the task is done.
-        return _FIRST_POLL_FRACTION * self._latency_s
+        return self._latency_s
 
     def _poll_gap(self) -> float:
         latency = self._latency_s or self._settings.poll.interval_s
         return min(
             self._settings.poll.max_interval_s,
-            max(self._settings.poll.min_interval_s, 0.05 * latency),
+            max(self._settings.poll.min_interval_s, _GAP_FRACTION * latency),
         )
 
     def _wake_poller(self) -> None:
@@ -813,16 +818,27 @@ class Engine:
             await self._fetch_send.send(_Fetch(flight, result, index))
 
     def _observe_latency(self, flight: _Flight, now: float) -> None:
-        """Learn when to ask first: a low quantile of when recent tasks were done.
+        """Learn when to first ask about a task from when this one was done.
 
-        Each sample is an upper bound (the task was done by the time we asked), late
-        by however long the question waited. A low quantile picks the samples that
-        waited least, so the first question lands just after the task is done; the
-        few tasks asked too early are asked again a short gap later.
+        A task that was still processing when asked, then done at the next question,
+        finished between the two: a tight sample. One done at the first question
+        finished at most then, maybe well before: its sample is a little earlier
+        than that question, so an estimate that is too late keeps moving down until
+        first questions start to meet unfinished tasks again. Samples are absolute
+        times, not corrections of the current estimate, so the large cohorts of one
+        submit (all asked at once) cannot make it overshoot.
         """
-        self._done_after_s.append(now - flight.submitted_at)
-        ordered = sorted(self._done_after_s)
-        self._latency_s = ordered[int(_LATENCY_QUANTILE * (len(ordered) - 1))]
+        if not flight.teaches_latency:
+            return
+        elapsed = now - flight.submitted_at
+        if flight.last_processing_at is None:
+            sample = _PROBE_EARLIER * elapsed
+        else:
+            sample = (flight.last_processing_at - flight.submitted_at + elapsed) / 2
+        if self._latency_s is None:
+            self._latency_s = sample
+        else:
+            self._latency_s += _LATENCY_ALPHA * (sample - self._latency_s)
 
     async def _not_found(self, flight: _Flight, now: float) -> None:
         """The server does not know this taskUUID (yet, or any more)."""

@@ -16,6 +16,7 @@ without a sidecar, and the tasks not run yet. Without it the page still works.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import json
@@ -28,14 +29,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path, PurePosixPath
-from typing import Any, Final, Literal
+from typing import Any, BinaryIO, Final, Literal
 
 from PIL import Image, ImageOps
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.expand import count_tasks, expand, shard_of
+from pipeline.journal import JOURNAL_NAME, CompletedEvent, FailedEvent
 from pipeline.manifest import Manifest, load_manifest
-from pipeline.report import RunData, load_run, parse_key
+from pipeline.report import JournalIndex, KeyFacts, parse_key, scan_journal
+from pipeline.rundir import read_run_info
 from pipeline.storage import safe_part, sidecar_path, write_atomic_sync
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ GALLERY_NAME: Final = "gallery.html"
 THUMBS_DIR: Final = "thumbs"
 THUMB_WIDTH: Final = 320
 """Thumbnail width in pixels (2x the default cell width, for sharp HiDPI display)."""
+PAGE_CELLS: Final = 2_000
+"""Cells per gallery page (whole reference rows, so a page may hold a few more)."""
 MAX_EXPAND: Final = 20_000
 """Expand the manifest (not-run cells, prompts of failed tasks) up to this size."""
 _JPEG_QUALITY: Final = 85
@@ -182,30 +187,43 @@ class _Ref:
 
 
 @dataclass
-class _Grid:
+class _Plan:
+    """The whole grid's layout, small per cell: cell details are built page by page."""
+
     title: str
+    run_dir: Path
+    index: JournalIndex
+    manifest: Manifest | None
+    """Set when the manifest loaded and is small enough to expand."""
     refs: dict[str, _Ref]
     variants: list[str]
     combos: list[str]
-    cells: dict[str, _Cell]
-    run: RunData
+    rows: dict[str, list[str]]
+    """Reference id -> the keys of its cells."""
+    statuses: Counter[str]
+    images: int
+
+    @property
+    def cells(self) -> int:
+        """Cells in the whole grid (all pages)."""
+        return sum(self.statuses.values())
 
 
 def _ordered(first: Iterable[str], more: Iterable[str]) -> list[str]:
     return list(dict.fromkeys([*first, *more]))
 
 
-def _load_manifest(run: RunData) -> Manifest | None:
-    if run.manifest is None:
+def _load_manifest(run_dir: Path, path: str | None) -> Manifest | None:
+    if path is None:
         return None
     try:
-        return load_manifest(Path(run.manifest))
+        return load_manifest(Path(path))
     except (PipelineError, OSError, ValueError) as exc:
         log.warning(
             "gallery of %s without its manifest %s (%s): no reference images, "
             "no not-run cells",
-            run.run_dir,
-            run.manifest,
+            run_dir,
+            path,
             str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
         )
         return None
@@ -233,94 +251,183 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _build_grid(run_dir: Path) -> _Grid:
-    run = load_run(run_dir)
-    state = run.state
-    manifest = _load_manifest(run)
-    cells: dict[str, _Cell] = {}
+def _run_info(run_dir: Path) -> Mapping[str, object]:
+    try:
+        return read_run_info(run_dir) or {}
+    except ConfigError as exc:
+        log.warning("%s", exc)
+        return {}
 
-    def cell_for(key: str, status: CellStatus) -> _Cell:
-        found = cells.get(key)
-        if found is None:
-            ref, variant, axes = parse_key(key)
-            combo = ",".join(f"{n}={v}" for n, v in axes)
-            found = cells[key] = _Cell(key, ref, variant, combo, status)
-        return found
 
+def _status(facts: KeyFacts | None) -> CellStatus | None:
+    """A key's cell status, as the journal has it; None: no cell of its own."""
+    if facts is None:
+        return None
+    status: CellStatus | None = None
+    if facts.images:
+        status = "done" if facts.complete else "partial"
+    if facts.pending and status != "partial":
+        status = "pending"
+    if facts.failure is not None and not facts.complete:
+        status = "failed"
+    return status
+
+
+def _combo(axes: Iterable[tuple[str, str]]) -> str:
+    return ",".join(f"{n}={v}" for n, v in axes)
+
+
+def _plan(run_dir: Path) -> _Plan:
+    index = scan_journal(run_dir / JOURNAL_NAME)
+    info = _run_info(run_dir)
+    manifest_path = _text(info.get("manifest"))
+    shard_text = _text(info.get("shard"))
+    if shard_text is None and index.last_started is not None:
+        shard_text = index.last_started.shard
+    manifest = _load_manifest(run_dir, manifest_path)
     refs: dict[str, _Ref] = {}
-    manifest_variants: list[str] = []
-    manifest_combos: list[str] = []
+    rows: dict[str, list[str]] = {}
+    variants: dict[str, None] = {}
+    combos: dict[str, None] = {}
+    statuses: Counter[str] = Counter()
+    planned: set[str] = set()
+    expandable = False
     if manifest is not None:
         for reference in manifest.references:
             refs[reference.id] = _Ref(
                 reference.id, reference.image, reference.local_path
             )
-        manifest_variants = [v.id for v in manifest.variants]
-        shard = _in_shard(run.shard)
+            rows[reference.id] = []
+        variants.update((v.id, None) for v in manifest.variants)
+        shard = _in_shard(shard_text)
         try:
             if count_tasks(manifest) <= MAX_EXPAND:
                 for spec in expand(manifest):
                     if shard and shard_of(spec.key, shard[1]) != shard[0]:
                         continue
-                    cell = cell_for(spec.key, "not-run")
-                    cell.prompt = _text(spec.params.get("positivePrompt"))
-                    cell.negative = _text(spec.params.get("negativePrompt"))
-                    cell.params = spec.params
-                    if cell.combo not in manifest_combos:
-                        manifest_combos.append(cell.combo)
+                    planned.add(spec.key)
+                    rows.setdefault(spec.reference_id, []).append(spec.key)
+                    combos.setdefault(_combo(spec.axes))
+                    statuses[_status(index.keys.get(spec.key)) or "not-run"] += 1
+                expandable = True
         except (PipelineError, ValueError) as exc:
-            log.warning("gallery: cannot expand %s: %s", run.manifest, exc)
-
-    for key, images in state.completed_images.items():
-        cell = cell_for(key, "done" if state.is_complete(key) else "partial")
-        cell.status = "done" if state.is_complete(key) else "partial"
-        for event in sorted(images.values(), key=lambda e: e.index):
-            cell.task_uuid = event.task_uuid
-            cell.images.append(
-                _Img(
-                    event.index,
-                    event.path,
-                    event.seed,
-                    event.cost_usd,
-                    event.image_uuid,
-                )
-            )
-            meta = _read_sidecar(run_dir, event.path)
-            if meta:
-                cell.prompt = _text(meta.get("prompt")) or cell.prompt
-                cell.negative = _text(meta.get("negative_prompt")) or cell.negative
-                params = meta.get("params")
-                cell.params = params if isinstance(params, dict) else cell.params
-    for key, subs in state.pending.items():
-        cell = cell_for(key, "pending")
-        if cell.status != "partial":
-            cell.status = "pending"
-        cell.task_uuid = subs[-1].task_uuid
-    for key, failure in state.failed.items():
-        if state.is_complete(key):
+            log.warning("gallery: cannot expand %s: %s", manifest_path, exc)
+    images = 0
+    for key, facts in index.keys.items():
+        images += facts.image_count
+        if key in planned or (status := _status(facts)) is None:
             continue
-        cell = cell_for(key, "failed")
-        cell.status = "failed"
-        cell.task_uuid = failure.task_uuid or cell.task_uuid
-        cell.error = (failure.code, failure.message)
-
-    for cell in cells.values():
-        refs.setdefault(cell.reference, _Ref(cell.reference))
-    variants = _ordered(manifest_variants, (c.variant for c in cells.values()))
-    combos = _ordered(manifest_combos, (c.combo for c in cells.values()))
+        statuses[status] += 1
+        ref_id, variant, axes = parse_key(key)
+        rows.setdefault(ref_id, []).append(key)
+        variants.setdefault(variant)
+        combos.setdefault(_combo(axes))
+    for ref_id in rows:
+        refs.setdefault(ref_id, _Ref(ref_id))
     if manifest is not None:
         title = manifest.job.name
-    elif run.manifest:
-        title = Path(run.manifest).stem
+    elif manifest_path:
+        title = Path(manifest_path).stem
     else:
         title = run_dir.name or str(run_dir)
-    return _Grid(title, refs, variants, combos, cells, run)
+    return _Plan(
+        title=title,
+        run_dir=run_dir,
+        index=index,
+        manifest=manifest if expandable else None,
+        refs=refs,
+        variants=list(variants),
+        combos=list(combos),
+        rows=rows,
+        statuses=statuses,
+        images=images,
+    )
 
 
-def _thumbnails(run_dir: Path, grid: _Grid) -> None:
+def _pages(plan: _Plan, page_cells: int) -> list[list[str]]:
+    """Reference ids per page: whole rows, about ``page_cells`` cells a page."""
+    pages: list[list[str]] = [[]]
+    count = 0
+    for reference in plan.refs:
+        size = len(plan.rows.get(reference, ()))
+        if pages[-1] and count + size > page_cells:
+            pages.append([])
+            count = 0
+        pages[-1].append(reference)
+        count += size
+    return pages
+
+
+def _page_cells(plan: _Plan, references: Sequence[str], f: BinaryIO) -> list[_Cell]:
+    """The cells of some reference rows, with their images, prompts and errors."""
+    index, run_dir = plan.index, plan.run_dir
+    cells: list[_Cell] = []
+    for reference in references:
+        for key in plan.rows.get(reference, ()):
+            facts = index.keys.get(key)
+            _, variant, axes = parse_key(key)
+            cell = _Cell(
+                key, reference, variant, _combo(axes), _status(facts) or "not-run"
+            )
+            cells.append(cell)
+            if facts is None:
+                continue
+            for _, offset in facts.image_offsets():
+                event = index.read_at(f, offset)
+                assert isinstance(event, CompletedEvent)
+                cell.task_uuid = event.task_uuid
+                cell.images.append(
+                    _Img(
+                        event.index,
+                        event.path,
+                        event.seed,
+                        event.cost_usd,
+                        event.image_uuid,
+                    )
+                )
+                meta = _read_sidecar(run_dir, event.path)
+                if meta:
+                    cell.prompt = _text(meta.get("prompt")) or cell.prompt
+                    cell.negative = _text(meta.get("negative_prompt")) or cell.negative
+                    params = meta.get("params")
+                    cell.params = params if isinstance(params, dict) else cell.params
+            if facts.pending:
+                cell.task_uuid = facts.pending[-1][0]
+            if facts.failure is not None and not facts.complete:
+                failure = index.read_at(f, facts.failure)
+                assert isinstance(failure, FailedEvent)
+                cell.task_uuid = failure.task_uuid or cell.task_uuid
+                cell.error = (failure.code, failure.message)
+    if plan.manifest is not None:
+        _fill_from_manifest(plan.manifest, cells)
+    return cells
+
+
+def _fill_from_manifest(manifest: Manifest, cells: Sequence[_Cell]) -> None:
+    """Prompts and parameters the sidecars did not give (not-run, failed cells)."""
+    wanted = {
+        c.key: c
+        for c in cells
+        if c.prompt is None or c.negative is None or c.params is None
+    }
+    if not wanted:
+        return
+    try:
+        for spec in expand(manifest):
+            cell = wanted.get(spec.key)
+            if cell is None:
+                continue
+            cell.prompt = cell.prompt or _text(spec.params.get("positivePrompt"))
+            cell.negative = cell.negative or _text(spec.params.get("negativePrompt"))
+            cell.params = spec.params if cell.params is None else cell.params
+    except (PipelineError, ValueError) as exc:  # pragma: no cover - expanded before
+        log.warning("gallery: cannot expand the manifest: %s", exc)
+
+
+def _thumbnails(run_dir: Path, cells: Sequence[_Cell], refs: Sequence[_Ref]) -> None:
     jobs: list[tuple[Path, Path]] = []
     targets: list[_Img | _Ref] = []
-    for cell in grid.cells.values():
+    for cell in cells:
         for img in cell.images:
             src = run_dir / img.path
             if src.is_file():
@@ -328,7 +435,7 @@ def _thumbnails(run_dir: Path, grid: _Grid) -> None:
                 jobs.append((src, run_dir / thumb))
                 targets.append(img)
                 img.thumb = thumb.as_posix()
-    for ref in grid.refs.values():
+    for ref in refs:
         if ref.local is not None and ref.local.is_file():
             thumb = PurePosixPath(THUMBS_DIR, "refs", safe_part(ref.id) + ".jpg")
             jobs.append((ref.local, run_dir / thumb))
@@ -491,14 +598,13 @@ def _axes_of(combos: Sequence[str]) -> dict[str, list[str]]:
     return axes
 
 
-def _summary(grid: _Grid) -> str:
-    statuses = Counter(c.status for c in grid.cells.values())
-    images = sum(len(c.images) for c in grid.cells.values())
+def _summary(plan: _Plan) -> str:
+    statuses = plan.statuses
     bits = [
-        f"{len(grid.refs)} references",
-        f"{len(grid.variants)} variants",
-        f"{len(grid.cells):,} tasks",
-        f"{images:,} images",
+        f"{len(plan.refs)} references",
+        f"{len(plan.variants)} variants",
+        f"{plan.cells:,} tasks",
+        f"{plan.images:,} images",
     ]
     labels: tuple[tuple[CellStatus, str], ...] = (
         ("failed", "failed"),
@@ -508,24 +614,55 @@ def _summary(grid: _Grid) -> str:
     for status, label in labels:
         if n := statuses[status]:
             bits.append(f"{n:,} {label}")
-    bits.append(f"${grid.run.state.spent_usd} spent")
+    bits.append(f"${plan.index.spent_usd} spent")
     return " · ".join(bits)
 
 
-def render_html(grid: _Grid) -> str:
-    """The whole page for a grid whose thumbnails are made."""
+def page_name(number: int) -> str:
+    """Page ``number``'s file name: ``gallery.html``, then ``gallery-2.html``..."""
+    return GALLERY_NAME if number == 1 else f"gallery-{number}.html"
+
+
+def _nav(number: int, count: int, first_row: int, rows: int) -> str:
+    """Links between the pages (nothing when there is only one)."""
+    if count <= 1:
+        return ""
+
+    def link(n: int, text: str, rel: str = "") -> str:
+        extra = f' rel="{rel}"' if rel else ""
+        return f'<a href="{page_name(n)}"{extra}>{text}</a>'
+
+    prev = link(number - 1, "\u2039 prev", "prev") if number > 1 else ""
+    nxt = link(number + 1, "next \u203a", "next") if number < count else ""
+    pages = " ".join(
+        f'<b aria-current="page">{n}</b>' if n == number else link(n, str(n))
+        for n in range(1, count + 1)
+    )
+    last = first_row + rows
+    where = f"page {number} of {count}: references {first_row + 1:,} to {last:,}"
+    return (
+        f'<nav class="pages" aria-label="pages" data-page="{number}" '
+        f'data-pages="{count}">{prev} {pages} {nxt} '
+        f'<span class="dim">{_e(where)}</span></nav>'
+    )
+
+
+def _render_page(
+    plan: _Plan, references: Sequence[str], cells: Sequence[_Cell], nav: str
+) -> str:
+    """One page: the header, these reference rows, their cells' details."""
     strings = _Strings()
-    combo_index = {c: i for i, c in enumerate(grid.combos)}
+    combo_index = {c: i for i, c in enumerate(plan.combos)}
     by_pos: dict[tuple[str, str, str], _Cell] = {
-        (c.reference, c.variant, c.combo): c for c in grid.cells.values()
+        (c.reference, c.variant, c.combo): c for c in cells
     }
     data: list[dict[str, object]] = []
     rows: list[str] = []
-    for ref in grid.refs.values():
+    for ref_id in references:
         tds: list[str] = []
-        for variant in grid.variants:
-            for combo in grid.combos:
-                cell = by_pos.get((ref.id, variant, combo))
+        for variant in plan.variants:
+            for combo in plan.combos:
+                cell = by_pos.get((ref_id, variant, combo))
                 if cell is None:
                     i = combo_index[combo]
                     first = " first" if i == 0 else ""
@@ -533,11 +670,11 @@ def render_html(grid: _Grid) -> str:
                     continue
                 tds.append(_cell_html(cell, len(data), combo_index[combo]))
                 data.append(_cell_data(cell, strings))
-        rows.append(f"<tr>{_ref_html(ref)}{''.join(tds)}</tr>")
-    n_combos = len(grid.combos)
+        rows.append(f"<tr>{_ref_html(plan.refs[ref_id])}{''.join(tds)}</tr>")
+    n_combos = len(plan.combos)
     head1 = "".join(
         f'<th class="variant" colspan="{n_combos}" scope="colgroup">{_e(v)}</th>'
-        for v in grid.variants
+        for v in plan.variants
     )
     head2 = "".join(
         f'<th class="combo{" first" if combo_index[c] == 0 else ""}" '
@@ -548,10 +685,10 @@ def render_html(grid: _Grid) -> str:
             else '<span class="dim">—</span>'
         )
         + "</th>"
-        for _ in grid.variants
-        for c in grid.combos
+        for _ in plan.variants
+        for c in plan.combos
     )
-    axes = _axes_of(grid.combos)
+    axes = _axes_of(plan.combos)
     filters = "".join(
         f'<label>{_e(name)} <select data-axis="{_e(name)}">'
         '<option value="">all</option>'
@@ -561,23 +698,24 @@ def render_html(grid: _Grid) -> str:
         if len(values) > 1
     )
     meta = {
-        "combos": [dict(parse_key(f"_/_/{c}")[2]) if c else {} for c in grid.combos],
+        "combos": [dict(parse_key(f"_/_/{c}")[2]) if c else {} for c in plan.combos],
         "strings": strings.table,
         "cells": data,
     }
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     empty = (
         ""
-        if grid.cells
+        if plan.cells
         else '<p class="nothing">No tasks in this run yet: run it, then regenerate '
         "the gallery with <code>remix gallery RUN_DIR</code>.</p>"
     )
     return _PAGE.format(
-        title=_e(grid.title),
-        summary=_e(_summary(grid)),
-        run_dir=_e(grid.run.run_dir),
+        title=_e(plan.title),
+        summary=_e(_summary(plan)),
+        run_dir=_e(plan.run_dir),
         generated=_e(generated),
         filters=filters,
+        nav=nav,
         head1=head1,
         head2=head2,
         rows="\n".join(rows),
@@ -588,17 +726,43 @@ def render_html(grid: _Grid) -> str:
     )
 
 
-def write_gallery(run_dir: Path) -> Path:
-    """Write ``RUN_DIR/gallery.html`` (and missing thumbnails); return its path.
+def _remove_stale_pages(run_dir: Path, count: int) -> None:
+    """Drop ``gallery-N.html`` pages beyond ``count`` left by a bigger earlier grid."""
+    for path in run_dir.glob("gallery-*.html"):
+        number = path.stem.removeprefix("gallery-")
+        if number.isdigit() and int(number) > count:
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.warning("could not remove old gallery page %s: %s", path, exc)
+
+
+def write_gallery(run_dir: Path, *, page_cells: int = PAGE_CELLS) -> Path:
+    """Write ``RUN_DIR/gallery.html`` (and its other pages, missing thumbnails).
+
+    Pages hold whole reference rows, about ``page_cells`` cells each, and are
+    built one at a time: memory grows with the page, not with the run. Returns
+    the first page's path.
 
     Raises:
-        StorageError: the page could not be written.
+        StorageError: a page could not be written.
     """
-    grid = _build_grid(run_dir)
-    _thumbnails(run_dir, grid)
+    plan = _plan(run_dir)
+    pages = _pages(plan, page_cells)
+    first_row = 0
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(plan.index.open()) if plan.index.keys else None
+        for number, references in enumerate(pages, 1):
+            cells = _page_cells(plan, references, f) if f is not None else []
+            refs = [plan.refs[r] for r in references]
+            _thumbnails(run_dir, cells, refs)
+            nav = _nav(number, len(pages), first_row, len(references))
+            page = _render_page(plan, references, cells, nav)
+            write_atomic_sync(run_dir / page_name(number), page.encode())
+            first_row += len(references)
+    _remove_stale_pages(run_dir, len(pages))
     target = run_dir / GALLERY_NAME
-    write_atomic_sync(target, render_html(grid).encode())
-    log.info("gallery %s: %d cell(s)", target, len(grid.cells))
+    log.info("gallery %s: %d cell(s), %d page(s)", target, plan.cells, len(pages))
     return target
 
 
@@ -688,6 +852,10 @@ aside summary { color: var(--muted); cursor: pointer; margin-top: 12px; }
 aside .hint { color: var(--muted); }
 aside a { color: inherit; }
 .nothing { padding: 0 16px; color: var(--muted); }
+.pages { flex-basis: 100%; display: flex; flex-wrap: wrap; gap: 2px 8px;
+  align-items: baseline; }
+.pages a { color: inherit; }
+.pages b { padding: 0 2px; border-bottom: 2px solid var(--sel); }
 footer { padding: 0 16px 16px; color: var(--muted); font-size: 11px; }
 #check { display: none; }
 @media (max-width: 900px) {
@@ -869,6 +1037,7 @@ _PAGE: Final = """<!doctype html>
 <div class="top">
   <h1>{title}</h1>
   <span class="sum">{summary}</span>
+  {nav}
   <div class="controls">{filters}
     <label>size <input id="size" type="range" min="80" max="320" step="8"
       value="160"></label>

@@ -23,18 +23,23 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Final, Literal, TextIO
+from typing import BinaryIO, Final, Literal, TextIO
 
-from pipeline.errors import ConfigError
+from pydantic import ValidationError
+
+from pipeline.errors import ConfigError, StorageError
 from pipeline.journal import (
+    EVENT_ADAPTER,
     JOURNAL_NAME,
     CompletedEvent,
     Event,
+    FailedEvent,
+    LostEvent,
     ResumeState,
     RunEndedEvent,
     RunStartedEvent,
@@ -42,7 +47,7 @@ from pipeline.journal import (
     read_journal,
 )
 from pipeline.rundir import RUN_INFO_NAME, read_run_info
-from pipeline.storage import write_atomic_sync
+from pipeline.storage import part_path
 
 log = logging.getLogger(__name__)
 
@@ -207,14 +212,18 @@ def ledger_columns(rows: Iterable[LedgerRow]) -> list[str]:
 
     An axis whose name clashes with a fixed column is spelled ``axis:<name>``.
     """
+    return _columns_of_keys(row.key for row in rows)
+
+
+def _columns_of_keys(keys: Iterable[str]) -> list[str]:
     axes: dict[str, None] = {}
     seen: set[str] = set()
-    for row in rows:
-        axes_text = row.key.split("/", 2)[2:]
+    for key in keys:
+        axes_text = key.split("/", 2)[2:]
         if not axes_text or axes_text[0] in seen:
             continue  # many rows share one axes part: parse each once
         seen.add(axes_text[0])
-        for name, _ in parse_key(row.key)[2]:
+        for name, _ in parse_key(key)[2]:
             axes.setdefault(_axis_column(name))
     return [*_HEAD, *axes, *_TAIL]
 
@@ -323,16 +332,346 @@ def read_ledger(path: Path) -> list[LedgerRow]:
 def write_ledger(run_dir: Path) -> Path:
     """Rebuild ``RUN_DIR/ledger.csv`` from the journal, atomically; return its path.
 
+    Streams: the journal is indexed once (:func:`scan_journal`) and each row is
+    written as it is read back, so memory stays at a few hundred bytes per key
+    however many images the run has.
+
     Raises:
         StorageError: the ledger could not be written.
     """
-    run = load_run(run_dir)
+    index = scan_journal(run_dir / JOURNAL_NAME)
     target = run_dir / LEDGER_NAME
-    write_atomic_sync(target, ledger_csv(run.rows).encode())
-    log.info(
-        "ledger %s: %d row(s), spent $%s", target, len(run.rows), run.state.spent_usd
-    )
+    count = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal count
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\r\n")
+        columns = _columns_of_keys(index.row_keys())
+        writer.writerow(columns)
+        for row in iter_ledger_rows(index):
+            writer.writerow(_csv_record(row, columns))
+            count += 1
+            if buf.tell() > 1 << 16:
+                yield buf.getvalue()
+                buf.seek(0)
+                buf.truncate()
+        yield buf.getvalue()
+
+    write_streamed(target, lines())
+    log.info("ledger %s: %d row(s), spent $%s", target, count, index.spent_usd)
     return target
+
+
+def write_streamed(path: Path, chunks: Iterable[str]) -> None:
+    """Write text ``chunks`` (UTF-8) to ``path`` via a fsynced ``.part`` and a rename.
+
+    For outputs too big to hold as one string; readers see the old file or the
+    new one, never half of it.
+
+    Raises:
+        StorageError: the write failed; no ``.part`` file is left behind.
+    """
+    part = part_path(path)
+    try:
+        with part.open("w", encoding="utf-8", newline="") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        part.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+            raise StorageError(
+                f"cannot write {path}: {reason}; check the run directory is "
+                "writable and has free space, then rerun the command"
+            ) from exc
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms that cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # pragma: no cover - some filesystems refuse dir fsync
+        log.debug("fsync of directory %s failed: %s", directory, exc)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# A big journal in compact form
+
+
+@dataclass(slots=True)
+class KeyFacts:
+    """What the journal says about one task key, as byte offsets of its lines.
+
+    The same fold as :class:`ResumeState`, minus the events themselves: a 100k-image
+    journal indexes in a few tens of MB, and lines are read back when needed.
+    """
+
+    expected: int | None = None
+    """Images the latest submission asked for."""
+    images: tuple[int, ...] = ()
+    """Flat ``(image index, offset)`` pairs: each index's first completion."""
+    failure: int | None = None
+    """Offset of the last failure (cleared by a later submission or completion)."""
+    pending: tuple[tuple[str, int], ...] = ()
+    """``(task UUID, offset)`` of the submissions still in flight, in journal order."""
+
+    @property
+    def image_count(self) -> int:
+        """Stored images (each index once)."""
+        return len(self.images) // 2
+
+    @property
+    def complete(self) -> bool:
+        """Every expected image is stored (as :meth:`ResumeState.is_complete`)."""
+        got = self.image_count
+        return got > 0 and (self.expected is None or got >= self.expected)
+
+    def offset_of(self, index: int) -> int | None:
+        """The offset of image ``index``'s first completion, if any."""
+        images = self.images
+        for i in range(0, len(images), 2):
+            if images[i] == index:
+                return images[i + 1]
+        return None
+
+    def image_offsets(self) -> list[tuple[int, int]]:
+        """``(image index, offset)`` pairs sorted by image index."""
+        images = self.images
+        return sorted(zip(images[::2], images[1::2], strict=True))
+
+    @property
+    def has_rows(self) -> bool:
+        """True when the key has a ledger row: an image, a failure, a task in flight."""
+        return bool(self.images) or self.failure is not None or bool(self.pending)
+
+
+@dataclass
+class JournalIndex:
+    """A journal folded into :class:`KeyFacts` per key; events are read on demand."""
+
+    path: Path
+    keys: dict[str, KeyFacts] = field(default_factory=dict)
+    superseded: list[tuple[str, int, str, int]] = field(default_factory=list)
+    """``(key, image index, task UUID, offset)`` of paid images of a filled slot."""
+    spent_usd: Decimal = Decimal(0)
+    last_started: RunStartedEvent | None = None
+    last_ended: RunEndedEvent | None = None
+    _need_submit_times: set[str] = field(default_factory=set, repr=False)
+
+    @property
+    def images_done(self) -> int:
+        """Stored images (each key/index once)."""
+        return sum(f.image_count for f in self.keys.values())
+
+    def row_keys(self) -> list[str]:
+        """Sorted keys that have ledger rows."""
+        return sorted(k for k, f in self.keys.items() if f.has_rows)
+
+    def open(self) -> BinaryIO:
+        """The journal opened for :meth:`read_at`."""
+        return self.path.open("rb")
+
+    def read_at(self, f: BinaryIO, offset: int) -> Event:
+        """The event on the line at ``offset`` (it parsed when indexed)."""
+        f.seek(offset)
+        return EVENT_ADAPTER.validate_json(f.readline())
+
+    def submit_times(self, f: BinaryIO) -> dict[str, datetime]:
+        """Task UUID -> its last submission time, for the rows that need one.
+
+        Completions journaled without ``submitted_at`` and failures take it from
+        the submission; those are few, so this reads only their submissions.
+        """
+        want = set(self._need_submit_times)
+        for facts in self.keys.values():
+            if facts.failure is not None:
+                failure = self.read_at(f, facts.failure)
+                if isinstance(failure, FailedEvent) and failure.task_uuid:
+                    want.add(failure.task_uuid)
+        found: dict[str, datetime] = {}
+        if not want:
+            return found
+        f.seek(0)
+        for line in f:
+            if b'"submitted"' not in line:
+                continue
+            try:
+                event = EVENT_ADAPTER.validate_json(line)
+            except ValidationError:
+                continue
+            if isinstance(event, SubmittedEvent) and event.task_uuid in want:
+                found[event.task_uuid] = event.ts
+        return found
+
+
+def _indexed_events(path: Path) -> Iterator[tuple[int, Event]]:
+    """``(offset, event)`` for each line of ``path`` that parses (like read_journal)."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        end = 0
+        for lineno, line in enumerate(f, 1):
+            start, end = end, end + len(line)
+            if not line.strip():
+                continue
+            try:
+                yield start, EVENT_ADAPTER.validate_json(line)
+            except ValidationError as exc:
+                types = {e["type"] for e in exc.errors(include_url=False)}
+                if types <= {"union_tag_invalid"}:
+                    log.debug("%s:%d: unknown event type; skipped", path, lineno)
+                else:
+                    log.warning("%s:%d: torn or garbled line skipped", path, lineno)
+
+
+def scan_journal(path: Path) -> JournalIndex:
+    """Fold the journal at ``path`` (missing: empty) into a :class:`JournalIndex`.
+
+    Gives the same images, failures and in-flight tasks as :func:`load_state`,
+    assuming (as remix writes it) that a task UUID belongs to one key.
+    """
+    index = JournalIndex(path)
+    keys = index.keys
+    finished: set[str] = set()
+    superseded_paid: set[tuple[str, int]] = set()
+    reader: BinaryIO | None = None
+
+    def facts_of(key: str) -> KeyFacts:
+        found = keys.get(key)
+        if found is None:
+            found = keys[key] = KeyFacts()
+        return found
+
+    def drop_pending(facts: KeyFacts, task_uuid: str) -> None:
+        if facts.pending:
+            facts.pending = tuple(p for p in facts.pending if p[0] != task_uuid)
+
+    try:
+        for offset, event in _indexed_events(path):
+            match event:
+                case SubmittedEvent():
+                    facts = facts_of(event.key)
+                    facts.expected = event.images
+                    facts.failure = None
+                    if event.replaces is not None:
+                        finished.add(event.replaces)
+                        drop_pending(facts, event.replaces)
+                    if not facts.complete and event.task_uuid not in finished:
+                        facts.pending += ((event.task_uuid, offset),)
+                case CompletedEvent():
+                    facts = facts_of(event.key)
+                    first = facts.offset_of(event.index)
+                    if first is not None:
+                        if reader is None:
+                            reader = index.open()
+                        earlier = index.read_at(reader, first)
+                        assert isinstance(earlier, CompletedEvent)
+                        paid = (event.task_uuid, event.index)
+                        if earlier.task_uuid == event.task_uuid or (
+                            paid in superseded_paid
+                        ):
+                            continue  # the same image journaled twice: count it once
+                        superseded_paid.add(paid)
+                        index.superseded.append(
+                            (event.key, event.index, event.task_uuid, offset)
+                        )
+                    else:
+                        facts.images += (event.index, offset)
+                    if event.cost_usd is not None:
+                        index.spent_usd += event.cost_usd
+                    if event.submitted_at is None:
+                        index._need_submit_times.add(event.task_uuid)
+                    facts.failure = None
+                    if facts.complete:
+                        facts.pending = ()
+                case FailedEvent():
+                    facts = facts_of(event.key)
+                    facts.failure = offset
+                    if event.task_uuid is not None:
+                        finished.add(event.task_uuid)
+                    facts.pending = ()
+                case LostEvent():
+                    finished.add(event.task_uuid)
+                    if (facts_or_none := keys.get(event.key)) is not None:
+                        drop_pending(facts_or_none, event.task_uuid)
+                case RunStartedEvent():
+                    index.last_started, index.last_ended = event, None
+                case RunEndedEvent():
+                    index.last_ended = event
+                case _:
+                    pass
+    finally:
+        if reader is not None:
+            reader.close()
+    return index
+
+
+def _completion_row(
+    event: CompletedEvent, status: Status, submit_times: dict[str, datetime]
+) -> LedgerRow:
+    submitted_at = event.submitted_at or submit_times.get(event.task_uuid)
+    return LedgerRow(
+        key=event.key,
+        status=status,
+        index=event.index,
+        task_uuid=event.task_uuid,
+        image_uuid=event.image_uuid,
+        seed=event.seed,
+        cost_usd=event.cost_usd,
+        path=event.path,
+        submitted_at=submitted_at,
+        completed_at=event.ts,
+    )
+
+
+def iter_ledger_rows(index: JournalIndex) -> Iterator[LedgerRow]:
+    """The rows :func:`build_ledger_rows` gives, in its order, one at a time."""
+    superseded: dict[str, list[tuple[int, int]]] = {}
+    for key, image, _, offset in index.superseded:
+        superseded.setdefault(key, []).append((image, offset))
+    with index.open() as f:
+        submit_times = index.submit_times(f)
+        for key in index.row_keys():
+            facts = index.keys[key]
+            for _, offset in facts.image_offsets():
+                event = index.read_at(f, offset)
+                assert isinstance(event, CompletedEvent)
+                yield _completion_row(event, "done", submit_times)
+            # sorted() is stable: equal indices keep their journal order
+            for _, offset in sorted(superseded.get(key, ()), key=lambda p: p[0]):
+                event = index.read_at(f, offset)
+                assert isinstance(event, CompletedEvent)
+                yield _completion_row(event, "superseded", submit_times)
+            if facts.failure is not None:
+                failure = index.read_at(f, facts.failure)
+                assert isinstance(failure, FailedEvent)
+                yield LedgerRow(
+                    key=key,
+                    status="failed",
+                    task_uuid=failure.task_uuid,
+                    submitted_at=submit_times.get(failure.task_uuid or ""),
+                    completed_at=failure.ts,
+                    error_code=failure.code,
+                    error_message=failure.message,
+                )
+            for task_uuid, offset in facts.pending:
+                sub = index.read_at(f, offset)
+                yield LedgerRow(
+                    key=key, status="pending", task_uuid=task_uuid, submitted_at=sub.ts
+                )
 
 
 # ---------------------------------------------------------------------------

@@ -87,8 +87,9 @@ def test_run_resume_status_report_gallery(
     job = write_job(tmp_path, refs=2, defaults={"numberResults": 2})
     run_dir = tmp_path / "run"
     args = ["-q", "run", str(job), "--sandbox", "--run-dir", str(run_dir)]
-    assert main(args) == 0
+    code = main(args)
     out = capsys.readouterr().out
+    assert code == 0, out
     assert "2 done, 0 failed" in out
     assert len(image_files(run_dir)) == 4
     assert (run_dir / "ledger.csv").is_file()
