@@ -115,6 +115,8 @@ class RunSummary:
     poll_requests: int = 0
     uploads: int = 0
     max_in_flight: int = 0
+    adaptive_floor: int = 0
+    """The lowest the concurrency limit went after 429/503/504 answers (AIMD)."""
     spent_usd: Decimal = Decimal(0)
     spent_this_run_usd: Decimal = Decimal(0)
     missing_cost_images: int = 0
@@ -344,6 +346,7 @@ class Engine:
             initial=top, minimum=min(limits.min_concurrency, top), maximum=top
         )
         self._gate = _SlotGate(lambda: self._adaptive.value)
+        self.summary.adaptive_floor = top
         self._rate = RateMeter(limits.requests_per_s, limits.burst, clock=clock)
         self._pacer = AccountPacer(self._rate, self._adaptive)
         cap = options.budget_usd
@@ -599,6 +602,9 @@ class Engine:
         while True:
             items = await self._backlog.take(batch_max)
             slots = await self._gate.acquire(len(items), self._coalesce_s())
+            self.summary.adaptive_floor = min(
+                self.summary.adaptive_floor, self._adaptive.value
+            )
             if slots < len(items):
                 self._backlog.put_back(items[slots:])
                 items = items[:slots]

@@ -103,8 +103,8 @@ class ReferenceUploader:
 
     def forget(self, image_uuid: str) -> None:
         """Never use this upload again: the API refused it (uploads expire 30 days
-        after last use); the next resolve uploads the file anew."""
-        self._inherited.discard(image_uuid)
+        after last use); the next resolve uploads the file anew. It stays counted
+        as inherited, so tasks already prepared with it are recognised too."""
         for path in [p for p, u in self._by_path.items() if u == image_uuid]:
             del self._by_path[path]
         for digest in [d for d, u in self._known.items() if u == image_uuid]:

@@ -227,3 +227,41 @@ def test_sigterm_drains_in_flight_and_exits_resumable(tmp_path: Path) -> None:
     assert 0 < state.images_done < 40
     assert main(["-q", "run", str(job), "--sandbox", "--run-dir", str(run_dir)]) == 0
     assert len(image_files(run_dir)) == 40
+
+
+@pytest.mark.slow
+def test_second_interrupt_stops_at_once_and_stays_resumable(tmp_path: Path) -> None:
+    """Two Ctrl-Cs: exit 3 without waiting for in-flight tasks; a rerun finishes."""
+    variants = [{"id": f"v{i}", "positivePrompt": f"style {i}"} for i in range(10)]
+    job = write_job(tmp_path, refs=4, variants=variants)
+    config = tmp_path / "config.toml"
+    config.write_text("[poll]\nnot_found_grace_s = 0.2\n[run]\nshutdown_grace_s = 60\n")
+    run_dir = tmp_path / "run"
+    argv = ["-q", "run", str(job), "--sandbox", "--run-dir", str(run_dir)]
+    argv += ["--config", str(config), "--concurrency", "8"]
+    env = {k: v for k, v in os.environ.items() if k != "RUNWARE_API_KEY"}
+    journal = run_dir / "journal.jsonl"
+    with subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if journal.exists() and '"submitted"' in journal.read_text():
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        stopped_in = time.monotonic() - started
+    assert proc.returncode == 3, err
+    assert stopped_in < 10  # not the 60 s grace period
+    assert "resume with:" in out
+    load_state(journal)  # the journal loads after an abrupt stop
+    assert main([*argv]) == 0
+    assert len(image_files(run_dir)) == 40

@@ -65,6 +65,7 @@ async def test_job_completes_with_exact_costs_and_images(
     assert summary.spent_usd == state.billed_total_usd == Decimal("0.96")
     assert state.submissions == 12
     assert state.duplicate_task_uuids == 0
+    assert state.uploads == 3  # one imageUpload per distinct reference file
 
 
 async def test_in_flight_never_exceeds_concurrency(
@@ -144,9 +145,11 @@ async def test_resume_after_cancel_never_resubmits(
     assert not list(run_dir.rglob("*.part"))
     pending = load_state(run_dir / "journal.jsonl").pending
     assert pending, "cancelled with tasks in flight"
+    uploads_before = server.app[STATE].uploads
     second = await run_manifest(job, run_dir, settings, concurrency=8)
     state = server.app[STATE]
     assert second.exit_code == 0
+    assert state.uploads == uploads_before == 3  # the journal remembers uploads
     assert second.resumed == sum(len(v) for v in pending.values())
     assert state.submissions == 30
     assert state.duplicate_task_uuids == 0
@@ -317,3 +320,23 @@ async def test_unreachable_api_stops_resumably(
     second = await run_manifest(job, run_dir, fast_settings(tmp_path, base_url(server)))
     assert second.exit_code == 0
     assert second.tasks_done == 2
+
+
+async def test_queue_full_answers_lower_concurrency_and_recover(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """429s from a full queue: the pool backs off (AIMD) and still finishes."""
+    server = await make_sandbox(
+        SandboxConfig(
+            latency_s=0.05, render_scale=0.1, max_in_flight=6, retry_after_s=0.05
+        )
+    )
+    job = write_job(tmp_path, refs=4, variants=styles(6))
+    summary = await run_manifest(
+        job, tmp_path / "run", fast_settings(tmp_path, base_url(server)), concurrency=16
+    )
+    state = server.app[STATE]
+    assert summary.tasks_done == 24
+    assert state.max_in_flight_seen <= 6
+    assert summary.adaptive_floor < 16  # concurrency was lowered at least once
+    assert state.content_billed_twice == 0
