@@ -530,3 +530,76 @@ def test_real_demo_run_gallery_in_headless_chromium(
     }
     assert result["panel_prompt"] == sidecars[key]["prompt"]
     assert result["panel_cost"] == "$0.08"
+
+
+# ---------------------------------------------------------------------------
+# Pages
+
+
+def _journal_only_run(run_dir: Path, refs: int, variants: int) -> set[str]:
+    """A run dir without manifest or image files: refs x variants done tasks."""
+    run_dir.mkdir()
+    events: list[Event] = []
+    keys: set[str] = set()
+    for n in range(refs * variants):
+        key = f"ref{n // variants:02d}/v{n % variants}/s=1"
+        keys.add(key)
+        task_uuid = f"00000000-0000-4000-8000-{n:012d}"
+        events.append(
+            SubmittedEvent(
+                ts=T0, key=key, task_uuid=task_uuid, images=1, estimate_usd=Decimal(1)
+            )
+        )
+        events.append(
+            CompletedEvent(
+                ts=T0,
+                key=key,
+                task_uuid=task_uuid,
+                image_uuid=task_uuid,
+                index=0,
+                path=f"images/{n}.jpg",
+                sha256="0" * 64,
+                bytes=1,
+            )
+        )
+    anyio.run(_write, run_dir / JOURNAL_NAME, events)
+    return keys
+
+
+def test_big_grid_is_split_into_linked_pages(tmp_path: Path) -> None:
+    """7 rows of 3 cells, 6 a page: 4 pages of whole rows, linked, each cell once."""
+    run_dir = tmp_path / "run"
+    keys = _journal_only_run(run_dir, refs=7, variants=3)
+    first = write_gallery(run_dir, page_cells=6)
+    assert first == run_dir / GALLERY_NAME
+    names = [GALLERY_NAME, "gallery-2.html", "gallery-3.html", "gallery-4.html"]
+    assert sorted(p.name for p in run_dir.glob("gallery*.html")) == sorted(names)
+    seen: list[str | None] = []
+    for number, name in enumerate(names, 1):
+        page = (run_dir / name).read_text()
+        parser = _parse(page)
+        cells = _cells(parser)
+        seen += [c["data-key"] for c in cells]
+        assert len({c["data-ref"] for c in cells}) == (2 if number < 4 else 1)
+        links = {str(a.get("href")) for tag, a in parser.tags if tag == "a"}
+        assert set(names) - {name} <= links  # the page list
+        rels = {a.get("rel"): a.get("href") for tag, a in parser.tags if tag == "a"}
+        if number > 1:
+            assert rels["prev"] == names[number - 2]
+        if number < len(names):
+            assert rels["next"] == names[number]
+        assert page.count("image missing or unreadable") == len(cells)
+        assert "21 tasks" in page  # the summary covers the whole run
+    assert sorted(k or "" for k in seen) == sorted(keys)
+
+
+def test_fewer_pages_remove_the_stale_ones(tmp_path: Path) -> None:
+    """Rebuilt with room for everything, the run dir keeps a single page."""
+    run_dir = tmp_path / "run"
+    _journal_only_run(run_dir, refs=4, variants=2)
+    write_gallery(run_dir, page_cells=2)
+    assert len(list(run_dir.glob("gallery*.html"))) == 4
+    page = write_gallery(run_dir).read_text()
+    assert [p.name for p in run_dir.glob("gallery*.html")] == [GALLERY_NAME]
+    assert 'class="pages"' not in page
+    assert len(_cells(_parse(page))) == 8
