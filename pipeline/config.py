@@ -80,6 +80,8 @@ class PollSettings(Section):
     max_interval_s: PositiveFloat = 10.0
     deadline_s: PositiveFloat = 900.0
     """A task still unfinished this long after submit fails as timed out (resumable)."""
+    outage_s: PositiveFloat = 300.0
+    """Every poll failing (after retries) this long stops the run, resumable."""
     not_found_grace_s: NonNegativeFloat = 5.0
     """A just-accepted task may not be visible yet: wait this long before believing
     'not found' for an ambiguous submit."""

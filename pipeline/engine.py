@@ -355,6 +355,7 @@ class Engine:
         self._polling: dict[str, _Flight] = {}
         self._poll_wakeup = anyio.Event()
         self._latency_s: float | None = None
+        self._polls_failing_since: float | None = None
         self._max_price_seen = Decimal(0)
         self._outstanding = 0
         self._feeding_done = False
@@ -764,13 +765,9 @@ class Engine:
         except PipelineError as exc:
             if exc.run_fatal:
                 raise
-            log.warning(
-                "poll of %d tasks failed (%s); will ask again", len(flights), exc
-            )
-            later = self._clock() + self._settings.poll.max_interval_s
-            for flight in flights:
-                flight.next_poll_at = later
+            self._poll_failed(flights, exc)
             return
+        self._polls_failing_since = None
         now = self._clock()
         await self._take_results(outcome.results, by_uuid)
         for task_uuid, error in outcome.failed.items():
@@ -796,6 +793,35 @@ class Engine:
             flight.backoff_s = min(
                 flight.backoff_s * 1.5, self._settings.poll.max_interval_s
             )
+
+    def _poll_failed(self, flights: list[_Flight], exc: PipelineError) -> None:
+        """Retries ran out for one poll: ask again later, unless the API is down.
+
+        Tasks past the deadline are left for a rerun. When every poll has failed for
+        ``poll.outage_s``, the run stops (exit 3): whatever is in flight stays in the
+        journal, and the rerun asks about it first.
+        """
+        now = self._clock()
+        log.warning("poll of %d tasks failed (%s); will ask again", len(flights), exc)
+        if self._polls_failing_since is None:
+            self._polls_failing_since = now
+        elif now - self._polls_failing_since > self._settings.poll.outage_s:
+            self.summary.stop_reason = "api"
+            self.summary.stop_message = (
+                f"every poll failed for {now - self._polls_failing_since:.0f}s "
+                f"({exc}); check the network and {self._settings.api.base_url}, "
+                "then rerun to resume"
+            )
+            log.error("%s", self.summary.stop_message)
+            self.stop_now()
+            return
+        for flight in flights:
+            if flight.finished:
+                continue
+            if now - flight.submitted_at > self._settings.poll.deadline_s:
+                self._time_out(flight, now)
+            else:
+                flight.next_poll_at = now + self._settings.poll.max_interval_s
 
     async def _take_results(
         self, results: list[ImageResult], by_uuid: dict[str, _Flight]

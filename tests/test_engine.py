@@ -8,6 +8,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from pipeline.journal import FailedEvent, LostEvent, load_state, read_journal
 from pipeline.report import write_ledger
 from pipeline.sandbox import STATE, SandboxConfig
@@ -340,3 +342,28 @@ async def test_queue_full_answers_lower_concurrency_and_recover(
     assert state.max_in_flight_seen <= 6
     assert summary.adaptive_floor < 16  # concurrency was lowered at least once
     assert state.content_billed_twice == 0
+
+
+async def test_polls_failing_for_the_outage_window_stop_the_run(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """Every getResponse answering 5xx: the run stops (exit 3), tasks stay pending."""
+    server = await make_sandbox(
+        SandboxConfig(
+            latency_s=0.02,
+            render_scale=0.1,
+            server_error_rate=1.0,
+            fault_task_types=frozenset({"getResponse"}),
+        )
+    )
+    job = write_job(tmp_path, refs=2)
+    run_dir = tmp_path / "run"
+    settings = fast_settings(
+        tmp_path, base_url(server), poll={"outage_s": 0.3}, retry={"attempts": 2}
+    )
+    with anyio.fail_after(30):
+        summary = await run_manifest(job, run_dir, settings)
+    assert summary.exit_code == 3
+    assert summary.stop_reason == "api"
+    assert "every poll failed" in (summary.stop_message or "")
+    assert len(load_state(run_dir / "journal.jsonl").pending) == 2
