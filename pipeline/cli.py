@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
@@ -190,10 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load_valid(path: Path, settings: Settings) -> tuple[Manifest, dict[str, Any]]:
     """Load and validate a manifest; every problem at once, or totals for the plan."""
-    manifest = load_manifest(path)
+    shape: list[str] = []
+    manifest = load_manifest(path, collect=shape)
     report = validate_manifest(manifest, path)
-    if report.problems:
-        raise ManifestError(list(report.problems))
+    problems = _merge_problems(shape, report.problems)
+    if problems:
+        raise ManifestError(problems)
     by_speed: dict[str, int] = dict(report.images_by_speed)
     estimate = sum(
         (settings.price_for(speed) * count for speed, count in by_speed.items()),
@@ -210,6 +213,26 @@ def _load_valid(path: Path, settings: Settings) -> tuple[Manifest, dict[str, Any
         if manifest.job.budget_usd is None
         else str(manifest.job.budget_usd),
     }
+
+
+_ID_TAIL = re.compile(r"\(id=([^)]*)\): (.*)$")
+
+
+def _merge_problems(shape: Sequence[str], per_task: Sequence[str]) -> list[str]:
+    """Shape and per-task problems together, each once, in the order found.
+
+    Both checks can see the same mistake (a duplicate id in a CSV list, say) and
+    name its place slightly differently; what identifies it is the id and the text.
+    """
+    seen: set[str] = set()
+    merged: list[str] = []
+    for line in [*shape, *per_task]:
+        match = _ID_TAIL.search(line)
+        identity = f"{match[1]}\0{match[2]}" if match else line
+        if identity not in seen:
+            seen.add(identity)
+            merged.append(line)
+    return merged
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -513,8 +513,17 @@ class RunwareClient:
         return reply
 
     def _parse(self, reply: _Reply) -> Envelope:
+        """The envelope, with the key scrubbed from everything the server echoed.
+
+        Error messages travel on into the journal, the ledger, the gallery and the
+        logs, so a server that quotes the Authorization header must not leak it.
+        """
+        key = self._settings.api_key
+        body = reply.body
+        if key is not None and (secret := key.get_secret_value().encode()):
+            body = body.replace(secret, b"***")
         try:
-            return Envelope.model_validate_json(reply.body)
+            return Envelope.model_validate_json(body)
         except pydantic.ValidationError as exc:
             snippet = self._scrub(reply.body[:120].decode("utf-8", "replace"))
             raise ProtocolError(

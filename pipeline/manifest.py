@@ -109,7 +109,11 @@ def is_local_image(value: str) -> bool:
 
 def resolve_local(value: str, base_dir: Path) -> str:
     """The absolute, normalised path of a local image named relative to base_dir."""
-    return os.path.abspath(base_dir / Path(value).expanduser())
+    try:
+        expanded = Path(value).expanduser()
+    except RuntimeError as exc:  # "~nosuchuser/x.png"
+        raise ValueError(f"cannot expand {value!r}: no such user") from exc
+    return os.path.abspath(base_dir / expanded)
 
 
 def _base_dir(info: ValidationInfo) -> Path:
@@ -729,8 +733,26 @@ def _parse_jsonl(text: str, shown: str) -> tuple[list[Any], list[int], list[Prob
     return rows, lines, problems
 
 
-def load_manifest(path: Path) -> Manifest:
+_HUGE_INT = re.compile(r'^\s*"?([\w.-]+)"?\s*=\s*[-+]?[\d_]{1000,}', re.MULTILINE)
+
+
+def _huge_number_problem(path: Path, exc: ValueError) -> str:
+    """tomllib's plain ValueError has no position: find the number's line and key."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    match = _HUGE_INT.search(text)
+    if match is None:
+        return f"invalid TOML: {exc}"
+    line = text.count("\n", 0, match.start()) + 1
+    return f"line {line}: {match[1]}: number too long to be a valid value"
+
+
+def load_manifest(path: Path, *, collect: list[str] | None = None) -> Manifest:
     """Read and check a job manifest and its reference list file.
+
+    Args:
+        collect: when given, shape problems of a manifest that still builds are
+            appended here instead of raised, so the caller can report them together
+            with the per-task problems of ``validate_manifest``.
 
     Raises:
         ManifestError: with every problem found, one ``FILE: WHERE: FIELD: message``
@@ -745,6 +767,10 @@ def load_manifest(path: Path) -> Manifest:
         raise ManifestError([f"{shown}: not UTF-8 text (byte {exc.start})"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError([f"{shown}: {_toml_problem(exc)}"]) from exc
+    except RecursionError as exc:
+        raise ManifestError([f"{shown}: invalid TOML: nested too deeply"]) from exc
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise ManifestError([f"{shown}: {_huge_number_problem(path, exc)}"]) from exc
 
     base_dir = Path(os.path.abspath(path)).parent
     inline = raw.get("references", [])
@@ -793,8 +819,10 @@ def load_manifest(path: Path) -> Manifest:
             for i, v in enumerate(variants)
         ],
     )
-    if problems or manifest is None:
+    if manifest is None or (problems and collect is None):
         raise ManifestError([p.render(shown) for p in problems])
+    if collect is not None:
+        collect += [p.render(shown) for p in problems]
     for ref, origin in zip(manifest.references, origins, strict=True):
         if origin.file is not None:
             ref._where = f"{origin.file} {origin.label} (id={ref.id})"

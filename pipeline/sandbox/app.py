@@ -565,7 +565,13 @@ class Sandbox:
                     )
                 return Source(key=value.lower(), data=stored.data)
             case "url":
-                own = _OWN_IMAGE.match(URL(value).path)
+                try:
+                    path = URL(value).path
+                except ValueError as exc:
+                    raise _TaskError(
+                        "invalidParameter", f"not a valid URL: {exc}", parameter
+                    ) from exc
+                own = _OWN_IMAGE.match(path)
                 if own is not None and (
                     stored := self.state.images.get(own[1].lower())
                 ):
@@ -754,7 +760,7 @@ async def _api(request: web.Request) -> web.StreamResponse:
     state.http_requests += 1
     try:
         raw = json.loads(await request.read())
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser
         raw = None
     if (
         not isinstance(raw, list)
