@@ -171,6 +171,13 @@ class RunwareClient:
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
         self._url = settings.api.base_url
+        api = settings.api
+        self._api_timeout = aiohttp.ClientTimeout(
+            total=api.request_timeout_s, sock_connect=api.connect_timeout_s
+        )
+        self._download_timeout = aiohttp.ClientTimeout(
+            total=api.download_timeout_s, sock_connect=api.connect_timeout_s
+        )
         self.requests_sent = 0
         """API POSTs sent (for requests-per-image figures)."""
         self.retries = 0
@@ -210,7 +217,7 @@ class RunwareClient:
             return SubmitOutcome()
         started = time.monotonic()
         try:
-            reply = await self._post([task.to_wire() for task in tasks])
+            reply = await self._post([task.wire for task in tasks])
             outcome = self._submit_outcome(reply, uuids)
         except (AuthError, InsufficientCreditError):
             raise
@@ -386,9 +393,7 @@ class RunwareClient:
     async def _download_once(self, url: str, result: ImageResult) -> bytes:
         session = self._require_session()
         api = self._settings.api
-        timeout = aiohttp.ClientTimeout(
-            total=api.download_timeout_s, sock_connect=api.connect_timeout_s
-        )
+        timeout = self._download_timeout
         cap = api.max_download_bytes
         try:
             # No Authorization header: result URLs need none, and the key must never
@@ -480,9 +485,7 @@ class RunwareClient:
         else:
             headers["Authorization"] = f"Bearer {key.get_secret_value()}"
         body = json.dumps(tasks, separators=(",", ":")).encode()
-        timeout = aiohttp.ClientTimeout(
-            total=api.request_timeout_s, sock_connect=api.connect_timeout_s
-        )
+        timeout = self._api_timeout
         if self._pacer is not None:
             await self._pacer.before_request()
         self.requests_sent += 1

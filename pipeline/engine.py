@@ -646,7 +646,7 @@ class Engine:
                 _Flight(
                     spec=item.spec,
                     task_uuid=task_uuid,
-                    wire=item.request.to_wire(),
+                    wire=item.request.wire,
                     submitted_at=now,
                     submitted_wall=wall,
                     reserved_per_image=price,

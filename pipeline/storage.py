@@ -262,8 +262,9 @@ def _write_many_sync(files: Sequence[tuple[Path, bytes]]) -> list[str]:
     committed = 0
     try:
         digests = []
+        for directory in {part.parent for part in parts}:
+            directory.mkdir(parents=True, exist_ok=True)
         for part, (_, data) in zip(parts, files, strict=True):
-            part.parent.mkdir(parents=True, exist_ok=True)
             part.write_bytes(data)
             digests.append(hashlib.sha256(data).hexdigest())
         root = files[0][0].parent

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from decimal import Decimal
+from functools import cached_property
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
@@ -290,8 +291,17 @@ class ImageInferenceRequest(RequestModel):
         """How many images this task produces."""
         return self.number_results or 1
 
+    @cached_property
+    def wire(self) -> dict[str, Any]:
+        """The JSON object for this task, leaving unset parameters to the API.
+
+        Computed once (the engine keeps it for the sidecar, the client sends it);
+        treat it as read-only.
+        """
+        return self.model_dump(mode="json", exclude_none=True)
+
     def to_wire(self) -> dict[str, Any]:
-        """The JSON object for this task, leaving unset parameters to the API."""
+        """A fresh copy of :attr:`wire` that the caller may change."""
         return self.model_dump(mode="json", exclude_none=True)
 
 
