@@ -8,6 +8,7 @@ resumable with the same command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -328,37 +329,30 @@ async def _run_async(
     options: EngineOptions,
     progress: Progress,
 ) -> RunSummary:
-    if args.sandbox:
-        from pipeline.sandbox import SandboxConfig, running_sandbox
+    async with contextlib.AsyncExitStack() as stack:
+        if args.sandbox:
+            from pipeline.sandbox import SandboxConfig, running_sandbox
 
-        # Never send a real key to the sandbox.
-        async with running_sandbox(
-            SandboxConfig(api_key=SANDBOX_KEY, latency_s=0.5)
-        ) as base_url:
-            local = settings.model_copy(
+            base_url = await stack.enter_async_context(
+                running_sandbox(SandboxConfig(api_key=SANDBOX_KEY, latency_s=0.5))
+            )
+            # Never send a real key to the sandbox.
+            settings = settings.model_copy(
                 update={
                     "api": settings.api.model_copy(update={"base_url": base_url}),
                     "api_key": SecretStr(SANDBOX_KEY),
                 }
             )
-            return await run_job(
-                manifest=manifest,
-                manifest_path=args.manifest,
-                totals=_totals(plan),
-                run_dir=run_dir,
-                settings=local,
-                options=options,
-                progress=progress,
-            )
-    return await run_job(
-        manifest=manifest,
-        manifest_path=args.manifest,
-        totals=_totals(plan),
-        run_dir=run_dir,
-        settings=settings,
-        options=options,
-        progress=progress,
-    )
+        return await run_job(
+            manifest=manifest,
+            manifest_path=args.manifest,
+            totals=_totals(plan),
+            run_dir=run_dir,
+            settings=settings,
+            options=options,
+            progress=progress,
+        )
+    raise AssertionError("unreachable")
 
 
 def _totals(plan: dict[str, Any]) -> JobTotals:

@@ -32,7 +32,7 @@ from typing import BinaryIO, Final, Literal, TextIO
 
 from pydantic import ValidationError
 
-from pipeline.errors import ConfigError, StorageError
+from pipeline.errors import ConfigError
 from pipeline.journal import (
     EVENT_ADAPTER,
     JOURNAL_NAME,
@@ -46,14 +46,12 @@ from pipeline.journal import (
     SubmittedEvent,
     read_journal,
 )
-from pipeline.rundir import RUN_INFO_NAME, read_run_info
-from pipeline.storage import part_path
+from pipeline.rundir import LOCK_NAME, RUN_INFO_NAME, read_run_info
+from pipeline.storage import write_atomic_text_stream
 
 log = logging.getLogger(__name__)
 
 LEDGER_NAME: Final = "ledger.csv"
-LOCK_NAME: Final = ".lock"
-"""The run dir's lock file (held by ``rundir.open_run_dir`` while a run is going)."""
 
 EXIT_OK: Final = 0
 EXIT_INVALID: Final = 2
@@ -358,51 +356,9 @@ def write_ledger(run_dir: Path) -> Path:
                 buf.truncate()
         yield buf.getvalue()
 
-    write_streamed(target, lines())
+    write_atomic_text_stream(target, lines())
     log.info("ledger %s: %d row(s), spent $%s", target, count, index.spent_usd)
     return target
-
-
-def write_streamed(path: Path, chunks: Iterable[str]) -> None:
-    """Write text ``chunks`` (UTF-8) to ``path`` via a fsynced ``.part`` and a rename.
-
-    For outputs too big to hold as one string; readers see the old file or the
-    new one, never half of it.
-
-    Raises:
-        StorageError: the write failed; no ``.part`` file is left behind.
-    """
-    part = part_path(path)
-    try:
-        with part.open("w", encoding="utf-8", newline="") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, path)
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        part.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            reason = exc.strerror or str(exc)
-            raise StorageError(
-                f"cannot write {path}: {reason}; check the run directory is "
-                "writable and has free space, then rerun the command"
-            ) from exc
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms that cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # pragma: no cover - some filesystems refuse dir fsync
-        log.debug("fsync of directory %s failed: %s", directory, exc)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from pipeline.errors import ConfigError, StorageError
 from pipeline.storage import clean_partials
 
 RUN_INFO_NAME = "run.json"
-LEDGER_NAME = "ledger.csv"
+LOCK_NAME = ".lock"
+"""Held (flock) by the one run using the directory."""
 
 
 def remix_version() -> str:
@@ -64,7 +65,7 @@ def open_run_dir(
     manifest_hash = file_sha256(manifest_path)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock_file = (run_dir / ".lock").open("a+")
+        lock_file = (run_dir / LOCK_NAME).open("a+")
     except OSError as exc:
         raise StorageError(
             f"{run_dir}: cannot create the run directory: {exc}"

@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Final, cast
@@ -297,6 +297,30 @@ async def write_atomic_many(files: Sequence[tuple[Path, bytes]]) -> list[str]:
         return await anyio.to_thread.run_sync(_write_many_sync, files)
     except OSError as exc:
         raise _storage_error(files[0][0].parent, exc) from exc
+
+
+def write_atomic_text_stream(path: Path, chunks: Iterable[str]) -> None:
+    """Write text ``chunks`` (UTF-8) to ``path`` via a fsynced ``.part`` and a rename.
+
+    For outputs too big to hold as one string (a 100k-row ledger); readers see the
+    old file or the new one, never half of it.
+
+    Raises:
+        StorageError: the write failed; no ``.part`` file is left behind.
+    """
+    part = part_path(path)
+    try:
+        with part.open("w", encoding="utf-8", newline="") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(part, path)
+    except BaseException as exc:
+        _remove_part(part)
+        if isinstance(exc, OSError):
+            raise _storage_error(path, exc) from exc
+        raise
 
 
 def _json_default(value: object) -> object:
