@@ -73,7 +73,9 @@ class RequestTimeoutError(TransportError, TimeoutError):
     retryable = True
 
 
-class RateLimitedError(ApiError):
+class _BusyError(ApiError):
+    """The API asked us to wait: ``retry_after_s`` is a floor on the next try."""
+
     retryable = True
 
     def __init__(
@@ -83,14 +85,12 @@ class RateLimitedError(ApiError):
         self.retry_after_s = retry_after_s
 
 
-class ServerError(ApiError):
-    retryable = True
+class RateLimitedError(_BusyError):
+    """429: the account's queue is full."""
 
-    def __init__(
-        self, message: str, *, retry_after_s: float | None = None, **kw: object
-    ) -> None:
-        super().__init__(message, **kw)  # type: ignore[arg-type]
-        self.retry_after_s = retry_after_s
+
+class ServerError(_BusyError):
+    """5xx (or 408): the API failed or is over capacity."""
 
 
 class RequestRejectedError(ApiError):
