@@ -78,8 +78,6 @@ from pipeline.wire import ErrorItem, ImageInferenceRequest, ImageResult
 log = logging.getLogger(__name__)
 
 _EXT_BY_FORMAT: Final = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
-_SUBMITTERS: Final = 3
-"""Submits in flight at once: slots freed while one waits for its answer are used."""
 _STORE_BATCH: Final = 128
 """Most images written (and journaled) in one go by the collector."""
 _LATENCY_ALPHA: Final = 0.05
@@ -455,8 +453,7 @@ class Engine:
                     try:
                         async with anyio.create_task_group() as tg:
                             tg.start_soon(self._feeder, uploader)
-                            for _ in range(_SUBMITTERS):
-                                tg.start_soon(self._submitter)
+                            tg.start_soon(self._submitter)
                             tg.start_soon(self._poller)
                             for _ in range(self._settings.limits.download_concurrency):
                                 tg.start_soon(
