@@ -575,6 +575,20 @@ async def test_fetch_image_every_output_type(output_type: OutputType) -> None:
         assert server.app[STATE].downloads == (1 if output_type == "URL" else 0)
 
 
+async def test_slow_download_past_the_timeout_is_a_download_error() -> None:
+    """A result URL slower than api.download_timeout_s: retried, then DownloadError."""
+    async with (
+        sandbox(slow_download_s=0.5) as server,
+        client_for(server, download_timeout_s=0.05, attempts=2) as client,
+    ):
+        task = make_task()
+        await client.submit([task])
+        (result,) = (await poll_until_done(client, [str(task.task_uuid)])).results
+        with pytest.raises(DownloadError, match="timed out"):
+            await client.fetch_image(result)
+        assert client.retries == 1
+
+
 @pytest.mark.parametrize("output_type", ["URL", "base64Data"])
 async def test_fetch_image_size_cap(output_type: OutputType) -> None:
     """An image over api.max_download_bytes is refused, not retried."""

@@ -112,6 +112,8 @@ class SandboxConfig:
     malformed_rate: float = 0.0
     download_failure_rate: float = 0.0
     slow_response_s: float = 0.0
+    slow_download_s: float = 0.0
+    """Extra delay before an image download is answered (a slow CDN)."""
     task_fail_rate: float = 0.0
     prices_usd: Mapping[str, Decimal] = field(
         default_factory=_default_prices, hash=False
@@ -863,6 +865,8 @@ async def _image(request: web.Request) -> web.StreamResponse:
             ),
             status=404,
         )
+    if sandbox.config.slow_download_s > 0:
+        await anyio.sleep(sandbox.config.slow_download_s)
     if sandbox.faults.roll(Fault.DOWNLOAD_FAILURE):
         return web.json_response(
             error_body("serverError", "simulated download failure"), status=500
