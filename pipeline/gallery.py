@@ -23,13 +23,13 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Final, Literal
+from typing import Any, BinaryIO, Final, Literal, TypeVar
 
 from PIL import Image, ImageOps
 
@@ -39,7 +39,7 @@ from pipeline.journal import JOURNAL_NAME, CompletedEvent, FailedEvent
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.report import JournalIndex, KeyFacts, parse_key, scan_journal
 from pipeline.rundir import read_run_info
-from pipeline.storage import safe_part, sidecar_path, write_atomic_sync
+from pipeline.storage import safe_part, sidecar_path, write_atomic_text_stream
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ PAGE_CELLS: Final = 2_000
 MAX_EXPAND: Final = 20_000
 """Expand the manifest (not-run cells, prompts of failed tasks) up to this size."""
 _JPEG_QUALITY: Final = 85
+_THUMB_CHUNK: Final = 64
+"""Thumbnails per thread-pool work item, at most."""
 _NOISE_PARAMS: Final = frozenset(
     {
         "positivePrompt",
@@ -65,6 +67,9 @@ _NOISE_PARAMS: Final = frozenset(
 """Wire keys the details panel shows elsewhere or that say nothing about the look."""
 
 CellStatus = Literal["done", "partial", "failed", "pending", "not-run"]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 # ---------------------------------------------------------------------------
@@ -133,57 +138,87 @@ def _thumb_or_none(src: Path, dst: Path) -> tuple[int, int] | None:
         return None
 
 
+def _in_threads(func: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+    """``func`` over ``items`` in up to 8 threads, results in order.
+
+    Work goes out in a few dozen chunks, not one future per item: a future costs a
+    couple of KB, which a 2,000-image page would otherwise hold all at once.
+    """
+    if not items:
+        return []
+    workers = min(8, os.cpu_count() or 1, len(items))
+    size = max(1, min(_THUMB_CHUNK, -(-len(items) // (workers * 4))))
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    results: list[_R] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done in pool.map(lambda chunk: [func(item) for item in chunk], chunks):
+            results.extend(done)
+    return results
+
+
 def make_thumbnails(pairs: Sequence[tuple[Path, Path]]) -> list[tuple[int, int] | None]:
     """Thumbnails for ``(src, dst)`` pairs, in parallel threads; None where unreadable.
 
     Pillow releases the GIL while decoding and resizing, so threads scale.
     """
-    if not pairs:
-        return []
-    workers = min(8, os.cpu_count() or 1, len(pairs))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda p: _thumb_or_none(*p), pairs))
+    return _in_threads(lambda pair: _thumb_or_none(*pair), pairs)
 
 
 # ---------------------------------------------------------------------------
 # The grid model
 
 
-@dataclass
+@dataclass(slots=True)
 class _Img:
     index: int
     path: str
     """Relative to the run dir."""
     seed: int | None
-    cost_usd: Decimal | None
+    cost: str | None
+    """USD, as the journal has it."""
     image_uuid: str
-    thumb: str | None = None
     size: tuple[int, int] | None = None
+    """The thumbnail's size; None: no thumbnail (image missing or unreadable)."""
+
+    @property
+    def thumb(self) -> str | None:
+        """The thumbnail's path relative to the run dir, when there is one."""
+        return None if self.size is None else thumb_relpath(self.path).as_posix()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Cell:
     key: str
     reference: str
-    variant: str
-    combo: str
+    variant: int
+    """Index into the plan's variants."""
+    combo: int
+    """Index into the plan's combos."""
     status: CellStatus
     task_uuid: str | None = None
     prompt: str | None = None
     negative: str | None = None
-    params: Mapping[str, Any] | None = None
+    params: str | None = None
+    """The parameters as shown; "" when known but with nothing to show."""
     error: tuple[str, str] | None = None
     images: list[_Img] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Ref:
     id: str
     source: str | None = None
     """What the manifest names (path, URL, UUID), for the label."""
     local: Path | None = None
-    thumb: str | None = None
     size: tuple[int, int] | None = None
+    """The thumbnail's size; None: no thumbnail."""
+
+    @property
+    def thumb(self) -> str | None:
+        """The thumbnail's path relative to the run dir, when there is one."""
+        if self.size is None:
+            return None
+        return PurePosixPath(THUMBS_DIR, "refs", safe_part(self.id) + ".jpg").as_posix()
 
 
 @dataclass
@@ -202,6 +237,12 @@ class _Plan:
     """Reference id -> the keys of its cells."""
     statuses: Counter[str]
     images: int
+    variant_at: dict[str, int] = field(init=False)
+    combo_at: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.variant_at = {v: i for i, v in enumerate(self.variants)}
+        self.combo_at = {c: i for i, c in enumerate(self.combos)}
 
     @property
     def cells(self) -> int:
@@ -358,20 +399,29 @@ def _pages(plan: _Plan, page_cells: int) -> list[list[str]]:
     return pages
 
 
-def _page_cells(plan: _Plan, references: Sequence[str], f: BinaryIO) -> list[_Cell]:
-    """The cells of some reference rows, with their images, prompts and errors."""
+def _page_cells(
+    plan: _Plan, references: Sequence[str], f: BinaryIO
+) -> dict[str, list[_Cell]]:
+    """The cells of some reference rows, with their images, prompts and errors.
+
+    Small per cell (slots, parameters kept as the text shown), as a page holds
+    a few thousand of them at once.
+    """
     index, run_dir = plan.index, plan.run_dir
-    cells: list[_Cell] = []
+    grid: dict[str, list[_Cell]] = {}
     for reference in references:
+        row = grid[reference] = []
         for key in plan.rows.get(reference, ()):
             facts = index.keys.get(key)
             _, variant, axes = parse_key(key)
-            cell = _Cell(
-                key, reference, variant, _combo(axes), _status(facts) or "not-run"
-            )
-            cells.append(cell)
+            v, c = plan.variant_at.get(variant), plan.combo_at.get(_combo(axes))
+            if v is None or c is None:  # pragma: no cover - the plan has them all
+                continue
+            cell = _Cell(key, reference, v, c, _status(facts) or "not-run")
+            row.append(cell)
             if facts is None:
                 continue
+            params: dict[str, Any] | None = None
             for _, offset in facts.image_offsets():
                 event = index.read_at(f, offset)
                 assert isinstance(event, CompletedEvent)
@@ -381,7 +431,7 @@ def _page_cells(plan: _Plan, references: Sequence[str], f: BinaryIO) -> list[_Ce
                         event.index,
                         event.path,
                         event.seed,
-                        event.cost_usd,
+                        _money(event.cost_usd),
                         event.image_uuid,
                     )
                 )
@@ -389,8 +439,10 @@ def _page_cells(plan: _Plan, references: Sequence[str], f: BinaryIO) -> list[_Ce
                 if meta:
                     cell.prompt = _text(meta.get("prompt")) or cell.prompt
                     cell.negative = _text(meta.get("negative_prompt")) or cell.negative
-                    params = meta.get("params")
-                    cell.params = params if isinstance(params, dict) else cell.params
+                    found = meta.get("params")
+                    params = found if isinstance(found, dict) else params
+            if params is not None:
+                cell.params = _display_params(params) or ""
             if facts.pending:
                 cell.task_uuid = facts.pending[-1][0]
             if facts.failure is not None and not facts.complete:
@@ -399,15 +451,16 @@ def _page_cells(plan: _Plan, references: Sequence[str], f: BinaryIO) -> list[_Ce
                 cell.task_uuid = failure.task_uuid or cell.task_uuid
                 cell.error = (failure.code, failure.message)
     if plan.manifest is not None:
-        _fill_from_manifest(plan.manifest, cells)
-    return cells
+        _fill_from_manifest(plan.manifest, grid)
+    return grid
 
 
-def _fill_from_manifest(manifest: Manifest, cells: Sequence[_Cell]) -> None:
+def _fill_from_manifest(manifest: Manifest, grid: Mapping[str, list[_Cell]]) -> None:
     """Prompts and parameters the sidecars did not give (not-run, failed cells)."""
     wanted = {
         c.key: c
-        for c in cells
+        for row in grid.values()
+        for c in row
         if c.prompt is None or c.negative is None or c.params is None
     }
     if not wanted:
@@ -419,32 +472,33 @@ def _fill_from_manifest(manifest: Manifest, cells: Sequence[_Cell]) -> None:
                 continue
             cell.prompt = cell.prompt or _text(spec.params.get("positivePrompt"))
             cell.negative = cell.negative or _text(spec.params.get("negativePrompt"))
-            cell.params = spec.params if cell.params is None else cell.params
+            if cell.params is None:
+                cell.params = _display_params(spec.params) or ""
     except (PipelineError, ValueError) as exc:  # pragma: no cover - expanded before
         log.warning("gallery: cannot expand the manifest: %s", exc)
 
 
-def _thumbnails(run_dir: Path, cells: Sequence[_Cell], refs: Sequence[_Ref]) -> None:
-    jobs: list[tuple[Path, Path]] = []
-    targets: list[_Img | _Ref] = []
-    for cell in cells:
-        for img in cell.images:
-            src = run_dir / img.path
-            if src.is_file():
-                thumb = thumb_relpath(img.path)
-                jobs.append((src, run_dir / thumb))
-                targets.append(img)
-                img.thumb = thumb.as_posix()
-    for ref in refs:
-        if ref.local is not None and ref.local.is_file():
-            thumb = PurePosixPath(THUMBS_DIR, "refs", safe_part(ref.id) + ".jpg")
-            jobs.append((ref.local, run_dir / thumb))
-            targets.append(ref)
-            ref.thumb = thumb.as_posix()
-    for target, size in zip(targets, make_thumbnails(jobs), strict=True):
-        target.size = size
-        if size is None:
-            target.thumb = None
+def _thumb_of(run_dir: Path, target: _Img | _Ref) -> None:
+    """Make ``target``'s thumbnail when its image is there; set its size."""
+    if isinstance(target, _Img):
+        src = run_dir / target.path
+        dst = run_dir / thumb_relpath(target.path)
+    elif target.local is not None:
+        src = target.local
+        dst = run_dir / THUMBS_DIR / "refs" / (safe_part(target.id) + ".jpg")
+    else:
+        return
+    target.size = _thumb_or_none(src, dst) if src.is_file() else None
+
+
+def _thumbnails(
+    run_dir: Path, grid: Mapping[str, list[_Cell]], refs: Sequence[_Ref]
+) -> None:
+    targets: list[_Img | _Ref] = [
+        img for row in grid.values() for cell in row for img in cell.images
+    ]
+    targets.extend(ref for ref in refs if ref.local is not None)
+    _in_threads(lambda target: _thumb_of(run_dir, target), targets)
 
 
 # ---------------------------------------------------------------------------
@@ -509,7 +563,7 @@ def _cell_data(cell: _Cell, strings: _Strings) -> dict[str, object]:
         "t": cell.task_uuid,
         "p": strings.ref(cell.prompt),
         "n": strings.ref(cell.negative),
-        "q": strings.ref(_display_params(cell.params)),
+        "q": strings.ref(cell.params or None),
         "e": None if cell.error is None else list(cell.error),
         "i": [
             {
@@ -517,7 +571,7 @@ def _cell_data(cell: _Cell, strings: _Strings) -> dict[str, object]:
                 "f": img.path,
                 "th": img.thumb,
                 "seed": img.seed,
-                "cost": _money(img.cost_usd),
+                "cost": img.cost,
                 "u": img.image_uuid,
             }
             for img in cell.images
@@ -531,12 +585,12 @@ _STATUS_NOTE: Final[Mapping[str, str]] = {
 }
 
 
-def _cell_html(cell: _Cell, index: int, combo_index: int) -> str:
-    first = " first" if combo_index == 0 else ""
+def _cell_html(cell: _Cell, index: int, variant: str) -> str:
+    first = " first" if cell.combo == 0 else ""
     attrs = (
         f'class="cell {cell.status}{first}" data-c="{index}" '
-        f'data-combo="{combo_index}" '
-        f'data-ref="{_e(cell.reference)}" data-variant="{_e(cell.variant)}" '
+        f'data-combo="{cell.combo}" '
+        f'data-ref="{_e(cell.reference)}" data-variant="{_e(variant)}" '
         f'data-key="{_e(cell.key)}" tabindex="0"'
     )
     parts: list[str] = []
@@ -545,7 +599,8 @@ def _cell_html(cell: _Cell, index: int, combo_index: int) -> str:
         parts.append(f'<div class="imgs{multi}">')
         for i, img in enumerate(cell.images):
             alt = _e(f"{cell.key} #{img.index + 1}")
-            if img.thumb is None or img.size is None:
+            thumb = img.thumb
+            if thumb is None or img.size is None:
                 parts.append(
                     f'<a class="missing" data-i="{i}" href="{_e(img.path)}">'
                     "image missing or unreadable</a>"
@@ -554,7 +609,7 @@ def _cell_html(cell: _Cell, index: int, combo_index: int) -> str:
             w, h = img.size
             parts.append(
                 f'<a data-i="{i}" href="{_e(img.path)}" target="_blank">'
-                f'<img src="{_e(img.thumb)}" width="{w}" height="{h}" alt="{alt}" '
+                f'<img src="{_e(thumb)}" width="{w}" height="{h}" alt="{alt}" '
                 'loading="lazy" decoding="async"></a>'
             )
         parts.append("</div>")
@@ -572,11 +627,12 @@ def _cell_html(cell: _Cell, index: int, combo_index: int) -> str:
 
 
 def _ref_html(ref: _Ref) -> str:
-    if ref.thumb is not None and ref.size is not None:
+    thumb = ref.thumb
+    if thumb is not None and ref.size is not None:
         w, h = ref.size
-        href = ref.local.as_uri() if ref.local is not None else ref.thumb
+        href = ref.local.as_uri() if ref.local is not None else thumb
         image = (
-            f'<a href="{_e(href)}" target="_blank"><img src="{_e(ref.thumb)}" '
+            f'<a href="{_e(href)}" target="_blank"><img src="{_e(thumb)}" '
             f'width="{w}" height="{h}" alt="reference {_e(ref.id)}" '
             'loading="lazy" decoding="async"></a>'
         )
@@ -647,38 +703,23 @@ def _nav(number: int, count: int, first_row: int, rows: int) -> str:
     )
 
 
-def _render_page(
-    plan: _Plan, references: Sequence[str], cells: Sequence[_Cell], nav: str
-) -> str:
-    """One page: the header, these reference rows, their cells' details."""
+def _page_chunks(
+    plan: _Plan, references: Sequence[str], grid: dict[str, list[_Cell]], nav: str
+) -> Iterator[str]:
+    """One page in pieces: the header, these reference rows, their cells' details.
+
+    Rows go out as they are made and their cells are dropped from ``grid``; what
+    stays until the end is each cell's JSON text and the page's shared strings.
+    """
     strings = _Strings()
-    combo_index = {c: i for i, c in enumerate(plan.combos)}
-    by_pos: dict[tuple[str, str, str], _Cell] = {
-        (c.reference, c.variant, c.combo): c for c in cells
-    }
-    data: list[dict[str, object]] = []
-    rows: list[str] = []
-    for ref_id in references:
-        tds: list[str] = []
-        for variant in plan.variants:
-            for combo in plan.combos:
-                cell = by_pos.get((ref_id, variant, combo))
-                if cell is None:
-                    i = combo_index[combo]
-                    first = " first" if i == 0 else ""
-                    tds.append(f'<td class="empty{first}" data-combo="{i}"></td>')
-                    continue
-                tds.append(_cell_html(cell, len(data), combo_index[combo]))
-                data.append(_cell_data(cell, strings))
-        rows.append(f"<tr>{_ref_html(plan.refs[ref_id])}{''.join(tds)}</tr>")
     n_combos = len(plan.combos)
     head1 = "".join(
         f'<th class="variant" colspan="{n_combos}" scope="colgroup">{_e(v)}</th>'
         for v in plan.variants
     )
     head2 = "".join(
-        f'<th class="combo{" first" if combo_index[c] == 0 else ""}" '
-        f'data-combo="{combo_index[c]}" scope="col">'
+        f'<th class="combo{" first" if i == 0 else ""}" '
+        f'data-combo="{i}" scope="col">'
         + (
             "<br>".join(_e(part) for part in c.split(","))
             if c
@@ -686,7 +727,7 @@ def _render_page(
         )
         + "</th>"
         for _ in plan.variants
-        for c in plan.combos
+        for i, c in enumerate(plan.combos)
     )
     axes = _axes_of(plan.combos)
     filters = "".join(
@@ -697,11 +738,6 @@ def _render_page(
         for name, values in axes.items()
         if len(values) > 1
     )
-    meta = {
-        "combos": [dict(parse_key(f"_/_/{c}")[2]) if c else {} for c in plan.combos],
-        "strings": strings.table,
-        "cells": data,
-    }
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     empty = (
         ""
@@ -709,21 +745,39 @@ def _render_page(
         else '<p class="nothing">No tasks in this run yet: run it, then regenerate '
         "the gallery with <code>remix gallery RUN_DIR</code>.</p>"
     )
-    return _PAGE.format(
+    yield _PAGE_HEAD.format(
         title=_e(plan.title),
         summary=_e(_summary(plan)),
-        run_dir=_e(plan.run_dir),
-        generated=_e(generated),
         filters=filters,
         nav=nav,
         head1=head1,
         head2=head2,
-        rows="\n".join(rows),
         empty=empty,
         css=_CSS,
-        js=_JS,
-        data=_script_json(meta),
     )
+    data: list[str] = []
+    for number, ref_id in enumerate(references):
+        by_pos = {(c.variant, c.combo): c for c in grid.pop(ref_id, ())}
+        tds: list[str] = []
+        for v, variant in enumerate(plan.variants):
+            for i in range(n_combos):
+                cell = by_pos.get((v, i))
+                if cell is None:
+                    first = " first" if i == 0 else ""
+                    tds.append(f'<td class="empty{first}" data-combo="{i}"></td>')
+                    continue
+                tds.append(_cell_html(cell, len(data), variant))
+                data.append(_script_json(_cell_data(cell, strings)))
+        newline = "\n" if number else ""
+        yield f"{newline}<tr>{_ref_html(plan.refs[ref_id])}{''.join(tds)}</tr>"
+    yield _PAGE_FOOT.format(run_dir=_e(plan.run_dir), generated=_e(generated))
+    combos = [dict(parse_key(f"_/_/{c}")[2]) if c else {} for c in plan.combos]
+    # The JSON of {"combos", "strings", "cells"}, the cells' parts made above.
+    yield f'{{"combos":{_script_json(combos)},"strings":{_script_json(strings.table)}'
+    yield ',"cells":['
+    yield ",".join(data)
+    yield "]}"
+    yield _PAGE_TAIL.format(js=_JS)
 
 
 def _remove_stale_pages(run_dir: Path, count: int) -> None:
@@ -753,12 +807,14 @@ def write_gallery(run_dir: Path, *, page_cells: int = PAGE_CELLS) -> Path:
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(plan.index.open()) if plan.index.keys else None
         for number, references in enumerate(pages, 1):
-            cells = _page_cells(plan, references, f) if f is not None else []
-            refs = [plan.refs[r] for r in references]
-            _thumbnails(run_dir, cells, refs)
+            grid = _page_cells(plan, references, f) if f is not None else {}
+            _thumbnails(run_dir, grid, [plan.refs[r] for r in references])
             nav = _nav(number, len(pages), first_row, len(references))
-            page = _render_page(plan, references, cells, nav)
-            write_atomic_sync(run_dir / page_name(number), page.encode())
+            write_atomic_text_stream(
+                run_dir / page_name(number),
+                _page_chunks(plan, references, grid, nav),
+            )
+            del grid
             first_row += len(references)
     _remove_stale_pages(run_dir, len(pages))
     target = run_dir / GALLERY_NAME
@@ -1084,3 +1140,6 @@ unpin; click the pinned image again to open it full size</footer>
 </body>
 </html>
 """
+
+_PAGE_HEAD, _, _PAGE_REST = _PAGE.partition("{rows}")
+_PAGE_FOOT, _, _PAGE_TAIL = _PAGE_REST.partition("{data}")

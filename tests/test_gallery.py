@@ -21,7 +21,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipeline.expand import expand
-from pipeline.gallery import GALLERY_NAME, make_thumbnail, write_gallery
+from pipeline.gallery import (
+    GALLERY_NAME,
+    make_thumbnail,
+    make_thumbnails,
+    write_gallery,
+)
 from pipeline.journal import (
     JOURNAL_NAME,
     CompletedEvent,
@@ -356,6 +361,20 @@ def test_user_text_is_escaped(demo: DemoRun) -> None:
     assert any(NASTY in s for s in meta["strings"])
 
 
+def test_cell_details_are_stored_once_and_complete(demo: DemoRun) -> None:
+    """Each cell has a prompt and shown parameters (sidecar or manifest); texts once."""
+    page = (demo.run_dir / GALLERY_NAME).read_text()
+    meta = json.loads(_parse(page, text_of="data").text)
+    strings = meta["strings"]
+    assert len(strings) == len(set(strings))
+    assert len(meta["cells"]) == len(_cells(_parse(page)))
+    for cell in meta["cells"]:
+        assert strings[cell["p"]]
+        params = json.loads(strings[cell["q"]])
+        assert "positivePrompt" not in params
+        assert "taskUUID" not in params
+
+
 def test_failed_and_pending_tasks_are_shown_as_such(demo: DemoRun) -> None:
     """The failed task's cell says failed with its code; the in-flight one says so."""
     page = (demo.run_dir / GALLERY_NAME).read_text()
@@ -382,6 +401,21 @@ def test_thumbnail_of_a_transparent_png_keeps_size_ratio(tmp_path: Path) -> None
     assert size == (320, 160)
     with Image.open(tmp_path / "t" / "a.jpg") as thumb:
         assert thumb.mode == "RGB"
+
+
+def test_make_thumbnails_keeps_the_order_of_many(tmp_path: Path) -> None:
+    """Sizes come back in input order across the thread chunks; None if unreadable."""
+    pairs: list[tuple[Path, Path]] = []
+    for n in range(150):
+        src = tmp_path / "src" / f"{n}.png"
+        src.parent.mkdir(exist_ok=True)
+        if n == 77:
+            src.write_text("not an image")
+        else:
+            Image.new("RGB", (n + 1, 4), (n, 0, 0)).save(src)
+        pairs.append((src, tmp_path / "thumbs" / f"{n}.jpg"))
+    sizes = make_thumbnails(pairs)
+    assert sizes == [None if n == 77 else (n + 1, 4) for n in range(150)]
 
 
 def test_gallery_without_manifest_degrades(tmp_path: Path) -> None:
