@@ -153,10 +153,10 @@ class LedgerRow:
         return (self.completed_at - self.submitted_at).total_seconds()
 
 
-def _image_row(state: ResumeState, event: CompletedEvent, status: Status) -> LedgerRow:
-    submitted_at = event.submitted_at
-    if submitted_at is None and (sub := state.submitted.get(event.task_uuid)):
-        submitted_at = sub.ts
+def _image_row(
+    event: CompletedEvent, status: Status, submitted_at: datetime | None
+) -> LedgerRow:
+    """One image's ledger row; ``submitted_at`` fills in for older journals."""
     return LedgerRow(
         key=event.key,
         status=status,
@@ -166,17 +166,22 @@ def _image_row(state: ResumeState, event: CompletedEvent, status: Status) -> Led
         seed=event.seed,
         cost_usd=event.cost_usd,
         path=event.path,
-        submitted_at=submitted_at,
+        submitted_at=event.submitted_at or submitted_at,
         completed_at=event.ts,
     )
+
+
+def _state_row(state: ResumeState, event: CompletedEvent, status: Status) -> LedgerRow:
+    sub = state.submitted.get(event.task_uuid)
+    return _image_row(event, status, sub.ts if sub else None)
 
 
 def build_ledger_rows(state: ResumeState) -> list[LedgerRow]:
     """Ledger rows for a folded journal, sorted by key, status, then image index."""
     rows: list[LedgerRow] = []
     for images in state.completed_images.values():
-        rows.extend(_image_row(state, e, "done") for e in images.values())
-    rows.extend(_image_row(state, e, "superseded") for e in state.superseded_images)
+        rows.extend(_state_row(state, e, "done") for e in images.values())
+    rows.extend(_state_row(state, e, "superseded") for e in state.superseded_images)
     for key, failure in state.failed.items():
         sub = state.submitted.get(failure.task_uuid or "")
         rows.append(
@@ -575,24 +580,6 @@ def scan_journal(path: Path) -> JournalIndex:
     return index
 
 
-def _completion_row(
-    event: CompletedEvent, status: Status, submit_times: dict[str, datetime]
-) -> LedgerRow:
-    submitted_at = event.submitted_at or submit_times.get(event.task_uuid)
-    return LedgerRow(
-        key=event.key,
-        status=status,
-        index=event.index,
-        task_uuid=event.task_uuid,
-        image_uuid=event.image_uuid,
-        seed=event.seed,
-        cost_usd=event.cost_usd,
-        path=event.path,
-        submitted_at=submitted_at,
-        completed_at=event.ts,
-    )
-
-
 def iter_ledger_rows(index: JournalIndex) -> Iterator[LedgerRow]:
     """The rows :func:`build_ledger_rows` gives, in its order, one at a time."""
     superseded: dict[str, list[tuple[int, int]]] = {}
@@ -605,12 +592,12 @@ def iter_ledger_rows(index: JournalIndex) -> Iterator[LedgerRow]:
             for _, offset in facts.image_offsets():
                 event = index.read_at(f, offset)
                 assert isinstance(event, CompletedEvent)
-                yield _completion_row(event, "done", submit_times)
+                yield _image_row(event, "done", submit_times.get(event.task_uuid))
             # sorted() is stable: equal indices keep their journal order
             for _, offset in sorted(superseded.get(key, ()), key=lambda p: p[0]):
                 event = index.read_at(f, offset)
                 assert isinstance(event, CompletedEvent)
-                yield _completion_row(event, "superseded", submit_times)
+                yield _image_row(event, "superseded", submit_times.get(event.task_uuid))
             if facts.failure is not None:
                 failure = index.read_at(f, facts.failure)
                 assert isinstance(failure, FailedEvent)
