@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("remix: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_STOPPED
-    except Exception:
+    except Exception:  # the one catch-all: a bug gets a logged traceback and exit 1
         log.exception("remix: unexpected error")
         return EXIT_FAILED
     return code
