@@ -38,7 +38,8 @@ def make_ref(path: Path, seed: int = 0, size: tuple[int, int] = (96, 64)) -> Pat
     return path
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One TOML value (tomllib only reads): scalars, arrays, inline tables."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -46,10 +47,10 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         inner = ", ".join(
-            f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()
+            f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()
         )
         return "{ " + inner + " }"
     raise TypeError(value)
@@ -72,17 +73,17 @@ def write_job(
     lines += ["", "[defaults]"]
     base = {"width": 1024, "height": 1024, "outputFormat": "PNG"}
     for key, value in {**base, **(defaults or {})}.items():
-        lines.append(f"{key} = {_toml_value(value)}")
+        lines.append(f"{key} = {toml_value(value)}")
     for i in range(refs):
         make_ref(root / "refs" / f"r{i}.png", seed=i)
         lines += ["", "[[references]]", f'id = "r{i}"', f'image = "refs/r{i}.png"']
         lines.append(f'vars = {{ thing = "thing {i}" }}')
     for variant in variants or [{"id": "v0", "positivePrompt": "a {thing} in ink"}]:
         lines += ["", "[[variants]]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in variant.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in variant.items()]
     if matrix:
         lines += ["", "[matrix]"]
-        lines += [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in matrix.items()]
+        lines += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in matrix.items()]
     path = root / "job.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tomllib.loads(path.read_text())  # a broken helper should fail here, not later

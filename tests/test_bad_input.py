@@ -26,7 +26,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.sandbox import STATE, SandboxConfig
 from tests.conftest import SandboxFactory
-from tests.jobkit import make_ref
+from tests.jobkit import make_ref, toml_value
 
 DATA = Path(__file__).parent / "data" / "manifests"
 COMMITTED_BAD = sorted(DATA.glob("bad_*.toml"))
@@ -76,23 +76,6 @@ def base_doc() -> Doc:
 
 # ---------------------------------------------------------------------------
 # A tiny TOML writer (tomllib only reads): tables, arrays of tables, inline values
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        inner = ", ".join(
-            f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()
-        )
-        return "{ " + inner + " }"
-    raise TypeError(value)
 
 
 def to_toml(doc: Mapping[str, Any]) -> str:
