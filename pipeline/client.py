@@ -116,6 +116,8 @@ class PollOutcome:
     failed: dict[str, ErrorItem] = field(default_factory=dict)
     not_found: set[str] = field(default_factory=set)
     """The server answered taskFailedOrNotFound."""
+    unanswered: set[str] = field(default_factory=set)
+    """Asked about but absent from the reply (also counted as processing)."""
 
     def merged(self, other: PollOutcome) -> PollOutcome:
         """Both outcomes together (for a batch answered in parts)."""
@@ -124,6 +126,7 @@ class PollOutcome:
             processing=self.processing | other.processing,
             failed={**self.failed, **other.failed},
             not_found=self.not_found | other.not_found,
+            unanswered=self.unanswered | other.unanswered,
         )
 
 
@@ -355,9 +358,10 @@ class RunwareClient:
             else:
                 failed[err.task_uuid] = err
         # Silence is not "not found": keep polling it until the caller's deadline.
-        processing |= wanted - seen
+        unanswered = wanted - seen
+        processing |= unanswered
         processing -= failed.keys() | not_found
-        return PollOutcome(results, processing, failed, not_found)
+        return PollOutcome(results, processing, failed, not_found, unanswered)
 
     async def _upload_once(self, image: str) -> str:
         task_uuid = uuid.uuid4()

@@ -36,7 +36,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pipeline.client import RunwareClient, SubmitOutcome
+from pipeline.client import PollOutcome, RunwareClient, SubmitOutcome
 from pipeline.config import Settings
 from pipeline.errors import (
     ApiError,
@@ -82,6 +82,8 @@ _SUBMITTERS: Final = 2
 """Two submits may be in flight: slots freed while one waits for its answer (the
 journal fsync, then the HTTP round trip) go out with the other (0.80-0.87 -> 0.87
 efficiency at C=256, L=0.5 s in bench/throughput.py)."""
+_FIRST_ONLY_LIMIT: Final = 3
+"""Batched polls answered for their first task only, in a row, before unbatching."""
 _STORE_BATCH: Final = 128
 """Most images written (and journaled) in one go by the collector."""
 _LATENCY_ALPHA: Final = 0.05
@@ -360,6 +362,8 @@ class Engine:
         self._poll_wakeup = anyio.Event()
         self._latency_s: float | None = None
         self._polls_failing_since: float | None = None
+        self._poll_batch = settings.limits.poll_batch
+        self._first_only_streak = 0
         self._max_price_seen = Decimal(0)
         self._outstanding = 0
         self._feeding_done = False
@@ -739,8 +743,8 @@ class Engine:
         self._poll_wakeup.set()
 
     async def _poller(self) -> None:
-        batch = self._settings.limits.poll_batch
         while True:
+            batch = self._poll_batch
             now = self._clock()
             coalesce = self._poll_gap()
             due = [
@@ -773,6 +777,7 @@ class Engine:
             self._poll_failed(flights, exc)
             return
         self._polls_failing_since = None
+        self._check_batch_answers(list(by_uuid), outcome)
         now = self._clock()
         await self._take_results(outcome.results, by_uuid)
         for task_uuid, error in outcome.failed.items():
@@ -797,6 +802,27 @@ class Engine:
             flight.next_poll_at = now + flight.backoff_s
             flight.backoff_s = min(
                 flight.backoff_s * 1.5, self._settings.poll.max_interval_s
+            )
+
+    def _check_batch_answers(self, asked: list[str], outcome: PollOutcome) -> None:
+        """Fall back to one getResponse per request if batches are half-ignored.
+
+        Several getResponse objects in one request is undocumented. An API that
+        answers only the first of them would leave every other task "processing"
+        until its deadline, so three such replies in a row switch batching off.
+        """
+        if len(asked) < 2 or self._poll_batch == 1:
+            return
+        answered = set(asked) - outcome.unanswered
+        if answered == {asked[0]}:
+            self._first_only_streak += 1
+        else:
+            self._first_only_streak = 0
+        if self._first_only_streak >= _FIRST_ONLY_LIMIT:
+            self._poll_batch = 1
+            log.warning(
+                "the API answers only the first getResponse of a batch; polling "
+                "one task per request from now on (set limits.poll_batch = 1)"
             )
 
     def _poll_failed(self, flights: list[_Flight], exc: PipelineError) -> None:

@@ -8,7 +8,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from pipeline.journal import FailedEvent, LostEvent, load_state, read_journal
 from pipeline.report import write_ledger
@@ -367,3 +371,41 @@ async def test_polls_failing_for_the_outage_window_stop_the_run(
     assert summary.stop_reason == "api"
     assert "every poll failed" in (summary.stop_message or "")
     assert len(load_state(run_dir / "journal.jsonl").pending) == 2
+
+
+async def test_api_answering_only_the_first_poll_of_a_batch_is_polled_singly(
+    tmp_path: Path, make_sandbox: SandboxFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Batched getResponse is undocumented: if only the first is answered, unbatch."""
+    server = await make_sandbox(SandboxConfig(latency_s=0.05, render_scale=0.1))
+    upstream = base_url(server)
+    async with aiohttp.ClientSession() as session:
+
+        async def first_only(request: web.Request) -> web.Response:
+            tasks = await request.json()
+            polls = all(t.get("taskType") == "getResponse" for t in tasks)
+            if len(tasks) > 1 and polls:
+                tasks = tasks[:1]
+            auth = {"Authorization": request.headers.get("Authorization", "")}
+            async with session.post(upstream, json=tasks, headers=auth) as resp:
+                body = await resp.read()
+            return web.Response(
+                body=body, status=resp.status, content_type="application/json"
+            )
+
+        app = web.Application()
+        app.router.add_post("/v1", first_only)
+        front = TestServer(app)
+        async with front:
+            job = write_job(tmp_path, refs=3, variants=styles(4))
+            settings = fast_settings(tmp_path, str(front.make_url("/v1")))
+            with anyio.fail_after(60):
+                summary = await run_manifest(
+                    job, tmp_path / "run", settings, concurrency=8
+                )
+    assert summary.exit_code == 0
+    assert summary.tasks_done == 12
+    assert server.app[STATE].content_billed_twice == 0
+    # Without the fallback this still ends, one task per poll round; with 64 tasks
+    # in flight and real latencies it would crawl, so the switch itself is checked.
+    assert "answers only the first getResponse" in caplog.text
