@@ -183,8 +183,9 @@ class _Flight:
     ambiguous: bool = False
     seen_processing: bool = False
     teaches_latency: bool = True
-    """Its first question was timed by the latency estimate (not a resume or an
-    ambiguous submit), so its answer tells whether the estimate is early or late."""
+    """Its ``submitted_at`` is when it was really sent (not a resume of an earlier
+    run), so when it is found done says something about the latency. Ambiguous
+    submits count: an API that acks with an empty ``data`` makes every submit one."""
     not_found: int = 0
     last_processing_at: float | None = None
     seen: set[str] = field(default_factory=set)
@@ -715,7 +716,6 @@ class Engine:
         for task_uuid in outcome.ambiguous:
             if (flight := by_uuid.get(task_uuid)) is not None:
                 flight.ambiguous = True
-                flight.teaches_latency = False
                 flight.next_poll_at = self._clock() + min(
                     self._first_poll_delay(), self._settings.poll.interval_s
                 )

@@ -409,3 +409,39 @@ async def test_api_answering_only_the_first_poll_of_a_batch_is_polled_singly(
     # Without the fallback this still ends, one task per poll round; with 64 tasks
     # in flight and real latencies it would crawl, so the switch itself is checked.
     assert "answers only the first getResponse" in caplog.text
+
+
+async def test_api_acking_with_empty_data_is_resolved_by_polling(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """An async ack of `{"data": []}` (the ack body is undocumented): tasks are
+    found by polling, none is sent twice."""
+    server = await make_sandbox(SandboxConfig(latency_s=0.05, render_scale=0.1))
+    upstream = base_url(server)
+    async with aiohttp.ClientSession() as session:
+
+        async def bare_ack(request: web.Request) -> web.Response:
+            tasks = await request.json()
+            auth = {"Authorization": request.headers.get("Authorization", "")}
+            async with session.post(upstream, json=tasks, headers=auth) as resp:
+                body = await resp.read()
+                status = resp.status
+            if status == 200 and tasks[0].get("taskType") == "imageInference":
+                body = b'{"data": []}'
+            return web.Response(
+                body=body, status=status, content_type="application/json"
+            )
+
+        app = web.Application()
+        app.router.add_post("/v1", bare_ack)
+        front = TestServer(app)
+        async with front:
+            job = write_job(tmp_path, refs=3, variants=styles(4))
+            settings = fast_settings(tmp_path, str(front.make_url("/v1")))
+            summary = await run_manifest(job, tmp_path / "run", settings)
+    state = server.app[STATE]
+    assert summary.exit_code == 0
+    assert summary.tasks_done == 12
+    assert summary.resubmitted == 0
+    assert state.submissions == 12
+    assert state.content_billed_twice == 0
