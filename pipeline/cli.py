@@ -119,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         "report", parents=[common], help="cost report over one or more run dirs"
     )
     report.add_argument("run_dirs", type=Path, nargs="+")
-    report.add_argument("--by", default="variant")
+    report.add_argument(
+        "--by",
+        default="variant",
+        help="reference, variant, day, run or axis:NAME (e.g. axis:remixStrength)",
+    )
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
     report.set_defaults(func=cmd_report)
 
