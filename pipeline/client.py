@@ -41,6 +41,7 @@ from pipeline.errors import (
     RequestTimeoutError,
     ServerError,
     TransportError,
+    UnusableImageError,
 )
 from pipeline.limits import Pacer
 from pipeline.retry import call_with_retry, retry_after_s
@@ -79,12 +80,6 @@ NOT_FOUND_CODE: Final = "taskFailedOrNotFound"
 TRANSIENT_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 CONGESTION_STATUSES: Final = frozenset({429, 503, 504})
 _CHUNK_BYTES: Final = 64 * 1024
-
-
-class UnusableImageError(DownloadError):
-    """A result image that fetching again cannot fix: too large, or not decodable."""
-
-    retryable = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,12 +13,14 @@ PipelineError
 │   │   └── InsufficientCreditError  # 402, credit/balance/quota code run-fatal
 │   ├── ProtocolError                # body didn't match the wire     retryable
 │   └── DownloadError                # result image not fetched       retryable
-├── AmbiguousSubmitError             # submit left, fate unknown: resolve, never resend
-├── TaskFailedError                  # API reported failure: .task_id, .code, .message
+│       └── UnusableImageError       # too large or undecodable: not retried
 ├── TaskTimeoutError                 # poll deadline passed: .task_id, .waited_s
-├── BudgetExceededError              # ledger cap reached: stop feeding, drain
 └── StorageError                     # run directory not writable     run-fatal
 ```
+
+A task's own failure, an ambiguous submit and a budget stop are not exceptions: they are
+outcomes (``SubmitOutcome``/``PollOutcome`` fields, journal events, ``RunSummary``),
+because a failed task is data, not a crash.
 """
 
 from __future__ import annotations
@@ -115,36 +117,10 @@ class DownloadError(ApiError):
     retryable = True
 
 
-class AmbiguousSubmitError(PipelineError):
-    """A submit left but its outcome is unknown; it may already be billed.
+class UnusableImageError(DownloadError):
+    """A result image that fetching again cannot fix: too large, or not decodable."""
 
-    Never resend these taskUUIDs: resolve them with getResponse first.
-    """
-
-    def __init__(self, message: str, task_uuids: list[str]) -> None:
-        super().__init__(message)
-        self.task_uuids = task_uuids
-
-
-class TaskFailedError(PipelineError):
-    """The API reported that one task failed."""
-
-    def __init__(
-        self,
-        task_id: str,
-        code: str,
-        message: str,
-        *,
-        parameter: list[str] | None = None,
-        retryable: bool = False,
-    ) -> None:
-        where = f" (parameter {', '.join(parameter)})" if parameter else ""
-        super().__init__(f"task {task_id} failed: {code}: {message}{where}")
-        self.task_id = task_id
-        self.code = code
-        self.message = message
-        self.parameter = parameter or []
-        self.task_retryable = retryable
+    retryable = False
 
 
 class TaskTimeoutError(PipelineError):
@@ -155,10 +131,6 @@ class TaskTimeoutError(PipelineError):
         )
         self.task_id = task_id
         self.waited_s = waited_s
-
-
-class BudgetExceededError(PipelineError):
-    run_fatal = True
 
 
 class StorageError(PipelineError):

@@ -250,10 +250,6 @@ class _Plan:
         return sum(self.statuses.values())
 
 
-def _ordered(first: Iterable[str], more: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys([*first, *more]))
-
-
 def _load_manifest(run_dir: Path, path: str | None) -> Manifest | None:
     if path is None:
         return None

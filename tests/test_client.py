@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 from pydantic import SecretStr
 
-from pipeline.client import PollOutcome, RunwareClient, UnusableImageError
+from pipeline.client import PollOutcome, RunwareClient
 from pipeline.config import ApiSettings, RetrySettings, Settings
 from pipeline.errors import (
     AuthError,
@@ -29,6 +29,7 @@ from pipeline.errors import (
     RequestRejectedError,
     RequestTimeoutError,
     ServerError,
+    UnusableImageError,
 )
 from pipeline.sandbox import STATE, SandboxConfig, create_app
 from pipeline.wire import ImageInferenceRequest, ImageResult, Inputs, OutputType
