@@ -56,6 +56,20 @@ def toml_value(value: Any) -> str:
     raise TypeError(value)
 
 
+def styles(n: int, *, pairs_every: int = 0) -> list[dict[str, Any]]:
+    """n variants with distinct prompts; every ``pairs_every``-th asks two images."""
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        variant: dict[str, Any] = {
+            "id": f"v{i}",
+            "positivePrompt": f"style {i} {{thing}}",
+        }
+        if pairs_every and i % pairs_every == 0:
+            variant["numberResults"] = 2
+        out.append(variant)
+    return out
+
+
 def write_job(
     root: Path,
     *,

@@ -34,7 +34,7 @@ from tests.faultkit import (
     served,
     write_config,
 )
-from tests.jobkit import SANDBOX_KEY, write_job
+from tests.jobkit import SANDBOX_KEY, styles, write_job
 
 SEED: Final = 20_260_507
 REPO: Final = Path(__file__).resolve().parents[1]
@@ -78,19 +78,6 @@ def _schedule(rng: random.Random) -> list[Kill]:
             case _:
                 kills.append(Kill(kind, rng.randint(1, 6), 0.0))
     return kills
-
-
-def _variants(n: int) -> list[dict[str, object]]:
-    out: list[dict[str, object]] = []
-    for i in range(n):
-        variant: dict[str, object] = {
-            "id": f"v{i}",
-            "positivePrompt": f"s{i} {{thing}}",
-        }
-        if i % 3 == 0:
-            variant["numberResults"] = 2
-        out.append(variant)
-    return out
 
 
 def _submitted_lines(run_dir: Path) -> int:
@@ -165,7 +152,7 @@ async def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     app = create_app(
         SandboxConfig(seed=SEED, latency_s=0.3, latency_jitter_s=0.2, render_scale=0.1)
     )
-    job = write_job(tmp_path, refs=5, variants=_variants(12))
+    job = write_job(tmp_path, refs=5, variants=styles(12, pairs_every=3))
     config = write_config(tmp_path / "config.toml", limits={"concurrency": 4})
     run_dir = tmp_path / "run"
     log = tmp_path / "runs.log"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,9 @@ from tests.jobkit import (
     fast_settings,
     image_files,
     run_manifest,
+    styles,
     write_job,
 )
-
-
-def styles(n: int) -> list[dict[str, str]]:
-    return [{"id": f"v{i}", "positivePrompt": f"style {i} {{thing}}"} for i in range(n)]
-
 
 VARIANTS: list[dict[str, Any]] = [
     {"id": "ink", "positivePrompt": "a {thing} drawn in ink"},
@@ -373,36 +371,56 @@ async def test_polls_failing_for_the_outage_window_stop_the_run(
     assert len(load_state(run_dir / "journal.jsonl").pending) == 2
 
 
+@asynccontextmanager
+async def api_in_front_of(
+    upstream: str,
+    *,
+    ask: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda t: t,
+    answer: Callable[[list[dict[str, Any]], bytes, int], bytes] = lambda t, b, s: b,
+) -> AsyncIterator[str]:
+    """A stand-in API that forwards to the sandbox, changing what it asks or answers
+    (for API behaviours the protocol leaves open); yields its base URL."""
+    async with aiohttp.ClientSession() as session:
+
+        async def forward(request: web.Request) -> web.Response:
+            tasks = await request.json()
+            auth = {"Authorization": request.headers.get("Authorization", "")}
+            async with session.post(upstream, json=ask(tasks), headers=auth) as resp:
+                body, status = await resp.read(), resp.status
+            return web.Response(
+                body=answer(tasks, body, status),
+                status=status,
+                content_type="application/json",
+            )
+
+        app = web.Application()
+        app.router.add_post("/v1", forward)
+        front = TestServer(app)
+        async with front:
+            yield str(front.make_url("/v1"))
+
+
+def first_poll_only(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    polls = all(t.get("taskType") == "getResponse" for t in tasks)
+    return tasks[:1] if len(tasks) > 1 and polls else tasks
+
+
+def bare_ack(tasks: list[dict[str, Any]], body: bytes, status: int) -> bytes:
+    submit = tasks[0].get("taskType") == "imageInference"
+    return b'{"data": []}' if status == 200 and submit else body
+
+
 async def test_api_answering_only_the_first_poll_of_a_batch_is_polled_singly(
     tmp_path: Path, make_sandbox: SandboxFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Batched getResponse is undocumented: if only the first is answered, unbatch."""
     server = await make_sandbox(SandboxConfig(latency_s=0.05, render_scale=0.1))
-    upstream = base_url(server)
-    async with aiohttp.ClientSession() as session:
-
-        async def first_only(request: web.Request) -> web.Response:
-            tasks = await request.json()
-            polls = all(t.get("taskType") == "getResponse" for t in tasks)
-            if len(tasks) > 1 and polls:
-                tasks = tasks[:1]
-            auth = {"Authorization": request.headers.get("Authorization", "")}
-            async with session.post(upstream, json=tasks, headers=auth) as resp:
-                body = await resp.read()
-            return web.Response(
-                body=body, status=resp.status, content_type="application/json"
+    job = write_job(tmp_path, refs=3, variants=styles(4))
+    async with api_in_front_of(base_url(server), ask=first_poll_only) as url:
+        with anyio.fail_after(60):
+            summary = await run_manifest(
+                job, tmp_path / "run", fast_settings(tmp_path, url), concurrency=8
             )
-
-        app = web.Application()
-        app.router.add_post("/v1", first_only)
-        front = TestServer(app)
-        async with front:
-            job = write_job(tmp_path, refs=3, variants=styles(4))
-            settings = fast_settings(tmp_path, str(front.make_url("/v1")))
-            with anyio.fail_after(60):
-                summary = await run_manifest(
-                    job, tmp_path / "run", settings, concurrency=8
-                )
     assert summary.exit_code == 0
     assert summary.tasks_done == 12
     assert server.app[STATE].content_billed_twice == 0
@@ -417,28 +435,11 @@ async def test_api_acking_with_empty_data_is_resolved_by_polling(
     """An async ack of `{"data": []}` (the ack body is undocumented): tasks are
     found by polling, none is sent twice."""
     server = await make_sandbox(SandboxConfig(latency_s=0.05, render_scale=0.1))
-    upstream = base_url(server)
-    async with aiohttp.ClientSession() as session:
-
-        async def bare_ack(request: web.Request) -> web.Response:
-            tasks = await request.json()
-            auth = {"Authorization": request.headers.get("Authorization", "")}
-            async with session.post(upstream, json=tasks, headers=auth) as resp:
-                body = await resp.read()
-                status = resp.status
-            if status == 200 and tasks[0].get("taskType") == "imageInference":
-                body = b'{"data": []}'
-            return web.Response(
-                body=body, status=status, content_type="application/json"
-            )
-
-        app = web.Application()
-        app.router.add_post("/v1", bare_ack)
-        front = TestServer(app)
-        async with front:
-            job = write_job(tmp_path, refs=3, variants=styles(4))
-            settings = fast_settings(tmp_path, str(front.make_url("/v1")))
-            summary = await run_manifest(job, tmp_path / "run", settings)
+    job = write_job(tmp_path, refs=3, variants=styles(4))
+    async with api_in_front_of(base_url(server), answer=bare_ack) as url:
+        summary = await run_manifest(
+            job, tmp_path / "run", fast_settings(tmp_path, url)
+        )
     state = server.app[STATE]
     assert summary.exit_code == 0
     assert summary.tasks_done == 12

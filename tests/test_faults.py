@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -16,24 +15,10 @@ from pipeline.sandbox import STATE, Fault, SandboxConfig, create_app
 from pipeline.sandbox.app import SANDBOX
 from tests.conftest import SandboxFactory
 from tests.faultkit import billed_digests, run_facts
-from tests.jobkit import base_url, fast_settings, run_manifest, write_job
+from tests.jobkit import base_url, fast_settings, run_manifest, styles, write_job
 
 MAX_RUNS = 5
 """A failed download leaves its task pending by design: rerun until done."""
-
-
-def _variants(n: int) -> list[dict[str, Any]]:
-    """n styles; every third asks for two images per task."""
-    out: list[dict[str, Any]] = []
-    for i in range(n):
-        variant: dict[str, Any] = {
-            "id": f"v{i}",
-            "positivePrompt": f"style {i} {{thing}}",
-        }
-        if i % 3 == 0:
-            variant["numberResults"] = 2
-        out.append(variant)
-    return out
 
 
 MIX_FAULTS = (
@@ -82,7 +67,9 @@ async def test_fault_mix_loses_nothing_and_pays_once(
 ) -> None:
     """5xx, 429, dropped, malformed, failed downloads, slow: all done, billed once."""
     server = await make_sandbox(FAULT_MIX)
-    job = write_job(tmp_path, refs=5, variants=_variants(30))  # 150 tasks, 200 images
+    job = write_job(
+        tmp_path, refs=5, variants=styles(30, pairs_every=3)
+    )  # 150 tasks, 200 images
     run_dir = tmp_path / "run"
     settings = fast_settings(tmp_path, base_url(server))
     summaries = await _run_until_done(job, run_dir, settings, concurrency=24)
@@ -131,7 +118,9 @@ async def test_heavy_faults_aimed_at_one_request_type(
             fault_task_types=frozenset({aimed_at}),
         )
     )
-    job = write_job(tmp_path, refs=3, variants=_variants(12))  # 36 tasks, 48 images
+    job = write_job(
+        tmp_path, refs=3, variants=styles(12, pairs_every=3)
+    )  # 36 tasks, 48 images
     run_dir = tmp_path / "run"
     settings = fast_settings(tmp_path, base_url(server))
     summaries = await _run_until_done(job, run_dir, settings, concurrency=8)
