@@ -88,11 +88,8 @@ async def _remix_run(
 ) -> Any:
     """What ``remix run MANIFEST --concurrency C`` does after parsing its flags."""
     from pipeline.config import load_settings
-    from pipeline.engine import EngineOptions, JobTotals, run_job
-    from pipeline.expand import validate_manifest
-    from pipeline.manifest import load_manifest
+    from pipeline.engine import EngineOptions, run_manifest
     from pipeline.progress import NullProgress
-    from pipeline.rundir import open_run_dir
 
     settings = load_settings(
         empty_config(run_dir.parent),
@@ -102,30 +99,13 @@ async def _remix_run(
             "limits": {**overrides.get("limits", {}), "concurrency": concurrency},
         },
     )
-    manifest = load_manifest(manifest_path)
-    report = validate_manifest(manifest, manifest_path)
-    report.raise_for_problems()
-    totals = JobTotals(
-        tasks=report.tasks,
-        images=report.images,
-        estimate_usd=report.estimated_cost_usd(settings.prices_usd),
-    )
-    options = EngineOptions(concurrency=concurrency)
-    with open_run_dir(
+    return await run_manifest(
+        manifest_path,
         run_dir,
-        manifest_path=manifest_path,
-        settings_public=settings.public_dict(),
-        shard=None,
-    ):
-        return await run_job(
-            manifest=manifest,
-            manifest_path=manifest_path,
-            totals=totals,
-            run_dir=run_dir,
-            settings=settings,
-            options=options,
-            progress=NullProgress(),
-        )
+        settings,
+        EngineOptions(concurrency=concurrency),
+        progress=NullProgress(),
+    )
 
 
 class CallTimer:

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
@@ -24,9 +23,9 @@ from pydantic import SecretStr
 from pipeline.config import ENV_API_KEY, Settings, load_settings
 from pipeline.engine import EngineOptions, JobTotals, RunSummary, run_job
 from pipeline.errors import ConfigError, ManifestError, PipelineError
-from pipeline.expand import validate_manifest
+from pipeline.expand import check_manifest
 from pipeline.gallery import write_gallery
-from pipeline.manifest import Manifest, load_manifest
+from pipeline.manifest import Manifest
 from pipeline.progress import NullProgress, Progress, TqdmProgress
 from pipeline.report import print_report, print_status, write_ledger
 from pipeline.rundir import open_run_dir
@@ -196,12 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load_valid(path: Path, settings: Settings) -> tuple[Manifest, dict[str, Any]]:
     """Load and validate a manifest; every problem at once, or totals for the plan."""
-    shape: list[str] = []
-    manifest = load_manifest(path, collect=shape)
-    report = validate_manifest(manifest, path)
-    problems = _merge_problems(shape, report.problems)
-    if problems:
-        raise ManifestError(problems)
+    manifest, report = check_manifest(path)
     by_speed: dict[str, int] = dict(report.images_by_speed)
     estimate = sum(
         (settings.price_for(speed) * count for speed, count in by_speed.items()),
@@ -218,26 +212,6 @@ def _load_valid(path: Path, settings: Settings) -> tuple[Manifest, dict[str, Any
         if manifest.job.budget_usd is None
         else str(manifest.job.budget_usd),
     }
-
-
-_ID_TAIL = re.compile(r"\(id=([^)]*)\): (.*)$")
-
-
-def _merge_problems(shape: Sequence[str], per_task: Sequence[str]) -> list[str]:
-    """Shape and per-task problems together, each once, in the order found.
-
-    Both checks can see the same mistake (a duplicate id in a CSV list, say) and
-    name its place slightly differently; what identifies it is the id and the text.
-    """
-    seen: set[str] = set()
-    merged: list[str] = []
-    for line in [*shape, *per_task]:
-        match = _ID_TAIL.search(line)
-        identity = f"{match[1]}\0{match[2]}" if match else line
-        if identity not in seen:
-            seen.add(identity)
-            merged.append(line)
-    return merged
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

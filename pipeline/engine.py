@@ -17,6 +17,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -47,7 +48,7 @@ from pipeline.errors import (
     StorageError,
     TaskTimeoutError,
 )
-from pipeline.expand import TaskSpec, expand, shard_of
+from pipeline.expand import TaskSpec, check_manifest, expand, shard_of
 from pipeline.journal import (
     JOURNAL_NAME,
     CompletedEvent,
@@ -66,6 +67,7 @@ from pipeline.limits import AccountPacer, AdaptiveLimit, Budget, RateMeter
 from pipeline.manifest import Manifest
 from pipeline.progress import NullProgress, Progress
 from pipeline.references import ReferenceUploader
+from pipeline.rundir import open_run_dir
 from pipeline.storage import (
     detect_ext,
     encode_sidecar,
@@ -1291,3 +1293,47 @@ async def run_job(
             on_engine(engine)
         with logging_redirect_tqdm():
             return await engine.run()
+
+
+async def run_manifest(
+    manifest_path: Path,
+    run_dir: Path,
+    settings: Settings,
+    options: EngineOptions,
+    *,
+    progress: Progress | None = None,
+    on_engine: Callable[[Engine], None] | None = None,
+) -> RunSummary:
+    """``remix run`` as a library call: validate, lock the run dir, run or resume.
+
+    ``options.budget_usd`` of None falls back to the manifest's ``budget_usd``.
+
+    Raises:
+        ManifestError: the manifest is invalid (nothing was sent).
+        ConfigError: the run dir holds another manifest or another run.
+    """
+    manifest, report = check_manifest(manifest_path)
+    totals = JobTotals(
+        tasks=report.tasks,
+        images=report.images,
+        estimate_usd=report.estimated_cost_usd(settings.prices_usd),
+    )
+    if options.budget_usd is None and manifest.job.budget_usd is not None:
+        options = dataclasses.replace(options, budget_usd=manifest.job.budget_usd)
+    shard = None if options.shard is None else f"{options.shard[0]}/{options.shard[1]}"
+    with open_run_dir(
+        run_dir,
+        manifest_path=manifest_path,
+        settings_public=settings.public_dict(),
+        shard=shard,
+    ):
+        return await run_job(
+            manifest=manifest,
+            manifest_path=manifest_path,
+            totals=totals,
+            run_dir=run_dir,
+            settings=settings,
+            options=options,
+            progress=progress,
+            on_engine=on_engine,
+        )

@@ -39,6 +39,7 @@ from pipeline.manifest import (
     dotted,
     error_message,
     is_local_image,
+    load_manifest,
     manifest_problems,
 )
 from pipeline.wire import DEFAULT_PRICE_USD, ImageInferenceRequest, Inputs
@@ -697,3 +698,38 @@ def _check_prompts(
                 )
             elif (msg := _prompt_problem(template.fill(values))) is not None:
                 sink.add(Problem(plan.key(ref.id, variant_id, pset), name, msg))
+
+
+_ID_TAIL = re.compile(r"\(id=([^)]*)\): (.*)$")
+
+
+def merge_problems(shape: Sequence[str], per_task: Sequence[str]) -> list[str]:
+    """Shape and per-task problems together, each once, in the order found.
+
+    Both checks can see the same mistake (a duplicate id in a CSV list, say) and
+    name its place slightly differently; what identifies it is the id and the text.
+    """
+    seen: set[str] = set()
+    merged: list[str] = []
+    for line in [*shape, *per_task]:
+        match = _ID_TAIL.search(line)
+        identity = f"{match[1]}\0{match[2]}" if match else line
+        if identity not in seen:
+            seen.add(identity)
+            merged.append(line)
+    return merged
+
+
+def check_manifest(path: Path) -> tuple[Manifest, ValidationReport]:
+    """Load and validate a manifest, before anything is spent.
+
+    Raises:
+        ManifestError: every problem found (shape and per-task together).
+    """
+    shape: list[str] = []
+    manifest = load_manifest(path, collect=shape)
+    report = validate_manifest(manifest, path)
+    problems = merge_problems(shape, report.problems)
+    if problems:
+        raise ManifestError(problems)
+    return manifest, report

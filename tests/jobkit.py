@@ -15,12 +15,10 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 from PIL import Image, ImageDraw
 
+from pipeline import engine
 from pipeline.config import Settings, load_settings
-from pipeline.engine import Engine, EngineOptions, JobTotals, RunSummary, run_job
-from pipeline.expand import validate_manifest
-from pipeline.manifest import load_manifest
+from pipeline.engine import Engine, EngineOptions, RunSummary
 from pipeline.progress import Progress
-from pipeline.rundir import open_run_dir
 
 SANDBOX_KEY = "sandbox"
 
@@ -146,35 +144,17 @@ async def run_manifest(
     progress: Progress | None = None,
 ) -> RunSummary:
     """What ``remix run`` does after parsing flags: validate, lock the dir, run."""
-    manifest = load_manifest(manifest_path)
-    report = validate_manifest(manifest, manifest_path)
-    report.raise_for_problems()
-    totals = JobTotals(
-        tasks=report.tasks,
-        images=report.images,
-        estimate_usd=report.estimated_cost_usd(settings.prices_usd),
-    )
     options = EngineOptions(
-        concurrency=concurrency,
-        budget_usd=budget_usd if budget_usd is not None else manifest.job.budget_usd,
-        retry_failed=retry_failed,
+        concurrency=concurrency, budget_usd=budget_usd, retry_failed=retry_failed
     )
-    with open_run_dir(
+    return await engine.run_manifest(
+        manifest_path,
         run_dir,
-        manifest_path=manifest_path,
-        settings_public=settings.public_dict(),
-        shard=None,
-    ):
-        return await run_job(
-            manifest=manifest,
-            manifest_path=manifest_path,
-            totals=totals,
-            run_dir=run_dir,
-            settings=settings,
-            options=options,
-            progress=progress,
-            on_engine=on_engine,
-        )
+        settings,
+        options,
+        progress=progress,
+        on_engine=on_engine,
+    )
 
 
 class StopAfter:
