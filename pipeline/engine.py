@@ -691,9 +691,7 @@ class Engine:
                 )
             )
             for flight in flights:
-                self._polling.pop(flight.task_uuid, None)
-                self._finish(flight)
-                self._budget.release(flight.reserved_per_image * flight.spec.images)
+                self._retire(flight)
                 self._outstanding -= 1
                 self.summary.tasks_unsubmitted += 1
             raise
@@ -924,13 +922,11 @@ class Engine:
             flight.next_poll_at = now + max(self._poll_gap(), grace / 2)
             return
         # Twice unknown after the grace period: it never arrived, so it was not billed.
-        self._polling.pop(flight.task_uuid, None)
-        self._finish(flight)
+        self._retire(flight)
         self.summary.lost += 1
         await self._append(
             LostEvent(ts=_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
         )
-        self._budget.release(flight.reserved_per_image * flight.spec.images)
         if self._draining.is_set():
             self._outstanding -= 1
             self.summary.tasks_unsubmitted += 1
@@ -950,14 +946,7 @@ class Engine:
     def _time_out(self, flight: _Flight, now: float) -> None:
         error = TaskTimeoutError(flight.task_uuid, now - flight.submitted_at)
         log.warning("%s (%s)", error, flight.spec.key)
-        self._polling.pop(flight.task_uuid, None)
-        self._finish(flight)
-        self._budget.release(
-            flight.reserved_per_image * (flight.spec.images - flight.stored)
-        )
-        self.summary.tasks_unfinished += 1
-        self._outstanding -= 1
-        self._check_done()
+        self._leave_for_rerun(flight)
 
     # -------------------------------------------------------- fetch and store
 
@@ -1081,14 +1070,7 @@ class Engine:
             item.error,
         )
         if not flight.finished:
-            self._polling.pop(flight.task_uuid, None)
-            self._finish(flight)
-            self._budget.release(
-                flight.reserved_per_image * (flight.spec.images - flight.stored)
-            )
-            self.summary.tasks_unfinished += 1
-            self._outstanding -= 1
-            self._check_done()
+            self._leave_for_rerun(flight)
 
     def _record(self, item: _Stored) -> None:
         """Account for one stored image (its completion is already journaled)."""
@@ -1125,6 +1107,22 @@ class Engine:
 
     # ---------------------------------------------------------------- endings
 
+    def _retire(self, flight: _Flight) -> None:
+        """This taskUUID needs no more questions, no slot and no reservation."""
+        self._polling.pop(flight.task_uuid, None)
+        self._finish(flight)
+        self._budget.release(
+            flight.reserved_per_image * (flight.spec.images - flight.stored)
+        )
+
+    def _leave_for_rerun(self, flight: _Flight) -> None:
+        """Unfinished here (deadline, download): the journal keeps it pending, so a
+        rerun asks about it again instead of paying for it again."""
+        self._retire(flight)
+        self.summary.tasks_unfinished += 1
+        self._outstanding -= 1
+        self._check_done()
+
     def _finish(self, flight: _Flight) -> None:
         flight.finished = True
         self._release_slot(flight)
@@ -1154,9 +1152,7 @@ class Engine:
             "it again",
             flight.spec.key,
         )
-        self._polling.pop(flight.task_uuid, None)
-        self._finish(flight)
-        self._budget.release(flight.reserved_per_image * flight.spec.images)
+        self._retire(flight)
         await self._append(
             LostEvent(ts=_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
         )
@@ -1174,11 +1170,7 @@ class Engine:
             return
         if await self._refused_stale_upload(flight, error):
             return
-        self._polling.pop(flight.task_uuid, None)
-        self._finish(flight)
-        self._budget.release(
-            flight.reserved_per_image * (flight.spec.images - flight.stored)
-        )
+        self._retire(flight)
         await self._append(
             FailedEvent(
                 ts=_now(),
