@@ -191,7 +191,6 @@ class _Flight:
     not_found: int = 0
     last_processing_at: float | None = None
     seen: set[str] = field(default_factory=set)
-    assigned: int = 0
     taken: set[int] = field(default_factory=set)
     """Image indices stored or being fetched: a new result takes the lowest free."""
     stored: int = 0
@@ -202,6 +201,11 @@ class _Flight:
     inherited_uploads: tuple[str, ...] = ()
     """Image UUIDs in the request that an earlier run uploaded (they may expire)."""
     finished: bool = False
+
+    @property
+    def assigned(self) -> int:
+        """Images stored or on their way to disk."""
+        return len(self.taken)
 
 
 @dataclass(eq=False)
@@ -590,7 +594,6 @@ class Engine:
                 ambiguous=True,
                 teaches_latency=False,
                 seen={c.image_uuid for c in stored.values()},
-                assigned=len(stored),
                 taken=set(stored),
                 stored=len(stored),
                 stored_before=len(stored),
@@ -875,7 +878,6 @@ class Engine:
                 i for i in range(len(flight.taken) + 1) if i not in flight.taken
             )
             flight.taken.add(index)
-            flight.assigned += 1
             if flight.assigned >= flight.spec.images:
                 self._polling.pop(flight.task_uuid, None)
             await self._fetch_send.send(_Fetch(flight, result, index))
