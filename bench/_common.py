@@ -40,11 +40,17 @@ class Usage:
 
     cpu_s: float
     peak_rss_mb: float
+    sys_s: float = 0.0
+    """The kernel's share of ``cpu_s`` (system calls: sockets, files, fsync)."""
 
     @classmethod
     def now(cls) -> Usage:
         ru = resource.getrusage(resource.RUSAGE_SELF)
-        return cls(cpu_s=ru.ru_utime + ru.ru_stime, peak_rss_mb=ru.ru_maxrss / 1024)
+        return cls(
+            cpu_s=ru.ru_utime + ru.ru_stime,
+            peak_rss_mb=ru.ru_maxrss / 1024,
+            sys_s=ru.ru_stime,
+        )
 
 
 def current_rss_mb() -> float:

@@ -271,13 +271,78 @@ class CallTimer:
         return lines
 
 
+class SlotMeter:
+    """Time-weighted count of the engine's concurrency slots in use (Little's law).
+
+    Wraps the slot gate's acquire/release for one run. ``mean_in_flight / C`` is the
+    share of the concurrency the run used; ``slot_seconds / slots`` is a slot's mean
+    hold time, whose excess over L is the per-task overhead to cut.
+    """
+
+    def __init__(self) -> None:
+        self.slots = 0
+        self.slot_seconds = 0.0
+        self._in_use = 0
+        self._since = 0.0
+        self._first: float | None = None
+        self._last = 0.0
+        self._saved: list[tuple[str, Any]] = []
+
+    def _tick(self, delta: int) -> None:
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = now
+        self.slot_seconds += self._in_use * (now - self._since)
+        self._since = self._last = now
+        self._in_use += delta
+        if delta > 0:
+            self.slots += delta
+
+    def __enter__(self) -> SlotMeter:
+        from pipeline import engine
+
+        gate: Any = getattr(engine, "_SlotGate", None)
+        if gate is None:
+            return self
+        meter = self
+        acquire, release = gate.force_acquire, gate.release
+
+        def force_acquire(g: Any, n: int = 1) -> None:
+            meter._tick(n)
+            acquire(g, n)
+
+        def released(g: Any, n: int = 1) -> None:
+            meter._tick(-n)
+            release(g, n)
+
+        self._saved = [("force_acquire", acquire), ("release", release)]
+        gate.force_acquire, gate.release = force_acquire, released
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from pipeline import engine
+
+        for attr, original in self._saved:
+            setattr(engine._SlotGate, attr, original)
+
+    def figures(self, concurrency: int) -> JsonObject:
+        if not self.slots or self._first is None:
+            return {}
+        span = self._last - self._first
+        return {
+            "slot_hold_mean_s": self.slot_seconds / self.slots,
+            "mean_in_flight": self.slot_seconds / span if span else 0.0,
+            "slot_utilisation": self.slot_seconds / (concurrency * span) if span else 0,
+        }
+
+
 def turnaround(run_dir: Path, concurrency: int, engine_wall_s: float) -> JsonObject:
     """From the journal: each task's turnaround (submitted -> last image stored).
 
     While the engine holds a slot until a task is stored, Little's law caps the run
     at C / mean(hold) tasks per second, so ``hold - L`` is the per-task overhead to
-    cut. ``slot_utilisation`` = sum(hold) / (C x wall): above 1 means slots are given
-    back before the images are stored (storage overlaps the next tasks).
+    cut. ``turnaround_share`` = sum(turnaround) / (C x wall): above 1 because a slot
+    is given back when the API is done, before the images are stored.
     """
     from pipeline.journal import (
         JOURNAL_NAME,
@@ -308,7 +373,7 @@ def turnaround(run_dir: Path, concurrency: int, engine_wall_s: float) -> JsonObj
         "hold_p50_s": pct(0.5),
         "hold_p90_s": pct(0.9),
         "hold_max_s": holds[-1],
-        "slot_utilisation": sum(holds) / (concurrency * engine_wall_s),
+        "turnaround_share": sum(holds) / (concurrency * engine_wall_s),
         "first_submit_to_last_done_s": last - first,
     }
 
@@ -332,9 +397,10 @@ def bench_remix(
     profiler = cProfile.Profile() if profile_top else None
     started = time.perf_counter()
     timer = CallTimer()
+    slots = SlotMeter()
     if profiler is not None:
         profiler.enable()
-    with timer if trace else contextlib.nullcontext():
+    with slots, timer if trace else contextlib.nullcontext():
         summary = anyio.run(
             _remix_run,
             manifest_path,
@@ -373,6 +439,7 @@ def bench_remix(
     holds = turnaround(run_dir, concurrency, summary.wall_s)
     return {
         **holds,
+        **slots.figures(concurrency),
         "images": images,
         "tasks_done": summary.tasks_done,
         "tasks_failed": summary.tasks_failed,
@@ -389,6 +456,7 @@ def bench_remix(
         "billed_twice": seen["billed_twice"],
         "max_in_flight": summary.max_in_flight,
         "cpu_s": usage1.cpu_s - usage0.cpu_s,
+        "cpu_sys_s": usage1.sys_s - usage0.sys_s,
         "server_cpu_s": server_cpu1 - server_cpu0,
         "peak_rss_mb": usage1.peak_rss_mb,
         "rss_before_mb": rss_before,
@@ -497,6 +565,7 @@ def bench_sdk(
         "downloads": seen["downloads"],
         "billed": seen["billed"],
         "cpu_s": usage1.cpu_s - usage0.cpu_s,
+        "cpu_sys_s": usage1.sys_s - usage0.sys_s,
         "server_cpu_s": server_cpu1 - server_cpu0,
         "peak_rss_mb": usage1.peak_rss_mb,
     }
@@ -581,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             upload_requests=remix["uploads"],
             downloads=remix["downloads"],
             cpu_us_per_image=round(remix["cpu_s"] / images * 1e6, 1),
+            cpu_sys_us_per_image=round(remix["cpu_sys_s"] / images * 1e6, 1),
             server_cpu_us_per_image=round(remix["server_cpu_s"] / images * 1e6, 1),
             peak_rss_mb=round(remix["peak_rss_mb"], 1),
             max_in_flight=remix["max_in_flight"],
@@ -596,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{remix['server_api_posts']} POSTs) = "
             f"{remix['api_requests'] / images:.3f}/image; "
             f"CPU {remix['cpu_s']:.2f}s = "
-            f"{remix['cpu_s'] / images * 1e6:.0f} us/image; "
+            f"{remix['cpu_s'] / images * 1e6:.0f} us/image "
+            f"({remix['cpu_sys_s'] / images * 1e6:.0f} in the kernel); "
             f"peak RSS {remix['peak_rss_mb']:.1f} MB "
             f"(before the run {remix['rss_before_mb']:.1f} MB); "
             f"max in flight {remix['max_in_flight']}; "
@@ -605,20 +676,29 @@ def main(argv: list[str] | None = None) -> int:
         if "hold_mean_s" in remix:
             figures.update(
                 engine_wall_s=round(remix["engine_wall_s"], 3),
-                hold_mean_s=round(remix["hold_mean_s"], 4),
-                hold_p50_s=round(remix["hold_p50_s"], 4),
-                hold_p90_s=round(remix["hold_p90_s"], 4),
-                hold_max_s=round(remix["hold_max_s"], 4),
-                slot_utilisation=round(remix["slot_utilisation"], 4),
+                turnaround_mean_s=round(remix["hold_mean_s"], 4),
+                turnaround_p50_s=round(remix["hold_p50_s"], 4),
+                turnaround_p90_s=round(remix["hold_p90_s"], 4),
+                turnaround_max_s=round(remix["hold_max_s"], 4),
             )
             emit(
                 f"remix turnaround (submitted -> stored): {remix['hold_mean_s']:.3f}s "
                 f"mean (p50 {remix['hold_p50_s']:.3f}, p90 "
                 f"{remix['hold_p90_s']:.3f}, max {remix['hold_max_s']:.3f}; L = "
-                f"{latency_s}s); sum of turnarounds = "
-                f"{remix['slot_utilisation']:.1%} of C x engine wall "
-                f"{remix['engine_wall_s']:.2f}s; first submit to last "
+                f"{latency_s}s); first submit to last "
                 f"image {remix['first_submit_to_last_done_s']:.2f}s"
+            )
+        if "slot_hold_mean_s" in remix:
+            figures.update(
+                slot_hold_mean_s=round(remix["slot_hold_mean_s"], 4),
+                mean_in_flight=round(remix["mean_in_flight"], 1),
+                slot_utilisation=round(remix["slot_utilisation"], 4),
+            )
+            emit(
+                f"remix slots: a slot is held {remix['slot_hold_mean_s']:.4f}s per "
+                f"task (L = {latency_s}s); {remix['mean_in_flight']:.1f} of {c} in "
+                f"use on average ({remix['slot_utilisation']:.1%}) from the first "
+                "submit to the last answer"
             )
         if remix["server_api_posts"] != remix["api_requests"]:
             emit(
@@ -639,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                 sdk_efficiency=round(sdk_rate / limit, 4),
                 sdk_requests_per_image=round(sdk_rpi, 4),
                 sdk_cpu_us_per_image=round(sdk_cpu, 1),
+                sdk_cpu_sys_us_per_image=round(sdk["cpu_sys_s"] / sdk_images * 1e6, 1),
                 sdk_server_cpu_us_per_image=round(
                     sdk["server_cpu_s"] / sdk_images * 1e6, 1
                 ),
@@ -650,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"sdk:   {sdk['images']} images in {sdk['wall_s']:.2f}s "
                 f"= {sdk_rate:.1f}/s; {sdk['api_requests']} API requests = "
                 f"{sdk_rpi:.3f}/image; CPU {sdk['cpu_s']:.2f}s = {sdk_cpu:.0f} us/image"
+                f" ({sdk['cpu_sys_s'] / sdk_images * 1e6:.0f} in the kernel)"
                 f"; sandbox CPU {sdk['server_cpu_s']:.2f}s"
             )
             emit(

@@ -2,8 +2,10 @@
 
 Why this shape:
 - *Concurrency means tasks in flight at the API.* A slot is taken when a task is
-  submitted and given back once all its images are downloaded (or it failed); writing
-  them to disk overlaps the next tasks, and a bounded queue keeps memory in check.
+  sent and given back as soon as the API has answered with all its images (or it
+  failed); downloading and writing them overlap the next tasks, and bounded queues
+  keep memory in check. ``submitted`` lines are journaled ahead, so no slot waits
+  for an fsync.
 - *Requests per image well below one.* Submits carry many tasks; one poller asks about
   every due taskUUID in batched getResponse requests. Each task is polled first when it
   is expected to be done (from the latency observed so far), then less and less often.
@@ -84,6 +86,8 @@ _SUBMITTERS: Final = 2
 """Two submits may be in flight: slots freed while one waits for its answer (the
 journal fsync, then the HTTP round trip) go out with the other (0.80-0.87 -> 0.87
 efficiency at C=256, L=0.5 s in bench/throughput.py)."""
+_UPLOADS_AHEAD: Final = 8
+"""Reference uploads that may run at once ahead of the tasks that need them."""
 _FIRST_ONLY_LIMIT: Final = 3
 """Batched polls answered for their first task only, in a row, before unbatching."""
 _STORE_BATCH: Final = 128
@@ -96,6 +100,12 @@ _GAP_FRACTION: Final = 0.03
 short enough that a task is seen soon after it is done, long enough that polls stay
 a small fraction of requests (they carry up to poll_batch tasks each)."""
 """A task done when first asked finished at most then: guess a little earlier."""
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first real exception in a (possibly nested) group from task groups."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _now() -> datetime:
@@ -177,6 +187,7 @@ class _Flight:
     task_uuid: str
     wire: dict[str, Any]
     submitted_at: float
+    """When it was sent (clock); when a resumed run took it over, for old ones."""
     submitted_wall: datetime | None
     reserved_per_image: Decimal
     next_poll_at: float
@@ -194,13 +205,13 @@ class _Flight:
     taken: set[int] = field(default_factory=set)
     """Image indices stored or being fetched: a new result takes the lowest free."""
     stored: int = 0
-    stored_before: int = 0
-    """Images an earlier run already stored (a resumed numberResults > 1 task)."""
-    downloaded: int = 0
     holds_slot: bool = True
     inherited_uploads: tuple[str, ...] = ()
     """Image UUIDs in the request that an earlier run uploaded (they may expire)."""
     finished: bool = False
+    request: ImageInferenceRequest | None = None
+    """Until it is sent; afterwards ``wire`` is all that is kept."""
+    replaces: str | None = None
 
     @property
     def assigned(self) -> int:
@@ -246,6 +257,7 @@ class _SlotGate:
         self.in_flight = 0
         self.peak = 0
         self._changed = anyio.Event()
+        self._interrupted = False
 
     def _notify(self) -> None:
         self._changed.set()
@@ -255,12 +267,20 @@ class _SlotGate:
     def free(self) -> int:
         return max(0, self._limit() - self.in_flight)
 
+    def interrupt(self) -> None:
+        """From now on ``acquire`` returns 0 instead of waiting (a stop)."""
+        self._interrupted = True
+        self._notify()
+
     async def acquire(self, want: int, window_s: float) -> int:
         """Take between 1 and ``want`` slots, waiting up to ``window_s`` for more.
 
         Coalescing slots freed close together turns many one-task submits into one.
+        Returns 0 once interrupted.
         """
         while self.free == 0:
+            if self._interrupted:
+                return 0
             await self._changed.wait()
         target = min(want, max(1, self._limit() // 4))
         if self.free < target and window_s > 0:
@@ -327,6 +347,63 @@ class _Backlog:
         return out
 
 
+class _ReadyPool:
+    """Tasks already journaled as ``submitted``, each waiting for a slot.
+
+    The journaler tops it up to ``low_water`` and one batch more, so the fsync before
+    a submit is paid ahead of time instead of while a slot waits.
+    """
+
+    def __init__(self, low_water: int) -> None:
+        self._items: deque[_Flight] = deque()
+        self._low_water = low_water
+        self._changed = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_for_room(self) -> None:
+        while len(self._items) >= self._low_water:
+            await self._changed.wait()
+
+    async def wait_for_any(self) -> None:
+        while not self._items:
+            await self._changed.wait()
+
+    def extend(self, flights: Iterable[_Flight]) -> None:
+        self._items.extend(flights)
+        self._notify()
+
+    def take(self, most: int) -> list[_Flight]:
+        out = [self._items.popleft() for _ in range(min(most, len(self._items)))]
+        self._notify()
+        return out
+
+
+class _UploadsAhead:
+    """Starts the upload of each new local reference once, a few at a time."""
+
+    def __init__(self, group: TaskGroup, uploader: ReferenceUploader) -> None:
+        self._group = group
+        self._uploader = uploader
+        self._started: set[Path] = set()
+        self._limiter = anyio.CapacityLimiter(_UPLOADS_AHEAD)
+
+    def start(self, paths: Iterable[Path]) -> None:
+        for path in paths:
+            if path not in self._started:
+                self._started.add(path)
+                self._group.start_soon(self._upload, path)
+
+    async def _upload(self, path: Path) -> None:
+        async with self._limiter:
+            await self._uploader.resolve(path)
+
+
 class Engine:
     """Runs one job's tasks against the API into a run directory."""
 
@@ -365,6 +442,7 @@ class Engine:
         cap = options.budget_usd
         self._budget = Budget(cap, spent_usd=state.spent_usd)
         self._backlog = _Backlog(bound=max(2 * limits.submit_batch, 8))
+        self._ready = _ReadyPool(low_water=max(limits.submit_batch, top // 4))
         self._polling: dict[str, _Flight] = {}
         self._poll_wakeup = anyio.Event()
         self._latency_s: float | None = None
@@ -392,6 +470,7 @@ class Engine:
                 "stopping (%s): no new submits; finishing in-flight tasks", reason
             )
         self._draining.set()
+        self._gate.interrupt()
         self._drop_backlog()
         self._check_done()
 
@@ -468,6 +547,7 @@ class Engine:
                     try:
                         async with anyio.create_task_group() as tg:
                             tg.start_soon(self._feeder, uploader)
+                            tg.start_soon(self._journaler)
                             for _ in range(_SUBMITTERS):
                                 tg.start_soon(self._submitter)
                             tg.start_soon(self._poller)
@@ -481,21 +561,21 @@ class Engine:
                             await self._all_done.wait()
                             tg.cancel_scope.cancel()
                     except* (AuthError, InsufficientCreditError) as group:
-                        exc = group.exceptions[0]
+                        exc = _first_leaf(group)
                         reason = "auth" if isinstance(exc, AuthError) else "credit"
                         self.summary.stop_reason = reason
                         self.summary.stop_message = str(exc)
                         log.error("%s", exc)
                     except* StorageError as group:
                         self.summary.stop_reason = "storage"
-                        self.summary.stop_message = str(group.exceptions[0])
-                        log.error("%s", group.exceptions[0])
+                        self.summary.stop_message = str(_first_leaf(group))
+                        log.error("%s", self.summary.stop_message)
                     except* ApiError as group:
                         # Retries ran out on a call no task can absorb (an upload):
                         # the API is unreachable or broken; stop, resumable.
                         self.summary.stop_reason = "api"
                         self.summary.stop_message = (
-                            f"{group.exceptions[0]}; check the network and "
+                            f"{_first_leaf(group)}; check the network and "
                             f"{self._settings.api.base_url}, then rerun to resume"
                         )
                         log.error("%s", self.summary.stop_message)
@@ -557,20 +637,47 @@ class Engine:
                 for spec in self._selected():
                     if spec.key in state.pending and not state.is_complete(spec.key):
                         self._resume_flights(spec)
-            for spec in self._selected():
-                if self._draining.is_set():
-                    break
-                key = spec.key
-                if state.is_complete(key) or key in state.pending:
-                    continue
-                if key in state.failed and not self._options.retry_failed:
-                    continue
-                request = await self._prepare(spec, uploader)
-                self._outstanding += 1
-                await self._backlog.put(_Prepared(spec, request))
+            async with anyio.create_task_group() as uploads:
+                ahead = _UploadsAhead(uploads, uploader)
+                for spec in self._window(self._to_send(), ahead):
+                    if self._draining.is_set():
+                        break
+                    request = await self._prepare(spec, uploader)
+                    self._outstanding += 1
+                    await self._backlog.put(_Prepared(spec, request))
+                uploads.cancel_scope.cancel()  # a stop: what is left is not needed
         finally:
             self._feeding_done = True
             self._check_done()
+
+    def _to_send(self) -> Iterator[TaskSpec]:
+        state = self._state
+        for spec in self._selected():
+            key = spec.key
+            if state.is_complete(key) or key in state.pending:
+                continue
+            if key in state.failed and not self._options.retry_failed:
+                continue
+            yield spec
+
+    def _window(
+        self, specs: Iterator[TaskSpec], ahead: _UploadsAhead
+    ) -> Iterator[TaskSpec]:
+        """The tasks in order, with the references of the next ones uploading.
+
+        Uploading a new reference takes a round trip (and a big file much longer);
+        done one at a time when a task first needs it, every new reference would
+        stall the submits behind it and leave slots idle.
+        """
+        window: deque[TaskSpec] = deque()
+        limits = self._settings.limits
+        size = 2 * max(1, self._options.concurrency) + limits.submit_batch
+        for spec in specs:
+            ahead.start(spec.local_files)
+            window.append(spec)
+            if len(window) >= size:
+                yield window.popleft()
+        yield from window
 
     async def _prepare(
         self, spec: TaskSpec, uploader: ReferenceUploader
@@ -596,7 +703,6 @@ class Engine:
                 seen={c.image_uuid for c in stored.values()},
                 taken=set(stored),
                 stored=len(stored),
-                stored_before=len(stored),
             )
             self._outstanding += 1
             self.summary.resumed += 1
@@ -613,19 +719,20 @@ class Engine:
     def _price_per_image(self, spec: TaskSpec) -> Decimal:
         return max(self._settings.price_for(spec.rendering_speed), self._max_price_seen)
 
-    async def _submitter(self) -> None:
+    async def _journaler(self) -> None:
+        """Reserve budget for the next tasks and journal them as ``submitted``.
+
+        This runs ahead of the submitters, so the fsync that must precede a submit
+        is not paid while a concurrency slot sits idle: a freed slot goes straight
+        to a task whose ``submitted`` line is already durable. At most ``_ready``'s
+        bound of journaled tasks wait unsent; a crash leaves them pending, and the
+        rerun's questions about them find them unknown and send them again.
+        """
         batch_max = self._settings.limits.submit_batch
         while True:
+            await self._ready.wait_for_room()
             items = await self._backlog.take(batch_max)
-            slots = await self._gate.acquire(len(items), self._coalesce_s())
-            self.summary.adaptive_floor = min(
-                self.summary.adaptive_floor, self._adaptive.value
-            )
-            if slots < len(items):
-                self._backlog.put_back(items[slots:])
-                items = items[:slots]
             if self._draining.is_set():
-                self._gate.release(len(items))
                 self._drop(items)
                 continue
             batch: list[_Prepared] = []
@@ -634,7 +741,6 @@ class Engine:
                 if self._budget.try_reserve(reserve):
                     batch.append(item)
                 else:
-                    self._gate.release(1)
                     self._drop([item])
                     self.request_stop(
                         "budget",
@@ -642,49 +748,98 @@ class Engine:
                         f"${self._budget.spent_usd}); raise --budget and rerun to "
                         "continue",
                     )
-            if batch:
-                await self._submit(batch)
+            if not batch:
+                continue
+            flights = [self._new_flight(item) for item in batch]
+            await self._append(  # durable BEFORE any of them is sent
+                *(
+                    SubmittedEvent(
+                        ts=_now(),
+                        key=item.spec.key,
+                        task_uuid=flight.task_uuid,
+                        images=item.spec.images,
+                        estimate_usd=flight.reserved_per_image * item.spec.images,
+                        replaces=item.replaces,
+                    )
+                    for item, flight in zip(batch, flights, strict=True)
+                )
+            )
+            self._ready.extend(flights)
 
-    async def _submit(self, batch: list[_Prepared]) -> None:
+    def _new_flight(self, item: _Prepared) -> _Flight:
+        return _Flight(
+            spec=item.spec,
+            task_uuid=str(item.request.task_uuid),
+            request=item.request,
+            wire=item.request.wire,
+            submitted_at=self._clock(),
+            submitted_wall=_now(),
+            reserved_per_image=self._price_per_image(item.spec),
+            next_poll_at=math.inf,
+            backoff_s=self._poll_gap(),
+            inherited_uploads=self._inherited_uploads(item.request),
+            replaces=item.replaces,
+            holds_slot=False,
+        )
+
+    async def _submitter(self) -> None:
+        """Send journaled tasks as concurrency slots free up, many per request."""
+        batch_max = self._settings.limits.submit_batch
+        while True:
+            await self._ready.wait_for_any()
+            if self._draining.is_set():
+                await self._unsent(self._ready.take(len(self._ready)))
+                continue
+            want = min(batch_max, len(self._ready))
+            slots = await self._gate.acquire(want, self._coalesce_s())
+            self.summary.adaptive_floor = min(
+                self.summary.adaptive_floor, self._adaptive.value
+            )
+            flights = self._ready.take(slots)
+            if len(flights) < slots:  # the other submitter took some meanwhile
+                self._gate.release(slots - len(flights))
+            if not flights:
+                continue
+            if self._draining.is_set():
+                self._gate.release(len(flights))
+                await self._unsent(flights)
+                continue
+            await self._submit(flights)
+
+    async def _unsent(self, flights: list[_Flight]) -> None:
+        """Journaled but never sent (a stop): a rerun submits them afresh."""
+        await self._append(
+            *(
+                LostEvent(ts=_now(), key=f.spec.key, task_uuid=f.task_uuid)
+                for f in flights
+            )
+        )
+        self._budget.release(
+            sum((f.reserved_per_image * f.spec.images for f in flights), Decimal(0))
+        )
+        for flight in flights:
+            flight.finished = True
+        self._drop(flights)
+
+    async def _submit(self, flights: list[_Flight]) -> None:
+        """One submit request for flights that each hold a slot."""
         assert self._client is not None
         now = self._clock()
         wall = _now()
-        flights: list[_Flight] = []
-        events: list[Event] = []
-        for item in batch:
-            price = self._price_per_image(item.spec)
-            task_uuid = str(item.request.task_uuid)
-            flights.append(
-                _Flight(
-                    spec=item.spec,
-                    task_uuid=task_uuid,
-                    wire=item.request.wire,
-                    submitted_at=now,
-                    submitted_wall=wall,
-                    reserved_per_image=price,
-                    next_poll_at=now + self._first_poll_delay(),
-                    backoff_s=self._poll_gap(),
-                    inherited_uploads=self._inherited_uploads(item.request),
-                )
-            )
-            events.append(
-                SubmittedEvent(
-                    ts=wall,
-                    key=item.spec.key,
-                    task_uuid=task_uuid,
-                    images=item.spec.images,
-                    estimate_usd=price * item.spec.images,
-                    replaces=item.replaces,
-                )
-            )
-        await self._append(*events)  # durable BEFORE the request leaves
-        self.summary.submitted += len(batch)
-        self.summary.resubmitted += sum(1 for i in batch if i.replaces)
-        self.summary.submit_requests += 1
         for flight in flights:
+            flight.holds_slot = True
+            flight.submitted_at = now
+            flight.submitted_wall = wall
+            flight.next_poll_at = now + self._first_poll_delay()
+            flight.backoff_s = self._poll_gap()
             self._polling[flight.task_uuid] = flight
+        self.summary.submitted += len(flights)
+        self.summary.resubmitted += sum(1 for f in flights if f.replaces)
+        self.summary.submit_requests += 1
         try:
-            outcome = await self._client.submit([i.request for i in batch])
+            outcome = await self._client.submit(
+                [f.request for f in flights if f.request is not None]
+            )
         except (AuthError, InsufficientCreditError):
             # A definite refusal: nothing was accepted, so nothing to poll later.
             await self._append(
@@ -698,6 +853,8 @@ class Engine:
                 self._outstanding -= 1
                 self.summary.tasks_unsubmitted += 1
             raise
+        for flight in flights:
+            flight.request = None  # sent: only its wire form is kept, for sidecars
         await self._handle_submit(flights, outcome)
         self._wake_poller()
 
@@ -879,7 +1036,10 @@ class Engine:
             )
             flight.taken.add(index)
             if flight.assigned >= flight.spec.images:
+                # The API is done with it: its slot goes to the next task while
+                # the images download (the fetch queue's bound holds memory).
                 self._polling.pop(flight.task_uuid, None)
+                self._release_slot(flight)
             await self._fetch_send.send(_Fetch(flight, result, index))
 
     def _observe_latency(self, flight: _Flight, now: float) -> None:
@@ -967,10 +1127,6 @@ class Engine:
                     await done.send(_FetchFailed(job.flight, job.result, str(exc)))
                     continue
                 await done.send(_Downloaded(job, data))
-                flight = job.flight
-                flight.downloaded += 1
-                if flight.downloaded >= flight.spec.images - flight.stored_before:
-                    self._release_slot(flight)  # the API is done with this task
 
     def _image_path(self, job: _Fetch, data: bytes) -> str:
         spec = job.flight.spec
@@ -1191,7 +1347,7 @@ class Engine:
         self._check_done()
         self._report_progress()
 
-    def _drop(self, items: Iterable[_Prepared]) -> None:
+    def _drop(self, items: Iterable[object]) -> None:
         """Never submitted (stop requested): a rerun submits them."""
         for _ in items:
             self._outstanding -= 1

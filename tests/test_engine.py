@@ -446,3 +446,97 @@ async def test_api_acking_with_empty_data_is_resolved_by_polling(
     assert summary.resubmitted == 0
     assert state.submissions == 12
     assert state.content_billed_twice == 0
+
+
+async def test_a_slot_is_freed_when_the_api_is_done_not_when_the_image_is_saved(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """Slow downloads do not hold concurrency: the API stays busy meanwhile.
+
+    Concurrency bounds tasks in flight *at the API*. Were a slot held until the
+    image is on disk, only 2 tasks could be sent before the first (1.5 s) download
+    ends; as it is, all 8 are sent, and the API never has more than 2 at once.
+    """
+    server = await make_sandbox(
+        SandboxConfig(latency_s=0.02, slow_download_s=1.5, render_scale=0.1)
+    )
+    state = server.app[STATE]
+    job = write_job(tmp_path, refs=4, variants=VARIANTS)
+    sent_before_first_download: list[int] = []
+
+    async def watch() -> None:
+        # The sandbox's counters have no event to wait on: look every 2 ms.
+        while state.downloads == 0:  # noqa: ASYNC110
+            await anyio.sleep(0.002)
+        sent_before_first_download.append(state.submissions)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        summary = await run_manifest(
+            job,
+            tmp_path / "run",
+            fast_settings(tmp_path, base_url(server)),
+            concurrency=2,
+        )
+    assert summary.exit_code == 0
+    assert summary.images_done == 8
+    assert sent_before_first_download == [8]
+    assert state.max_in_flight_seen <= 2
+    assert summary.max_in_flight == 2
+
+
+async def test_new_references_upload_ahead_of_the_tasks_that_need_them(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """Uploads of different references overlap, so one slow upload stalls nothing."""
+    server = await make_sandbox(
+        SandboxConfig(latency_s=0.02, upload_latency_s=0.2, render_scale=0.1)
+    )
+    job = write_job(tmp_path, refs=6, variants=VARIANTS[:1])
+    summary = await run_manifest(
+        job,
+        tmp_path / "run",
+        fast_settings(tmp_path, base_url(server)),
+        concurrency=8,
+    )
+    state = server.app[STATE]
+    assert summary.exit_code == 0
+    assert state.uploads == summary.uploads == 6  # still one upload per file
+    assert state.max_concurrent_uploads >= 2
+
+
+async def test_a_stop_leaves_no_journaled_task_that_was_never_sent(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """Tasks journaled ahead of their submit but not sent by a stop are marked lost.
+
+    The rerun then sends them at once instead of asking the API about them first.
+    """
+    server = await make_sandbox(SandboxConfig(latency_s=0.2, render_scale=0.1))
+    job = write_job(tmp_path, refs=10, variants=styles(10))
+    settings = fast_settings(tmp_path, base_url(server))
+    run_dir = tmp_path / "run"
+    stopper = StopAfter(3, hard=False)
+    first = await run_manifest(
+        job,
+        run_dir,
+        settings,
+        concurrency=4,
+        on_engine=stopper.attach,
+        progress=stopper,
+    )
+    state = server.app[STATE]
+    assert first.exit_code == 3
+    assert first.tasks_unsubmitted > 0
+    events = list(read_journal(run_dir / "journal.jsonl"))
+    lost = [e for e in events if isinstance(e, LostEvent)]
+    assert lost, "tasks were journaled ahead of the stop"
+    assert not {e.task_uuid for e in lost} & set(state.tasks)  # never sent
+    assert set(load_state(run_dir / "journal.jsonl").pending) == set()
+    second = await run_manifest(job, run_dir, settings, concurrency=4)
+    assert second.exit_code == 0
+    assert second.resumed == 0
+    assert state.submissions == 100
+    assert state.duplicate_task_uuids == 0
+    assert state.content_billed_twice == 0
+    assert len(image_files(run_dir)) == 100

@@ -114,6 +114,8 @@ class SandboxConfig:
     slow_response_s: float = 0.0
     slow_download_s: float = 0.0
     """Extra delay before an image download is answered (a slow CDN)."""
+    upload_latency_s: float = 0.0
+    """How long one imageUpload takes (a big reference on a slow uplink)."""
     task_fail_rate: float = 0.0
     prices_usd: Mapping[str, Decimal] = field(
         default_factory=_default_prices, hash=False
@@ -607,6 +609,16 @@ class Sandbox:
     async def _upload(
         self, req: ImageUploadRequest, raw_uuid: str, origin: str
     ) -> JsonObject:
+        state = self.state
+        state.uploads_in_progress += 1
+        state.max_concurrent_uploads = max(
+            state.max_concurrent_uploads, state.uploads_in_progress
+        )
+        try:
+            if self.config.upload_latency_s > 0:
+                await anyio.sleep(self.config.upload_latency_s)
+        finally:
+            state.uploads_in_progress -= 1
         source = await self._resolve(req.image, "image")
         data = source.data
         if data is None:

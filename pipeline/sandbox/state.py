@@ -121,6 +121,9 @@ class SandboxState:
         """Image GETs answered with the image."""
         self.uploads = 0
         """imageUpload tasks stored."""
+        self.uploads_in_progress = 0
+        self.max_concurrent_uploads = 0
+        """Most imageUpload tasks being worked on at once."""
         self.webhooks_sent = 0
         self.upload_endpoint_puts = 0
         self.tasks: dict[str, SandboxTask] = {}
