@@ -2,9 +2,11 @@
 
 The sandbox runs in a separate process (``python bench/_common.py serve ...``) so the
 client under test does not share its event loop or core with the server. The launcher
-adds two read-only routes to the sandbox app, ``GET /bench/counters`` (the sandbox's
-public counters) and ``GET /bench/rusage`` (the server's CPU time), so a benchmark can
-count every request a client made, whichever client it is, without patching it.
+adds read-only routes to the sandbox app, ``GET /bench/counters`` (the sandbox's
+public counters), ``GET /bench/rusage`` (the server's CPU time) and ``GET /bench/tasks``
+(when each task was accepted and done, on the monotonic clock both processes share),
+so a benchmark can count every request a client made, whichever client it is, without
+patching it.
 """
 
 from __future__ import annotations
@@ -238,6 +240,9 @@ class SandboxProcess:
     def counters(self) -> JsonObject:
         return self._get("/bench/counters")
 
+    def task_times(self) -> JsonObject:
+        return self._get("/bench/tasks")
+
     def cpu_s(self) -> float:
         return float(self._get("/bench/rusage")["cpu_s"])
 
@@ -312,7 +317,15 @@ def _serve(args: argparse.Namespace) -> None:
             {"cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024}
         )
 
+    async def task_times(request: web.Request) -> web.Response:
+        """taskUUID -> [accepted_at, done_at] on the monotonic clock (for --trace)."""
+        tasks = request.app[STATE].tasks
+        return web.json_response(
+            {uuid: [t.submitted_at, t.done_at] for uuid, t in tasks.items()}
+        )
+
     app.router.add_get("/bench/counters", counters)
+    app.router.add_get("/bench/tasks", task_times)
     app.router.add_get("/bench/rusage", rusage)
 
     async def main() -> None:

@@ -137,13 +137,21 @@ class CallTimer:
         self.processing_answers = 0
         self.done_answers = 0
         self.latency_estimates: list[float] = []
+        # The same moments on the monotonic clock, which the sandbox process shares.
+        self.mono_sent: dict[str, float] = {}
+        self.mono_answered: dict[str, float] = {}
+        self.mono_seen: dict[str, float] = {}
 
-    def _observe(self, name: str, args: tuple[Any, ...], t0: float, out: Any) -> None:
-        now = time.time()
+    def _observe(
+        self, name: str, args: tuple[Any, ...], t0: float, mono0: float, out: Any
+    ) -> None:
+        now, mono = time.time(), time.monotonic()
         if name == "RunwareClient.submit":
             for task in args[1]:
                 self.submit_started.setdefault(str(task.task_uuid), t0)
                 self.submit_returned.setdefault(str(task.task_uuid), now)
+                self.mono_sent.setdefault(str(task.task_uuid), mono0)
+                self.mono_answered.setdefault(str(task.task_uuid), mono)
         elif name == "RunwareClient.poll" and out is not None:
             for uuid in args[1]:
                 self.polls_per_task[uuid] = self.polls_per_task.get(uuid, 0) + 1
@@ -151,6 +159,7 @@ class CallTimer:
             for result in out.results:
                 self.done_answers += 1
                 self.result_seen.setdefault(result.task_uuid, now)
+                self.mono_seen.setdefault(result.task_uuid, mono)
 
     def __enter__(self) -> CallTimer:
         import functools
@@ -169,14 +178,18 @@ class CallTimer:
             def wrap(fn: Any, name: str = name, samples: list[float] = samples) -> Any:
                 @functools.wraps(fn)
                 async def timed(*args: Any, **kwargs: Any) -> Any:
-                    t0, wall0 = time.perf_counter(), time.time()
+                    t0, wall0, mono0 = (
+                        time.perf_counter(),
+                        time.time(),
+                        time.monotonic(),
+                    )
                     out = None
                     try:
                         out = await fn(*args, **kwargs)
                         return out
                     finally:
                         samples.append(time.perf_counter() - t0)
-                        self._observe(name, args, wall0, out)
+                        self._observe(name, args, wall0, mono0, out)
 
                 return timed
 
@@ -200,6 +213,42 @@ class CallTimer:
     def __exit__(self, *exc: object) -> None:
         for owner, attr, original in reversed(self._saved):
             setattr(owner, attr, original)
+
+    def wire_phases(self, server_tasks: JsonObject) -> list[str]:
+        """A slot's hold split at the API's own clock (the sandbox's, same monotonic).
+
+        ``server_tasks`` maps taskUUID -> [accepted_at, done_at] from the sandbox.
+        """
+        rows: dict[str, list[float]] = {
+            "submit sent -> API accepted it (send, queueing, parsing)": [],
+            "API accepted -> API done (the latency L)": [],
+            "API done -> result seen by a poll (poll lag)": [],
+            "API accepted -> submit answer received": [],
+        }
+        keys = list(rows)
+        for uuid, (accepted, done) in server_tasks.items():
+            try:
+                sent, answered = self.mono_sent[uuid], self.mono_answered[uuid]
+                seen = self.mono_seen[uuid]
+            except KeyError:
+                continue
+            values = (
+                accepted - sent,
+                done - accepted,
+                seen - done,
+                answered - accepted,
+            )
+            for key, value in zip(keys, values, strict=True):
+                rows[key].append(value)
+        out = []
+        for key, samples in rows.items():
+            if samples:
+                ordered = sorted(samples)
+                out.append(
+                    f"  {key:<58} mean {1e3 * sum(samples) / len(samples):7.1f} ms  "
+                    f"p90 {1e3 * ordered[int(0.9 * (len(ordered) - 1))]:7.1f} ms"
+                )
+        return out
 
     def phases(self, run_dir: Path, latency_s: float) -> list[str]:
         """Where a slot's hold time goes, per task, mean over tasks (seconds)."""
@@ -435,6 +484,9 @@ def bench_remix(
             emit(line)
         emit("remix turnaround, by phase (--trace):")
         for line in timer.phases(run_dir, latency_s):
+            emit(line)
+        emit("remix slot hold, split at the API's clock (--trace):")
+        for line in timer.wire_phases(sandbox.task_times()):
             emit(line)
     if profiler is not None:
         out = io.StringIO()
