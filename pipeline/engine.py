@@ -330,10 +330,6 @@ class _Backlog:
         self._items.appendleft(item)
         self._notify()
 
-    def put_back(self, items: Iterable[_Prepared]) -> None:
-        self._items.extendleft(reversed(list(items)))
-        self._notify()
-
     async def take(self, most: int) -> list[_Prepared]:
         while not self._items:
             await self._changed.wait()
@@ -739,7 +735,9 @@ class Engine:
             batch: list[_Prepared] = []
             for item in items:
                 reserve = self._price_per_image(item.spec) * item.spec.images
-                if self._budget.try_reserve(reserve):
+                if self._draining.is_set():  # the budget ran out for an earlier one
+                    self._drop([item])
+                elif self._budget.try_reserve(reserve):
                     batch.append(item)
                 else:
                     self._drop([item])
@@ -749,6 +747,13 @@ class Engine:
                         f"${self._budget.spent_usd}); raise --budget and rerun to "
                         "continue",
                     )
+            if batch and self._draining.is_set():  # a stop: none of them goes out
+                for item in batch:
+                    self._budget.release(
+                        self._price_per_image(item.spec) * item.spec.images
+                    )
+                self._drop(batch)
+                continue
             if not batch:
                 continue
             flights = [self._new_flight(item) for item in batch]
