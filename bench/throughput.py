@@ -336,12 +336,11 @@ class SlotMeter:
     """Time-weighted count of the engine's concurrency slots in use (Little's law).
 
     Wraps the slot gate's acquire/release for one run. ``mean_in_flight / C`` is the
-    share of the concurrency the run used; ``slot_seconds / slots`` is a slot's mean
-    hold time, whose excess over L is the per-task overhead to cut.
+    share of the concurrency the run used; ``slot_seconds`` / tasks sent is a slot's
+    mean hold time per task, whose excess over L is the per-task overhead to cut.
     """
 
     def __init__(self) -> None:
-        self.slots = 0
         self.slot_seconds = 0.0
         self._in_use = 0
         self._since = 0.0
@@ -356,8 +355,6 @@ class SlotMeter:
         self.slot_seconds += self._in_use * (now - self._since)
         self._since = self._last = now
         self._in_use += delta
-        if delta > 0:
-            self.slots += delta
 
     def __enter__(self) -> SlotMeter:
         from pipeline import engine
@@ -386,12 +383,13 @@ class SlotMeter:
         for attr, original in self._saved:
             setattr(engine._SlotGate, attr, original)
 
-    def figures(self, concurrency: int) -> JsonObject:
-        if not self.slots or self._first is None:
+    def figures(self, concurrency: int, tasks_sent: int) -> JsonObject:
+        """Per task sent: a slot taken and handed back unused holds ~0 seconds."""
+        if not tasks_sent or self._first is None:
             return {}
         span = self._last - self._first
         return {
-            "slot_hold_mean_s": self.slot_seconds / self.slots,
+            "slot_hold_mean_s": self.slot_seconds / tasks_sent,
             "mean_in_flight": self.slot_seconds / span if span else 0.0,
             "slot_utilisation": self.slot_seconds / (concurrency * span) if span else 0,
         }
@@ -400,9 +398,7 @@ class SlotMeter:
 def turnaround(run_dir: Path, concurrency: int, engine_wall_s: float) -> JsonObject:
     """From the journal: each task's turnaround (submitted -> last image stored).
 
-    While the engine holds a slot until a task is stored, Little's law caps the run
-    at C / mean(hold) tasks per second, so ``hold - L`` is the per-task overhead to
-    cut. ``turnaround_share`` = sum(turnaround) / (C x wall): above 1 because a slot
+    ``turnaround_share`` = sum(turnaround) / (C x wall): above 1 because a slot
     is given back when the API is done, before the images are stored.
     """
     from pipeline.journal import (
@@ -503,7 +499,7 @@ def bench_remix(
     holds = turnaround(run_dir, concurrency, summary.wall_s)
     return {
         **holds,
-        **slots.figures(concurrency),
+        **slots.figures(concurrency, summary.submitted),
         "images": images,
         "tasks_done": summary.tasks_done,
         "tasks_failed": summary.tasks_failed,

@@ -1041,6 +1041,7 @@ class Engine:
     ) -> None:
         assert self._fetch_send is not None
         now = self._clock()
+        fetches: list[_Fetch] = []
         for result in results:
             flight = by_uuid.get(result.task_uuid) or self._polling.get(
                 result.task_uuid
@@ -1062,7 +1063,10 @@ class Engine:
                 # the images download (the fetch queue's bound holds memory).
                 self._polling.pop(flight.task_uuid, None)
                 self._release_slot(flight)
-            await self._fetch_send.send(_Fetch(flight, result, index))
+            fetches.append(_Fetch(flight, result, index))
+        # Every slot of this answer is free before the first wait on the fetch queue.
+        for fetch in fetches:
+            await self._fetch_send.send(fetch)
 
     def _observe_latency(self, flight: _Flight, now: float) -> None:
         """Learn when to first ask about a task from when this one was done.
