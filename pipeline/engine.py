@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -80,6 +80,7 @@ from pipeline.storage import (
 from pipeline.wire import ErrorItem, ImageInferenceRequest, ImageResult
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _EXT_BY_FORMAT: Final = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SUBMITTERS: Final = 2
@@ -301,15 +302,12 @@ class _SlotGate:
         self._notify()
 
 
-class _Backlog:
-    """Tasks ready to submit: bounded for the feeder, unbounded for resubmissions.
-
-    A resubmission must never wait behind a full queue, or the poller that makes it
-    could block the very completions that free space (a deadlock).
-    """
+class _Queue(Generic[T]):
+    """A FIFO between stages: ``put`` waits while ``bound`` items are queued;
+    ``put_urgent`` and ``extend`` never wait."""
 
     def __init__(self, bound: int) -> None:
-        self._items: deque[_Prepared] = deque()
+        self._items: deque[T] = deque()
         self._bound = bound
         self._changed = anyio.Event()
 
@@ -320,65 +318,34 @@ class _Backlog:
         self._changed.set()
         self._changed = anyio.Event()
 
-    async def put(self, item: _Prepared) -> None:
-        while len(self._items) >= self._bound:
-            await self._changed.wait()
-        self._items.append(item)
-        self._notify()
-
-    def put_urgent(self, item: _Prepared) -> None:
-        self._items.appendleft(item)
-        self._notify()
-
-    async def take(self, most: int) -> list[_Prepared]:
-        while not self._items:
-            await self._changed.wait()
-        out = [self._items.popleft() for _ in range(min(most, len(self._items)))]
-        self._notify()
-        return out
-
-    def drain(self) -> list[_Prepared]:
-        out = list(self._items)
-        self._items.clear()
-        self._notify()
-        return out
-
-
-class _ReadyPool:
-    """Tasks already journaled as ``submitted``, each waiting for a slot.
-
-    The journaler tops it up to ``low_water`` and one batch more, so the fsync before
-    a submit is paid ahead of time instead of while a slot waits.
-    """
-
-    def __init__(self, low_water: int) -> None:
-        self._items: deque[_Flight] = deque()
-        self._low_water = low_water
-        self._changed = anyio.Event()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
     async def wait_for_room(self) -> None:
-        while len(self._items) >= self._low_water:
+        while len(self._items) >= self._bound:
             await self._changed.wait()
 
     async def wait_for_any(self) -> None:
         while not self._items:
             await self._changed.wait()
 
-    def extend(self, flights: Iterable[_Flight]) -> None:
-        self._items.extend(flights)
+    async def put(self, item: T) -> None:
+        await self.wait_for_room()
+        self._items.append(item)
         self._notify()
 
-    def take(self, most: int) -> list[_Flight]:
+    def put_urgent(self, item: T) -> None:
+        self._items.appendleft(item)
+        self._notify()
+
+    def extend(self, items: Iterable[T]) -> None:
+        self._items.extend(items)
+        self._notify()
+
+    def take(self, most: int) -> list[T]:
         out = [self._items.popleft() for _ in range(min(most, len(self._items)))]
         self._notify()
         return out
+
+    def drain(self) -> list[T]:
+        return self.take(len(self._items))
 
 
 class _UploadsAhead:
@@ -438,8 +405,13 @@ class Engine:
         self._pacer = AccountPacer(self._rate, self._adaptive)
         cap = options.budget_usd
         self._budget = Budget(cap, spent_usd=state.spent_usd)
-        self._backlog = _Backlog(bound=max(2 * limits.submit_batch, 8))
-        self._ready = _ReadyPool(low_water=max(limits.submit_batch, top // 4))
+        # Prepared tasks for the journaler. Bounded for the feeder; a resubmission
+        # goes first and never waits, or the poller making it could block the very
+        # completions that free room (a deadlock).
+        self._backlog = _Queue[_Prepared](bound=max(2 * limits.submit_batch, 8))
+        # Tasks whose ``submitted`` line is durable, waiting for a slot: kept topped
+        # up, so the fsync before a submit is paid while no slot waits.
+        self._ready = _Queue[_Flight](bound=max(limits.submit_batch, top // 4))
         self._polling: dict[str, _Flight] = {}
         self._poll_wakeup = anyio.Event()
         self._latency_s: float | None = None
@@ -728,7 +700,8 @@ class Engine:
         batch_max = self._settings.limits.submit_batch
         while True:
             await self._ready.wait_for_room()
-            items = await self._backlog.take(batch_max)
+            await self._backlog.wait_for_any()
+            items = self._backlog.take(batch_max)
             if self._draining.is_set():
                 self._drop(items)
                 continue
@@ -794,7 +767,7 @@ class Engine:
         while True:
             await self._ready.wait_for_any()
             if self._draining.is_set():
-                await self._unsent(self._ready.take(len(self._ready)))
+                await self._unsent(self._ready.drain())
                 continue
             want = min(batch_max, len(self._ready))
             slots = await self._gate.acquire(want, self._coalesce_s())
