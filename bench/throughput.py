@@ -203,7 +203,7 @@ class CallTimer:
 
             def observed(eng: Any, *args: Any) -> None:
                 observe(eng, *args)
-                estimates.append(getattr(eng, "_latency_s", None) or 0.0)
+                estimates.append(eng._latency.value or 0.0)
 
             self._saved.append((engine.Engine, "_observe_latency", observe))
             # setattr: a diagnostic patch that mypy must not type-check.

@@ -376,6 +376,12 @@ def _print_summary(
         f"wall time    {summary.wall_s:.1f}s",
         f"ledger       {run_dir / 'ledger.csv'}",
     ]
+    if summary.latency_s is not None:
+        lines.insert(
+            -2,
+            f"api latency  {summary.latency_s:.2f}s per task, as learnt (images/s "
+            "at most: concurrency / latency)",
+        )
     if summary.failures:
         lines.append("failures:")
         lines += [f"  {key}: {code}: {msg}" for key, code, msg in summary.failures[:20]]

@@ -93,10 +93,6 @@ _FIRST_ONLY_LIMIT: Final = 3
 """Batched polls answered for their first task only, in a row, before unbatching."""
 _STORE_BATCH: Final = 128
 """Most images written (and journaled) in one go by the collector."""
-_LATENCY_ALPHA: Final = 0.05
-"""Weight of one task's latency sample in the running estimate."""
-_PROBE_EARLIER: Final = 0.95
-"""A task done when first asked finished at most then: guess a little earlier."""
 _GAP_FRACTION: Final = 0.01
 """Ask again this share of the latency after a 'processing' answer (then less often,
 and never more often than poll.min_interval_s): short enough that a task is seen soon
@@ -137,6 +133,8 @@ class RunSummary:
     max_in_flight: int = 0
     adaptive_floor: int = 0
     """The lowest the concurrency limit went after 429/503/504 answers (AIMD)."""
+    latency_s: float | None = None
+    """The API's latency per task as learnt in this run (None: no task finished)."""
     spent_usd: Decimal = Decimal(0)
     spent_this_run_usd: Decimal = Decimal(0)
     missing_cost_images: int = 0
@@ -197,6 +195,8 @@ class _Flight:
     acked: bool = False
     ambiguous: bool = False
     seen_processing: bool = False
+    asks: int = 0
+    """getResponse questions about it so far (answered or not)."""
     teaches_latency: bool = True
     """Its ``submitted_at`` is when it was really sent (not a resume of an earlier
     run), so when it is found done says something about the latency. Ambiguous
@@ -249,6 +249,58 @@ class _FetchFailed:
     flight: _Flight
     result: ImageResult
     error: str
+
+
+class LatencyEstimate:
+    """When to first ask about a task: the API's latency, learnt from finished ones.
+
+    A task that was still processing when asked, then done at the next question,
+    finished between the two: a tight sample. One done at the first question
+    finished at most then, maybe well before: its sample is a little earlier than
+    that question, so an estimate that is too late keeps moving down until first
+    questions start to meet unfinished tasks again (an estimate fed only "done by
+    then" would ratchet later and later). Samples are absolute times, not
+    corrections of the current estimate, so the large cohorts of one submit (all
+    asked at once) cannot make it overshoot.
+    """
+
+    ALPHA: Final = 0.05
+    """Weight of one sample in the running estimate."""
+    PROBE_EARLIER: Final = 0.95
+    """A task done at its first question finished at most then: guess earlier."""
+    LATE_STREAK: Final = 3
+    LATE_CUT: Final = 0.1
+    """After LATE_STREAK questions in a row found every task they first asked about
+    done, each further one cuts the estimate by this share. Samples alone bring a
+    far too late estimate down by only ~0.25% a task (a slow first cohort that
+    sets it at 3x the latency takes ~20 rounds to forget); near the right value,
+    such streaks are rare, so the cut leaves a good estimate alone."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+        self._late_streak = 0
+
+    def first_questions(self, *, all_done: bool) -> None:
+        """One question's verdict on the tasks it asked about for the first time:
+        all done already (it may have come late), or some still processing."""
+        if not all_done:
+            self._late_streak = 0
+            return
+        self._late_streak += 1
+        if self.value is not None and self._late_streak >= self.LATE_STREAK:
+            self.value *= 1 - self.LATE_CUT
+
+    def observe(self, *, done_by: float, busy_at: float | None) -> None:
+        """One finished task: seen done ``done_by`` seconds after it was sent, and
+        last seen processing at ``busy_at`` (None: done at its first question)."""
+        if busy_at is None:
+            sample = self.PROBE_EARLIER * done_by
+        else:
+            sample = (busy_at + done_by) / 2
+        if self.value is None:
+            self.value = sample
+        else:
+            self.value += self.ALPHA * (sample - self.value)
 
 
 class _SlotGate:
@@ -414,7 +466,7 @@ class Engine:
         self._ready = _Queue[_Flight](bound=max(limits.submit_batch, top // 4))
         self._polling: dict[str, _Flight] = {}
         self._poll_wakeup = anyio.Event()
-        self._latency_s: float | None = None
+        self._latency = LatencyEstimate()
         self._polls_failing_since: float | None = None
         self._poll_batch = settings.limits.poll_batch
         self._first_only_streak = 0
@@ -469,6 +521,7 @@ class Engine:
         finally:
             self.summary.wall_s = self._clock() - started
             self.summary.max_in_flight = self._gate.peak
+            self.summary.latency_s = self._latency.value
             self._drop_backlog()
             # Whatever is still outstanding was sent but not finished: a rerun polls it.
             self.summary.tasks_unfinished += max(0, self._outstanding)
@@ -682,7 +735,7 @@ class Engine:
     # --------------------------------------------------------------- submitter
 
     def _coalesce_s(self) -> float:
-        latency = self._latency_s or self._settings.poll.interval_s
+        latency = self._latency.value or self._settings.poll.interval_s
         return min(0.25, max(0.005, 0.02 * latency))
 
     def _price_per_image(self, spec: TaskSpec) -> Decimal:
@@ -867,12 +920,12 @@ class Engine:
 
     def _first_poll_delay(self) -> float:
         """Ask first when the task is expected to be done."""
-        if self._latency_s is None:
+        if self._latency.value is None:
             return self._settings.poll.interval_s
-        return self._latency_s
+        return self._latency.value
 
     def _poll_gap(self) -> float:
-        latency = self._latency_s or self._settings.poll.interval_s
+        latency = self._latency.value or self._settings.poll.interval_s
         return min(
             self._settings.poll.max_interval_s,
             max(self._settings.poll.min_interval_s, _GAP_FRACTION * latency),
@@ -934,6 +987,7 @@ class Engine:
         self._polls_failing_since = None
         self._check_batch_answers(list(by_uuid), outcome)
         now = self._clock()
+        self._judge_first_questions(flights, outcome)
         await self._take_results(outcome.results, by_uuid)
         for task_uuid, error in outcome.failed.items():
             if (failed := by_uuid.get(task_uuid)) is not None and not failed.finished:
@@ -958,6 +1012,21 @@ class Engine:
             flight.backoff_s = min(
                 flight.backoff_s * 1.5, self._settings.poll.max_interval_s
             )
+
+    def _judge_first_questions(
+        self, flights: list[_Flight], outcome: PollOutcome
+    ) -> None:
+        """Tell the latency estimate whether a first question came too late."""
+        firsts = [f for f in flights if f.asks == 0 and f.teaches_latency]
+        for flight in flights:
+            flight.asks += 1
+        if not firsts:
+            return
+        done = {r.task_uuid for r in outcome.results}
+        if any(f.task_uuid in outcome.processing for f in firsts):
+            self._latency.first_questions(all_done=False)
+        elif all(f.task_uuid in done for f in firsts):
+            self._latency.first_questions(all_done=True)
 
     def _check_batch_answers(self, asked: list[str], outcome: PollOutcome) -> None:
         """Fall back to one getResponse per request if batches are half-ignored.
@@ -1042,27 +1111,14 @@ class Engine:
             await self._fetch_send.send(fetch)
 
     def _observe_latency(self, flight: _Flight, now: float) -> None:
-        """Learn when to first ask about a task from when this one was done.
-
-        A task that was still processing when asked, then done at the next question,
-        finished between the two: a tight sample. One done at the first question
-        finished at most then, maybe well before: its sample is a little earlier
-        than that question, so an estimate that is too late keeps moving down until
-        first questions start to meet unfinished tasks again. Samples are absolute
-        times, not corrections of the current estimate, so the large cohorts of one
-        submit (all asked at once) cannot make it overshoot.
-        """
+        """Learn when to first ask about a task from when this one was done."""
         if not flight.teaches_latency:
             return
-        elapsed = now - flight.submitted_at
-        if flight.last_processing_at is None:
-            sample = _PROBE_EARLIER * elapsed
-        else:
-            sample = (flight.last_processing_at - flight.submitted_at + elapsed) / 2
-        if self._latency_s is None:
-            self._latency_s = sample
-        else:
-            self._latency_s += _LATENCY_ALPHA * (sample - self._latency_s)
+        busy_at = flight.last_processing_at
+        self._latency.observe(
+            done_by=now - flight.submitted_at,
+            busy_at=None if busy_at is None else busy_at - flight.submitted_at,
+        )
 
     async def _not_found(self, flight: _Flight, now: float) -> None:
         """The server does not know this taskUUID (yet, or any more)."""

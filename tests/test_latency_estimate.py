@@ -1,0 +1,124 @@
+"""The latency estimate that times each task's first question, against a model API.
+
+The model: a cohort of tasks is sent together (one submit), each done after the
+latency times a random jitter; the engine asks about the whole cohort when the
+estimate says, then again at a growing gap (1% of the estimate, at least 10 ms,
+x1.5) until all are done; an answer arrives one round trip after the question. No
+sockets and no clock: the estimate's arithmetic over hundreds of rounds.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.engine import LatencyEstimate
+
+
+@dataclass
+class Model:
+    latency_s: float
+    jitter: float = 0.0
+    rtt_s: float = 0.005
+    cohort: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Outcome:
+    estimates: list[float]
+    lags: list[float]
+    """Per task: from done at the API to seen by the client."""
+    questions: int
+
+
+def simulate(model: Model, rounds: int, start_s: float | None = None) -> Outcome:
+    rng = random.Random(model.seed)
+    estimate = LatencyEstimate()
+    estimate.value = start_s
+    out = Outcome(estimates=[], lags=[], questions=0)
+    for _ in range(rounds):
+        guess = estimate.value if estimate.value is not None else 0.5
+        done_at = [
+            model.latency_s * (1 + rng.uniform(-model.jitter, model.jitter))
+            for _ in range(model.cohort)
+        ]
+        ask, gap = guess, max(0.01, 0.01 * guess)
+        pending = list(range(model.cohort))
+        busy_at: dict[int, float] = {}
+        first = True
+        while pending:
+            out.questions += 1
+            answer_at = ask + model.rtt_s
+            still = [i for i in pending if ask + model.rtt_s / 2 < done_at[i]]
+            if first:
+                estimate.first_questions(all_done=not still)
+                first = False
+            for i in pending:
+                if i in still:
+                    busy_at[i] = answer_at
+                else:
+                    estimate.observe(done_by=answer_at, busy_at=busy_at.get(i))
+                    out.lags.append(answer_at - done_at[i])
+            pending = still
+            ask += gap
+            gap *= 1.5
+        assert estimate.value is not None
+        out.estimates.append(estimate.value)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    latency_s=st.floats(0.2, 60.0),
+    jitter=st.floats(0.0, 0.3),
+    rtt_share=st.floats(0.0, 0.02),
+    cohort=st.integers(1, 64),
+    start=st.one_of(st.none(), st.floats(0.3, 10.0)),
+    seed=st.integers(0, 2**16),
+)
+def test_the_estimate_settles_near_the_latency_from_anywhere(
+    latency_s: float,
+    jitter: float,
+    rtt_share: float,
+    cohort: int,
+    start: float | None,
+    seed: int,
+) -> None:
+    model = Model(latency_s, jitter, rtt_share * latency_s, cohort, seed)
+    out = simulate(model, 120, None if start is None else start * latency_s)
+    final = out.estimates[-1]
+    assert 0.75 * latency_s <= final <= (1.1 + jitter) * latency_s
+    recent = out.lags[-20 * cohort :]
+    mean_lag = sum(recent) / len(recent)
+    assert mean_lag <= (jitter + 0.06) * latency_s + 2 * model.rtt_s + 0.01
+
+
+def test_a_slow_first_cohort_is_forgotten_within_rounds() -> None:
+    """A first cohort 5x slower than the rest is forgotten within 20 rounds."""
+    model = Model(latency_s=10.0, jitter=0.1, rtt_s=0.05, cohort=8)
+    out = simulate(model, 20, start_s=50.0)
+    assert out.estimates[-1] <= 1.5 * model.latency_s
+
+
+def test_without_the_streak_cut_the_slow_start_lingers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the cut is for: samples alone leave the estimate far too late."""
+    monkeypatch.setattr(LatencyEstimate, "LATE_CUT", 0.0)
+    model = Model(latency_s=10.0, jitter=0.1, rtt_s=0.05, cohort=8)
+    out = simulate(model, 20, start_s=50.0)
+    assert out.estimates[-1] > 2 * model.latency_s
+
+
+def test_a_good_estimate_is_left_alone() -> None:
+    """At a steady latency, the estimate stays within a few percent and most
+    cohorts are seen with one or two questions."""
+    model = Model(latency_s=0.5, jitter=0.0, rtt_s=0.005, cohort=25)
+    out = simulate(model, 300, start_s=0.5)
+    assert all(0.45 <= e <= 0.53 for e in out.estimates[100:])
+    assert out.questions / 300 <= 2.5
