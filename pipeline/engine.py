@@ -1107,8 +1107,11 @@ class Engine:
                 self._release_slot(flight)
             fetches.append(_Fetch(flight, result, index))
         # Every slot of this answer is free before the first wait on the fetch queue.
-        for fetch in fetches:
-            await self._fetch_send.send(fetch)
+        try:
+            for fetch in fetches:
+                await self._fetch_send.send(fetch)
+        except anyio.BrokenResourceError:
+            return  # the fetchers stopped: the run is ending with the collector's error
 
     def _observe_latency(self, flight: _Flight, now: float) -> None:
         """Learn when to first ask about a task from when this one was done."""
@@ -1172,16 +1175,26 @@ class Engine:
         fetches: MemoryObjectReceiveStream[_Fetch],
         done: MemoryObjectSendStream[_Downloaded | _FetchFailed],
     ) -> None:
-        """Download (or decode) result images; the collector writes them in batches."""
+        """Download (or decode) result images; the collector writes them in batches.
+
+        If the collector has stopped (its write failed: the run is ending with that
+        error), a fetcher stops too instead of adding an error of its own.
+        """
         assert self._client is not None
         async with fetches, done:
             async for job in fetches:
                 try:
                     data = await self._client.fetch_image(job.result)
                 except DownloadError as exc:
-                    await done.send(_FetchFailed(job.flight, job.result, str(exc)))
-                    continue
-                await done.send(_Downloaded(job, data))
+                    item: _Downloaded | _FetchFailed = _FetchFailed(
+                        job.flight, job.result, str(exc)
+                    )
+                else:
+                    item = _Downloaded(job, data)
+                try:
+                    await done.send(item)
+                except anyio.BrokenResourceError:
+                    return
 
     def _image_path(self, job: _Fetch, data: bytes) -> str:
         spec = job.flight.spec

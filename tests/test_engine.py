@@ -16,6 +16,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from pipeline import engine as engine_module
+from pipeline.errors import StorageError
 from pipeline.journal import FailedEvent, LostEvent, load_state, read_journal
 from pipeline.report import write_ledger
 from pipeline.sandbox import STATE, SandboxConfig
@@ -562,3 +564,30 @@ async def test_the_latency_estimate_settles_on_the_api_latency(
     # Observed: ~24 (small submits make small cohorts); an estimate stuck near 0
     # would ask every 10 ms, ~30 times per cohort.
     assert summary.poll_requests <= 48
+
+
+async def test_a_failing_write_with_downloads_queued_stops_with_that_error_alone(
+    tmp_path: Path, make_sandbox: SandboxFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while finished downloads wait for the writer: the run stops
+    with the storage error (exit 3, resumable), not with a stray error from the
+    stages feeding the writer (found as a flaky disk-full test; a traceback and
+    exit 1 before)."""
+    server = await make_sandbox(SandboxConfig(latency_s=0.05, render_scale=0.05))
+    job = write_job(tmp_path, refs=13, variants=styles(20))  # 260 tasks at once
+
+    async def disk_full(files: object) -> list[str]:
+        await anyio.sleep(0.3)  # meanwhile the download queue and its buffer fill
+        raise StorageError("cannot write image: the disk is full")
+
+    monkeypatch.setattr(engine_module, "write_atomic_many", disk_full)
+    summary = await run_manifest(
+        job,
+        tmp_path / "run",
+        fast_settings(tmp_path, base_url(server)),
+        concurrency=260,
+    )
+    assert summary.stop_reason == "storage"
+    assert summary.stop_message is not None
+    assert "disk is full" in summary.stop_message
+    assert summary.exit_code == 3
