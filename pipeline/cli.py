@@ -379,8 +379,8 @@ def _print_summary(
     if summary.latency_s is not None:
         lines.insert(
             -2,
-            f"api latency  {summary.latency_s:.2f}s per task, as learnt (images/s "
-            "at most: concurrency / latency)",
+            f"api latency  {summary.latency_s:.2f}s per task (learnt this run; "
+            "tasks/s cannot pass concurrency / latency)",
         )
     if summary.failures:
         lines.append("failures:")
