@@ -523,19 +523,27 @@ class Engine:
             self.summary.max_in_flight = self._gate.peak
             self.summary.latency_s = self._latency.value
             self._drop_backlog()
+            # Journaled, never sent: marked so, a rerun sends them without first
+            # asking the API about them (which takes not_found_grace_s).
+            unsent = self._ready.drain()
+            self._drop(unsent)
             # Whatever is still outstanding was sent but not finished: a rerun polls it.
             self.summary.tasks_unfinished += max(0, self._outstanding)
             self._outstanding = 0
             self._progress.close()
             with anyio.CancelScope(shield=True):
                 await self._append(
+                    *(
+                        LostEvent(ts=_now(), key=f.spec.key, task_uuid=f.task_uuid)
+                        for f in unsent
+                    ),
                     RunEndedEvent(
                         ts=_now(),
                         reason=self.summary.stop_reason or "finished",
                         done=self.summary.tasks_done,
                         failed=self.summary.tasks_failed,
                         spent_usd=self.summary.spent_usd,
-                    )
+                    ),
                 )
             log.info(
                 "run ended: done=%d failed=%d unfinished=%d resubmitted=%d lost=%d "
