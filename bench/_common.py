@@ -249,7 +249,7 @@ class SandboxProcess:
 
 @contextlib.contextmanager
 def sandbox_process(
-    *, latency_s: float, render_scale: float, seed: int = 0
+    *, latency_s: float, render_scale: float, seed: int = 0, jitter_s: float = 0.0
 ) -> Iterator[SandboxProcess]:
     """Start the sandbox in a child process; yields once it is listening."""
     argv = [
@@ -258,6 +258,8 @@ def sandbox_process(
         "serve",
         "--latency",
         str(latency_s),
+        "--jitter",
+        str(jitter_s),
         "--render-scale",
         str(render_scale),
         "--seed",
@@ -290,6 +292,7 @@ def _serve(args: argparse.Namespace) -> None:
         seed=args.seed,
         api_key=SANDBOX_KEY,
         latency_s=args.latency,
+        latency_jitter_s=args.jitter,
         result_stagger_s=0.0,
         render_scale=args.render_scale,
     )
@@ -351,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the sandbox with bench counters")
     serve.add_argument("--latency", type=float, default=0.5)
+    serve.add_argument(
+        "--jitter", type=float, default=0.0, help="each task takes 0..this longer"
+    )
     serve.add_argument("--render-scale", type=float, default=1 / 64)
     serve.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

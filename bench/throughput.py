@@ -639,6 +639,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--latency", type=float, default=0.5, help="seconds per task")
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="each task takes up to this many seconds longer, uniformly (a real "
+        "API's latency varies; the efficiency limit stays C / latency)",
+    )
     parser.add_argument("--render-scale", type=float, default=1 / 64)
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK peer run")
     parser.add_argument(
@@ -665,12 +672,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     args = parser.parse_args(argv)
 
-    n, c, latency_s = args.tasks, args.concurrency, args.latency
+    n, c = args.tasks, args.concurrency
+    latency_s = args.latency + args.jitter / 2  # the mean: what C / L is about
     limit = c / latency_s
     figures: JsonObject = {
         "tasks": n,
         "concurrency": c,
         "latency_s": latency_s,
+        "jitter_s": args.jitter,
         "limit_images_per_s": limit,
         "settings_overrides": args.set,
     }
@@ -683,7 +692,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{shape.matrix} strengths), C={c}, L={latency_s}s, limit C/L={limit:.0f}/s"
     )
     emit(f"work dir {work}")
-    with sandbox_process(latency_s=latency_s, render_scale=args.render_scale) as sb:
+    with sandbox_process(
+        latency_s=args.latency, render_scale=args.render_scale, jitter_s=args.jitter
+    ) as sb:
         emit(f"sandbox {sb.base_url} (pid {sb.proc.pid})")
         remix = bench_remix(
             sb,
