@@ -276,9 +276,23 @@ class LatencyEstimate:
     sets it at 3x the latency takes ~20 rounds to forget); near the right value,
     such streaks are rare, so the cut leaves a good estimate alone."""
 
+    SPREAD_LEAD: Final = 1.0
+    """First questions go this many mean deviations before the estimate: when the
+    latency varies, the tasks of one submit finish spread out, and those done early
+    would otherwise wait for a question timed for the middle. The deviation comes
+    from the tight samples only (a first-time "done" is biased early on purpose)."""
+
     def __init__(self) -> None:
         self.value: float | None = None
+        self.spread = 0.0
+        """Mean deviation of the tight samples from the estimate."""
         self._late_streak = 0
+
+    def first_question(self) -> float | None:
+        """How long after a submit to ask about its tasks first (None: no idea)."""
+        if self.value is None:
+            return None
+        return max(0.5 * self.value, self.value - self.SPREAD_LEAD * self.spread)
 
     def first_questions(self, *, all_done: bool) -> None:
         """One question's verdict on the tasks it asked about for the first time:
@@ -297,6 +311,9 @@ class LatencyEstimate:
             sample = self.PROBE_EARLIER * done_by
         else:
             sample = (busy_at + done_by) / 2
+            if self.value is not None:
+                deviation = abs(sample - self.value)
+                self.spread += self.ALPHA * (deviation - self.spread)
         if self.value is None:
             self.value = sample
         else:
@@ -928,9 +945,8 @@ class Engine:
 
     def _first_poll_delay(self) -> float:
         """Ask first when the task is expected to be done."""
-        if self._latency.value is None:
-            return self._settings.poll.interval_s
-        return self._latency.value
+        first = self._latency.first_question()
+        return self._settings.poll.interval_s if first is None else first
 
     def _poll_gap(self) -> float:
         latency = self._latency.value or self._settings.poll.interval_s

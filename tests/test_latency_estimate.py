@@ -42,12 +42,13 @@ def simulate(model: Model, rounds: int, start_s: float | None = None) -> Outcome
     estimate.value = start_s
     out = Outcome(estimates=[], lags=[], questions=0)
     for _ in range(rounds):
-        guess = estimate.value if estimate.value is not None else 0.5
+        first = estimate.first_question()
+        guess = first if first is not None else 0.5
         done_at = [
             model.latency_s * (1 + rng.uniform(-model.jitter, model.jitter))
             for _ in range(model.cohort)
         ]
-        ask, gap = guess, max(0.01, 0.01 * guess)
+        ask, gap = guess, max(0.01, 0.01 * (estimate.value or guess))
         pending = list(range(model.cohort))
         busy_at: dict[int, float] = {}
         first = True
@@ -122,3 +123,32 @@ def test_a_good_estimate_is_left_alone() -> None:
     out = simulate(model, 300, start_s=0.5)
     assert all(0.45 <= e <= 0.53 for e in out.estimates[100:])
     assert out.questions / 300 <= 2.5
+
+
+def _mean_lag(out: Outcome, last: int) -> float:
+    recent = out.lags[-last:]
+    return sum(recent) / len(recent)
+
+
+def test_a_varying_latency_is_asked_about_before_the_middle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a +-20% latency, first questions lead by the spread: tasks done early in
+    their submit wait much less than for a question timed at the middle."""
+    model = Model(latency_s=10.0, jitter=0.2, rtt_s=0.05, cohort=8)
+    with_lead = _mean_lag(simulate(model, 300), 800)
+    monkeypatch.setattr(LatencyEstimate, "SPREAD_LEAD", 0.0)
+    without = _mean_lag(simulate(model, 300), 800)
+    assert with_lead <= 0.7 * without
+
+
+def test_a_steady_latency_is_asked_about_at_the_estimate() -> None:
+    """Tight samples (a steady API, re-asked 10 ms apart) give next to no lead."""
+    estimate = LatencyEstimate()
+    estimate.value = 0.5
+    for i in range(200):
+        estimate.observe(done_by=0.505 + 0.002 * (i % 3), busy_at=0.495)
+    first = estimate.first_question()
+    assert estimate.value is not None
+    assert first is not None
+    assert first >= 0.97 * estimate.value
