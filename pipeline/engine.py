@@ -985,6 +985,11 @@ class Engine:
                     with anyio.move_on_after(max(wait, 0.0)):
                         await self._poll_wakeup.wait()
                     continue
+                if not self._rate.ready():
+                    # Requests are scarce: ask once one may start, about all that is
+                    # due by then, rather than queue a question per tick.
+                    await self._rate.wait_ready()
+                    continue
                 for flight in due:
                     flight.next_poll_at = math.inf
                 for start in range(0, len(due), batch):

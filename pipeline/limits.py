@@ -72,6 +72,24 @@ class RateMeter:
             if self._clock() >= self._not_before:
                 return
 
+    def ready(self) -> bool:
+        """Whether a request could start at once."""
+        now = self._clock()
+        return max(max(self._tat, now) - self._tau_s, self._not_before) <= now
+
+    async def wait_ready(self) -> None:
+        """Wait until a request could start at once, reserving nothing.
+
+        A caller that composes its request only then (the poller) puts everything
+        that came due while requests were scarce into one request.
+        """
+        while True:
+            now = self._clock()
+            ready_at = max(max(self._tat, now) - self._tau_s, self._not_before)
+            if ready_at <= now:
+                return
+            await self._sleep(ready_at - now)
+
     def hold_off(self, seconds: float) -> None:
         """Start no request before ``now + seconds`` (a Retry-After for the account).
 

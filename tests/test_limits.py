@@ -246,3 +246,33 @@ async def test_account_pacer() -> None:
     for _ in range(4):
         pacer.relieved()
     assert limit.value == 3
+
+
+@settings(deadline=None)
+@given(
+    rate=st.floats(min_value=0.5, max_value=50),
+    burst=st.integers(min_value=1, max_value=10),
+    taken=st.integers(min_value=0, max_value=30),
+    hold=st.floats(min_value=0, max_value=2),
+)
+async def test_wait_ready_ends_when_an_acquire_would_not_wait(
+    rate: float, burst: int, taken: int, hold: float
+) -> None:
+    """wait_ready reserves nothing and returns exactly when acquire would start at
+    once: ready() agrees, and the next acquire does not sleep."""
+    fake = FakeTime()
+    meter = RateMeter(rate, burst, clock=fake.clock, sleep=fake.sleep)
+    for _ in range(taken):
+        await meter.acquire()
+    meter.hold_off(hold)
+    start = fake.now
+    await meter.wait_ready()
+    assert meter.ready()
+    waited = fake.now - start
+    await meter.wait_ready()  # reserved nothing: still ready, no more waiting
+    assert fake.now - start == waited
+    before = fake.now
+    await meter.acquire()
+    assert fake.now == before  # the request starts at once
+    if taken < burst and hold == 0:
+        assert waited == 0
