@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="each task takes up to this many seconds longer, uniformly (a real "
-        "API's latency varies; the efficiency limit stays C / latency)",
+        "API's latency varies); efficiency is then against C / mean latency",
     )
     parser.add_argument("--render-scale", type=float, default=1 / 64)
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK peer run")
