@@ -110,6 +110,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _lost(flight: _Flight) -> LostEvent:
+    """The journal line for a taskUUID that never reached the API (or was refused
+    outright): a rerun submits its task afresh instead of asking about it."""
+    return LostEvent(ts=_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
+
+
 @dataclass
 class RunSummary:
     """Public counters of one run (also what tests assert on)."""
@@ -550,10 +556,7 @@ class Engine:
             self._progress.close()
             with anyio.CancelScope(shield=True):
                 await self._append(
-                    *(
-                        LostEvent(ts=_now(), key=f.spec.key, task_uuid=f.task_uuid)
-                        for f in unsent
-                    ),
+                    *(_lost(f) for f in unsent),
                     RunEndedEvent(
                         ts=_now(),
                         reason=self.summary.stop_reason or "finished",
@@ -865,12 +868,7 @@ class Engine:
 
     async def _unsent(self, flights: list[_Flight]) -> None:
         """Journaled but never sent (a stop): a rerun submits them afresh."""
-        await self._append(
-            *(
-                LostEvent(ts=_now(), key=f.spec.key, task_uuid=f.task_uuid)
-                for f in flights
-            )
-        )
+        await self._append(*(_lost(f) for f in flights))
         self._budget.release(
             sum((f.reserved_per_image * f.spec.images for f in flights), Decimal(0))
         )
@@ -899,12 +897,7 @@ class Engine:
             )
         except (AuthError, InsufficientCreditError):
             # A definite refusal: nothing was accepted, so nothing to poll later.
-            await self._append(
-                *(
-                    LostEvent(ts=_now(), key=f.spec.key, task_uuid=f.task_uuid)
-                    for f in flights
-                )
-            )
+            await self._append(*(_lost(f) for f in flights))
             for flight in flights:
                 self._retire(flight)
                 self._outstanding -= 1
@@ -1173,9 +1166,7 @@ class Engine:
         # Twice unknown after the grace period: it never arrived, so it was not billed.
         self._retire(flight)
         self.summary.lost += 1
-        await self._append(
-            LostEvent(ts=_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
-        )
+        await self._append(_lost(flight))
         if self._draining.is_set():
             self._outstanding -= 1
             self.summary.tasks_unsubmitted += 1
@@ -1408,9 +1399,7 @@ class Engine:
             flight.spec.key,
         )
         self._retire(flight)
-        await self._append(
-            LostEvent(ts=_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
-        )
+        await self._append(_lost(flight))
         request = await self._prepare(flight.spec, self._uploader)
         self._backlog.put_urgent(
             _Prepared(flight.spec, request, replaces=flight.task_uuid)
