@@ -503,8 +503,13 @@ class Sandbox:
         for slot in task.images:
             async with task.lock:
                 await self._prerender(task, slot)
+        delivers = req.webhook_url is not None or req.upload_endpoint is not None
         for slot in task.images:
             await self._sleep_until(slot.ready_at)
+            if not delivers:  # bill and publish; a poll builds its own answer
+                if await self._ensure_image(task, slot) is None:
+                    break
+                continue
             item = await self._success_item(task, slot)
             if item is None:
                 break
