@@ -447,7 +447,12 @@ def bench_remix(
 ) -> JsonObject:
     import anyio
 
+    from pipeline.config import loop_options
+
     run_dir = work / "remix-run"
+    # as `remix run` does: the shipped settings plus --set, e.g. run.event_loop=asyncio
+    event_loop = overrides.get("run", {}).get("event_loop", "auto")
+    loop_kind = "uvloop" if loop_options(event_loop) else "asyncio"
     before, server_cpu0 = sandbox.counters(), sandbox.cpu_s()
     rss_before = current_rss_mb()
     usage0 = Usage.now()
@@ -466,6 +471,7 @@ def bench_remix(
             concurrency,
             overrides,
             backend="asyncio",
+            backend_options=loop_options(event_loop),
         )
     if profiler is not None:
         profiler.disable()
@@ -500,6 +506,7 @@ def bench_remix(
     return {
         **holds,
         **slots.figures(concurrency, summary.submitted),
+        "event_loop": loop_kind,
         "images": images,
         "tasks_done": summary.tasks_done,
         "tasks_failed": summary.tasks_failed,
@@ -710,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = remix["images"] / remix["wall_s"]
         figures.update(
             images=remix["images"],
+            event_loop=remix["event_loop"],
             failed_tasks=remix["tasks_failed"],
             wall_s=round(remix["wall_s"], 3),
             images_per_s=round(rate, 2),

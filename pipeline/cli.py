@@ -8,6 +8,7 @@ resumable with the same command.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Any
 import anyio
 from pydantic import SecretStr
 
-from pipeline.config import ENV_API_KEY, Settings, load_settings
+from pipeline.config import ENV_API_KEY, Settings, load_settings, loop_options
 from pipeline.engine import EngineOptions, JobTotals, RunSummary, run_job
 from pipeline.errors import ConfigError, ManifestError, PipelineError
 from pipeline.expand import check_manifest
@@ -252,6 +253,7 @@ def _run_settings(args: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _run_settings(args)
     manifest, plan = _load_valid(args.manifest, settings)
+    backend_options = loop_options(settings.run.event_loop)
     if not args.sandbox and settings.api_key is None:
         raise ConfigError(
             f"no API key: set {ENV_API_KEY} (from your Runware dashboard, API keys) "
@@ -290,6 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             options,
             progress,
             backend="asyncio",
+            backend_options=backend_options,
         )
         outputs_written = _write_outputs(run_dir)
     _print_summary(summary, run_dir, args)
@@ -307,6 +310,8 @@ async def _run_async(
     options: EngineOptions,
     progress: Progress,
 ) -> RunSummary:
+    loop_kind = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    log.debug("event loop: %s", loop_kind)
     async with contextlib.AsyncExitStack() as stack:
         if args.sandbox:
             from pipeline.sandbox import SandboxConfig, running_sandbox

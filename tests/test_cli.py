@@ -265,3 +265,48 @@ def test_second_interrupt_stops_at_once_and_stays_resumable(tmp_path: Path) -> N
     load_state(journal)  # the journal loads after an abrupt stop
     assert main([*argv]) == 0
     assert len(image_files(run_dir)) == 40
+
+
+@pytest.mark.parametrize(
+    ("choice", "loop_module"), [("asyncio", "asyncio"), ("uvloop", "uvloop")]
+)
+def test_run_event_loop_setting_picks_the_loop(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    choice: str,
+    loop_module: str,
+) -> None:
+    """run.event_loop decides the loop the run uses, and both finish the job."""
+    pytest.importorskip("uvloop")
+    job = write_job(tmp_path, refs=2)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[run]\nevent_loop = "{choice}"\n')
+    run_dir = tmp_path / "run"
+    argv = ["-q", "run", str(job), "--sandbox", "--run-dir", str(run_dir)]
+    with caplog.at_level("DEBUG", logger="pipeline"):
+        assert main([*argv, "--config", str(config)]) == 0
+    assert len(image_files(run_dir)) == 2
+    loops = [r.getMessage() for r in caplog.records if "event loop" in r.getMessage()]
+    assert loops == [f"event loop: {loop_module}"]
+
+
+def test_uvloop_asked_for_but_missing_is_a_config_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Exit 2 naming the setting before anything is sent; "auto" falls back quietly."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+    job = write_job(tmp_path, refs=1)
+    config = tmp_path / "config.toml"
+    config.write_text('[run]\nevent_loop = "uvloop"\n')
+    run_dir = tmp_path / "run"
+    argv = ["-q", "run", str(job), "--sandbox", "--run-dir", str(run_dir)]
+    assert main([*argv, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "run.event_loop" in err
+    assert "uvloop is not installed" in err
+    assert not run_dir.exists()
+    config.write_text('[run]\nevent_loop = "auto"\n')
+    assert main([*argv, "--config", str(config)]) == 0
+    assert len(image_files(run_dir)) == 1

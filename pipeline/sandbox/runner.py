@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import anyio
 from aiohttp import web
 
+from pipeline.config import loop_options
 from pipeline.sandbox.app import API_PATH, SandboxConfig, create_app
 
 
@@ -46,4 +47,11 @@ async def serve_until_signalled(host: str, port: int, config: SandboxConfig) -> 
 
 def serve(host: str, port: int, config: SandboxConfig) -> None:
     """Blocking entry point for ``remix sandbox``: serve until SIGINT/SIGTERM."""
-    anyio.run(serve_until_signalled, host, port, config, backend="asyncio")
+    anyio.run(
+        serve_until_signalled,
+        host,
+        port,
+        config,
+        backend="asyncio",
+        backend_options=loop_options("auto"),
+    )
