@@ -8,7 +8,6 @@ resumable with the same command.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -254,6 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _run_settings(args)
     manifest, plan = _load_valid(args.manifest, settings)
     backend_options = loop_options(settings.run.event_loop)
+    log.debug("event loop: %s", "uvloop" if backend_options else "asyncio")
     if not args.sandbox and settings.api_key is None:
         raise ConfigError(
             f"no API key: set {ENV_API_KEY} (from your Runware dashboard, API keys) "
@@ -310,8 +310,6 @@ async def _run_async(
     options: EngineOptions,
     progress: Progress,
 ) -> RunSummary:
-    loop_kind = type(asyncio.get_running_loop()).__module__.partition(".")[0]
-    log.debug("event loop: %s", loop_kind)
     async with contextlib.AsyncExitStack() as stack:
         if args.sandbox:
             from pipeline.sandbox import SandboxConfig, running_sandbox

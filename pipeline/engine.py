@@ -326,6 +326,48 @@ class LatencyEstimate:
             self.value += self.ALPHA * (sample - self.value)
 
 
+class _Signal:
+    """A reusable wake-up for "something changed": waiters share one event, made
+    only when someone waits (``anyio.Event()`` costs a backend lookup, and most
+    changes, one per task or image, find nobody waiting)."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    def notify(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait(self) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+
+async def _send(stream: MemoryObjectSendStream[T], item: T) -> None:
+    """Send, yielding to the loop only when the stream is full (``send`` always
+    checkpoints first: one extra loop turn per image at each stage)."""
+    try:
+        stream.send_nowait(item)
+    except anyio.WouldBlock:
+        await stream.send(item)
+
+
+async def _receive(stream: MemoryObjectReceiveStream[T]) -> T:
+    """Receive, yielding to the loop only when nothing is queued.
+
+    Raises:
+        anyio.EndOfStream: the stream is closed and empty.
+    """
+    try:
+        return stream.receive_nowait()
+    except anyio.WouldBlock:
+        return await stream.receive()
+
+
 class _SlotGate:
     """Counts tasks in flight against a limit that AIMD may move."""
 
@@ -333,12 +375,11 @@ class _SlotGate:
         self._limit = limit
         self.in_flight = 0
         self.peak = 0
-        self._changed = anyio.Event()
+        self._changed = _Signal()
         self._interrupted = False
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._changed.notify()
 
     @property
     def free(self) -> int:
@@ -384,14 +425,13 @@ class _Queue(Generic[T]):
     def __init__(self, bound: int) -> None:
         self._items: deque[T] = deque()
         self._bound = bound
-        self._changed = anyio.Event()
+        self._changed = _Signal()
 
     def __len__(self) -> int:
         return len(self._items)
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._changed.notify()
 
     async def wait_for_room(self) -> None:
         while len(self._items) >= self._bound:
@@ -1131,7 +1171,7 @@ class Engine:
         # Every slot of this answer is free before the first wait on the fetch queue.
         try:
             for fetch in fetches:
-                await self._fetch_send.send(fetch)
+                await _send(self._fetch_send, fetch)
         except anyio.BrokenResourceError:
             return  # the fetchers stopped: the run is ending with the collector's error
 
@@ -1202,7 +1242,11 @@ class Engine:
         """
         assert self._client is not None
         async with fetches, done:
-            async for job in fetches:
+            while True:
+                try:
+                    job = await _receive(fetches)
+                except anyio.EndOfStream:
+                    return
                 try:
                     data = await self._client.fetch_image(job.result)
                 except DownloadError as exc:
@@ -1212,7 +1256,7 @@ class Engine:
                 else:
                     item = _Downloaded(job, data)
                 try:
-                    await done.send(item)
+                    await _send(done, item)
                 except anyio.BrokenResourceError:
                     return
 

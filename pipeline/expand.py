@@ -74,7 +74,8 @@ class TaskSpec:
     params: Mapping[str, Any] = field(hash=False)
     """The task's wire JSON without taskType/taskUUID/deliveryMethod/includeCost.
 
-    Local images appear as absolute path strings (see `local_files`).
+    Local images appear as absolute path strings (see `local_files`). Read-only:
+    nested tables are shared between the tasks of one variant and axis combination.
     """
     local_files: tuple[Path, ...]
     """Local images this task needs uploaded: the reference and local style images."""
@@ -192,14 +193,6 @@ def _assign(params: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
         table[seg] = nxt
         table = nxt
     table[path[-1]] = value
-
-
-def _copy_json(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy_json(v) for v in value]
-    return value
 
 
 def _get(params: Mapping[str, Any], path: Sequence[str]) -> Any:
@@ -411,7 +404,8 @@ def expand(manifest: Manifest) -> Iterator[TaskSpec]:
             for combo in plan.combos():
                 pset = param_set(vi, combo)
                 key = plan.key(ref.id, variant.id, pset)
-                params: dict[str, Any] = {"model": model, **_copy_json(pset.params)}
+                # Nested tables are shared with the other tasks of this param set.
+                params: dict[str, Any] = {"model": model, **pset.params}
                 if pset.templates:
                     values = plan.template_values(ref.vars, ref.id, variant.id, pset)
                     for name, template in pset.templates.items():

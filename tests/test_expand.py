@@ -415,3 +415,37 @@ def test_dummy_uuid_is_version_4() -> None:
     from pipeline.expand import _DUMMY_UUID
 
     assert UUID(str(_DUMMY_UUID)).version == 4
+
+
+def test_requests_leave_the_shared_tables_of_other_tasks_alone(tmp_path: Path) -> None:
+    """Tasks of one variant share nested tables; building one's request (uploads
+    swapped in, the wire model filled) changes no other task's parameters."""
+    manifest = Manifest.model_validate(
+        {
+            "job": {"name": "r"},
+            "defaults": {"width": 1024, "height": 1024},
+            "references": [
+                {"id": "a", "image": "a.png"},
+                {"id": "b", "image": "b.png"},
+            ],
+            "variants": [
+                {
+                    "id": "v",
+                    "positivePrompt": "p",
+                    "providerSettings": {
+                        "ideogram": {"styleReferenceImages": ["s.png"]}
+                    },
+                }
+            ],
+        },
+        context={"base_dir": tmp_path},
+    )
+    first, second = expand(manifest)
+    before = repr(second.params)
+    uploads = {p: str(uuid4()) for p in (*first.local_files, *second.local_files)}
+    wire = first.request(uuid4(), uploads).to_wire()
+    wire["providerSettings"]["ideogram"]["styleReferenceImages"].append("x")
+    assert repr(second.params) == before
+    assert second.params["providerSettings"]["ideogram"]["styleReferenceImages"] == [
+        str(tmp_path / "s.png")
+    ]
