@@ -850,11 +850,12 @@ class Engine:
                 continue
             if not batch:
                 continue
-            flights = [self._new_flight(item) for item in batch]
+            wall = _now()  # one timestamp for the batch: one append, one moment
+            flights = [self._new_flight(item, wall) for item in batch]
             await self._append(  # durable BEFORE any of them is sent
                 *(
                     SubmittedEvent(
-                        ts=_now(),
+                        ts=wall,
                         key=item.spec.key,
                         task_uuid=flight.task_uuid,
                         images=item.spec.images,
@@ -866,14 +867,14 @@ class Engine:
             )
             self._ready.extend(flights)
 
-    def _new_flight(self, item: _Prepared) -> _Flight:
+    def _new_flight(self, item: _Prepared, wall: datetime) -> _Flight:
         return _Flight(
             spec=item.spec,
             task_uuid=str(item.request.task_uuid),
             request=item.request,
             wire=item.request.wire,
             submitted_at=self._clock(),
-            submitted_wall=_now(),
+            submitted_wall=wall,
             reserved_per_image=self._price_per_image(item.spec),
             next_poll_at=math.inf,
             backoff_s=self._poll_gap(),
@@ -1330,10 +1331,11 @@ class Engine:
             _Stored(i.job.flight, i.job.result, i.job.index, rel, sha, len(i.data))
             for i, rel, sha in zip(items, relpaths, digests[::2], strict=True)
         ]
+        wall = _now()  # stored together, journaled together
         await self._append(
             *(
                 CompletedEvent(
-                    ts=_now(),
+                    ts=wall,
                     key=s.flight.spec.key,
                     task_uuid=s.flight.task_uuid,
                     image_uuid=s.result.image_uuid,

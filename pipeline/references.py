@@ -111,4 +111,5 @@ class ReferenceUploader:
             del self._known[digest]
 
     async def resolve_all(self, paths: tuple[Path, ...]) -> dict[Path, str]:
-        return {path: await self.resolve(path) for path in paths}
+        by_path = self._by_path  # every task asks; almost always already known
+        return {path: by_path.get(path) or await self.resolve(path) for path in paths}
