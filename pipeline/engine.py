@@ -91,13 +91,12 @@ _UPLOADS_AHEAD: Final = 8
 """Reference uploads that may run at once ahead of the tasks that need them."""
 _FIRST_ONLY_LIMIT: Final = 3
 """Batched polls answered for their first task only, in a row, before unbatching."""
+_REASK_AGE_SHARE: Final = 0.05
+"""A task still processing is asked again within this share of its age: before the
+latency is learnt, a gap growing 1.5x from 10 ms overshoots (asked at 0.5 s, then ...
+4.4 s, 6.4 s: a 5 s first round seen 1.4 s late, with every slot idle meanwhile)."""
 _STORE_BATCH: Final = 128
 """Most images written (and journaled) in one go by the collector."""
-_GAP_FRACTION: Final = 0.01
-"""Ask again this share of the latency after a 'processing' answer (then less often,
-and never more often than poll.min_interval_s): short enough that a task is seen soon
-after it is done (at L = 0.5 s, 3% -> 1% took the mean lag from done to seen from 18
-to 13 ms), while polls stay a small share of requests (each carries many tasks)."""
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -272,21 +271,30 @@ class LatencyEstimate:
 
     ALPHA: Final = 0.05
     """Weight of one sample in the running estimate."""
-    PROBE_EARLIER: Final = 0.95
-    """A task done at its first question finished at most then: guess earlier."""
+    STEP: Final = 0.01
+    """The finest timing that answers can resolve (the engine's shortest re-ask gap by
+    default), s. Corrections are steps of the spread of the tight samples, at least
+    this: in absolute time, not in shares of the latency, so a 5 s latency is timed
+    as finely as a 0.5 s one (5% of 5 s was a 250 ms swing of the first questions)."""
     LATE_STREAK: Final = 3
     LATE_CUT: Final = 0.1
+    LATE_GROWTH: Final = 4.0
     """After LATE_STREAK questions in a row found every task they first asked about
-    done, each further one cuts the estimate by this share. Samples alone bring a
-    far too late estimate down by only ~0.25% a task (a slow first cohort that
-    sets it at 3x the latency takes ~20 rounds to forget); near the right value,
-    such streaks are rare, so the cut leaves a good estimate alone."""
-
+    done, each further one cuts the estimate by a step that grows LATE_GROWTH-fold
+    with the streak, at most LATE_CUT of it. Samples alone bring a far too late
+    estimate down slowly (a slow first cohort that sets it at 3x the latency took
+    ~20 rounds to forget); near the right value a streak ends at its first cuts of
+    10-40 ms (a flat 10% was 500 ms at a 5 s latency)."""
     SPREAD_LEAD: Final = 1.0
     """First questions go this many mean deviations before the estimate: when the
     latency varies, the tasks of one submit finish spread out, and those done early
     would otherwise wait for a question timed for the middle. The deviation comes
     from the tight samples only (a first-time "done" is biased early on purpose)."""
+    GAP_SHARE: Final = 0.01
+    GAP_SPREADS: Final = 2.0
+    """Re-ask after "processing" within GAP_SPREADS deviations, at most GAP_SHARE of
+    the latency: a steady API is re-asked at the finest step, a varying one less
+    often (its tasks finish across a wide span anyway)."""
 
     def __init__(self) -> None:
         self.value: float | None = None
@@ -294,27 +302,57 @@ class LatencyEstimate:
         """Mean deviation of the tight samples from the estimate."""
         self._late_streak = 0
 
+    @property
+    def step(self) -> float:
+        """How far apart two timings must be to tell them apart, s."""
+        return max(self.spread, self.STEP)
+
     def first_question(self) -> float | None:
         """How long after a submit to ask about its tasks first (None: no idea)."""
         if self.value is None:
             return None
         return max(0.5 * self.value, self.value - self.SPREAD_LEAD * self.spread)
 
-    def first_questions(self, *, all_done: bool) -> None:
+    def gap(self, floor_s: float) -> float | None:
+        """How long to wait before asking again about a task still processing."""
+        if self.value is None:
+            return None
+        return max(
+            floor_s, min(self.GAP_SHARE * self.value, self.GAP_SPREADS * self.spread)
+        )
+
+    def first_questions(self, *, all_done: bool, asked_after: float) -> bool:
         """One question's verdict on the tasks it asked about for the first time:
-        all done already (it may have come late), or some still processing."""
+        all done already (it may have come late), or some still processing.
+        Returns whether it cut the estimate: the caller then re-times the first
+        questions not yet asked, so the cut is put to the test at once.
+
+        ``asked_after``: the least time from a task's submit to this question. One
+        asked later than the estimate now says (timed before a cut) tells nothing
+        new, so cuts do not pile up while their effect is still on its way (a
+        question comes a whole latency after its timing).
+        """
         if not all_done:
             self._late_streak = 0
-            return
+            return False
+        now_first = self.first_question()
+        if now_first is not None and asked_after > now_first + self.STEP:
+            return False
         self._late_streak += 1
-        if self.value is not None and self._late_streak >= self.LATE_STREAK:
-            self.value *= 1 - self.LATE_CUT
+        if self.value is None or self._late_streak < self.LATE_STREAK:
+            return False
+        growth = self.LATE_GROWTH ** min(self._late_streak - self.LATE_STREAK, 20)
+        self.value -= min(self.LATE_CUT * self.value, self.step * growth)
+        return True
 
     def observe(self, *, done_by: float, busy_at: float | None) -> None:
         """One finished task: seen done ``done_by`` seconds after it was sent, and
         last seen processing at ``busy_at`` (None: done at its first question)."""
         if busy_at is None:
-            sample = self.PROBE_EARLIER * done_by
+            # Done by then, maybe long before: it can say "earlier", never "later".
+            sample = max(0.5 * done_by, done_by - self.step)
+            if self.value is not None:
+                sample = min(sample, self.value)
         else:
             sample = (busy_at + done_by) / 2
             if self.value is not None:
@@ -983,11 +1021,11 @@ class Engine:
         return self._settings.poll.interval_s if first is None else first
 
     def _poll_gap(self) -> float:
-        latency = self._latency.value or self._settings.poll.interval_s
-        return min(
-            self._settings.poll.max_interval_s,
-            max(self._settings.poll.min_interval_s, _GAP_FRACTION * latency),
-        )
+        poll = self._settings.poll
+        gap = self._latency.gap(poll.min_interval_s)
+        if gap is None:  # nothing learnt yet
+            gap = max(poll.min_interval_s, LatencyEstimate.GAP_SHARE * poll.interval_s)
+        return min(poll.max_interval_s, gap)
 
     def _wake_poller(self) -> None:
         self._poll_wakeup.set()
@@ -1040,6 +1078,9 @@ class Engine:
         assert self._client is not None
         by_uuid = {f.task_uuid: f for f in flights}
         self.summary.poll_requests += 1
+        # When the question left: what its answer tells (done or not) was true by the
+        # time it reached the API, half a round trip later, as for the submit.
+        asked_at = self._clock()
         try:
             outcome = await self._client.poll(list(by_uuid))
         except PipelineError as exc:
@@ -1050,8 +1091,8 @@ class Engine:
         self._polls_failing_since = None
         self._check_batch_answers(list(by_uuid), outcome)
         now = self._clock()
-        self._judge_first_questions(flights, outcome)
-        await self._take_results(outcome.results, by_uuid)
+        self._judge_first_questions(flights, outcome, asked_at)
+        await self._take_results(outcome.results, by_uuid, asked_at)
         for task_uuid, error in outcome.failed.items():
             if (failed := by_uuid.get(task_uuid)) is not None and not failed.finished:
                 await self._fail(failed, error)
@@ -1062,7 +1103,7 @@ class Engine:
             if (busy := by_uuid.get(task_uuid)) is not None:
                 busy.acked = True
                 busy.seen_processing = True
-                busy.last_processing_at = now
+                busy.last_processing_at = asked_at
         for flight in flights:
             if flight.finished or flight.assigned >= flight.spec.images:
                 continue
@@ -1073,11 +1114,13 @@ class Engine:
                 continue  # _not_found scheduled its next question
             flight.next_poll_at = now + flight.backoff_s
             flight.backoff_s = min(
-                flight.backoff_s * 1.5, self._settings.poll.max_interval_s
+                flight.backoff_s * 1.5,
+                self._settings.poll.max_interval_s,
+                max(self._poll_gap(), _REASK_AGE_SHARE * (now - flight.submitted_at)),
             )
 
     def _judge_first_questions(
-        self, flights: list[_Flight], outcome: PollOutcome
+        self, flights: list[_Flight], outcome: PollOutcome, asked_at: float
     ) -> None:
         """Tell the latency estimate whether a first question came too late."""
         firsts = [f for f in flights if f.asks == 0 and f.teaches_latency]
@@ -1086,10 +1129,26 @@ class Engine:
         if not firsts:
             return
         done = {r.task_uuid for r in outcome.results}
+        asked_after = asked_at - max(f.submitted_at for f in firsts)
         if any(f.task_uuid in outcome.processing for f in firsts):
-            self._latency.first_questions(all_done=False)
-        elif all(f.task_uuid in done for f in firsts):
-            self._latency.first_questions(all_done=True)
+            self._latency.first_questions(all_done=False, asked_after=asked_after)
+        elif all(f.task_uuid in done for f in firsts) and self._latency.first_questions(
+            all_done=True, asked_after=asked_after
+        ):
+            self._retime_first_questions()
+
+    def _retime_first_questions(self) -> None:
+        """After a cut of the latency estimate, first questions not yet asked go
+        when the new estimate says, so its test comes now, not a latency later."""
+        first = self._latency.first_question()
+        if first is None:
+            return
+        for flight in self._polling.values():
+            if flight.asks == 0 and flight.next_poll_at != math.inf:
+                flight.next_poll_at = min(
+                    flight.next_poll_at, flight.submitted_at + first
+                )
+        self._wake_poller()
 
     def _check_batch_answers(self, asked: list[str], outcome: PollOutcome) -> None:
         """Fall back to one getResponse per request if batches are half-ignored.
@@ -1142,10 +1201,19 @@ class Engine:
                 flight.next_poll_at = now + self._settings.poll.max_interval_s
 
     async def _take_results(
-        self, results: list[ImageResult], by_uuid: dict[str, _Flight]
+        self,
+        results: list[ImageResult],
+        by_uuid: dict[str, _Flight],
+        asked_at: float | None = None,
     ) -> None:
+        """Free the slots of finished tasks and queue their images for download.
+
+        ``asked_at``: when the question these results answer was sent (None: they
+        came with the submit's answer).
+        """
         assert self._fetch_send is not None
         now = self._clock()
+        done_by = now if asked_at is None else asked_at
         fetches: list[_Fetch] = []
         for result in results:
             flight = by_uuid.get(result.task_uuid) or self._polling.get(
@@ -1154,7 +1222,7 @@ class Engine:
             if flight is None or flight.finished or result.image_uuid in flight.seen:
                 continue
             if not flight.seen:
-                self._observe_latency(flight, now)
+                self._observe_latency(flight, done_by)
             flight.acked = True
             flight.seen.add(result.image_uuid)
             # 0-based, as the journal and paths count; after a crash the stored
@@ -1176,13 +1244,14 @@ class Engine:
         except anyio.BrokenResourceError:
             return  # the fetchers stopped: the run is ending with the collector's error
 
-    def _observe_latency(self, flight: _Flight, now: float) -> None:
-        """Learn when to first ask about a task from when this one was done."""
+    def _observe_latency(self, flight: _Flight, done_by: float) -> None:
+        """Learn when to first ask about a task from when this one was done: by
+        ``done_by``, after the last question that found it processing."""
         if not flight.teaches_latency:
             return
         busy_at = flight.last_processing_at
         self._latency.observe(
-            done_by=now - flight.submitted_at,
+            done_by=done_by - flight.submitted_at,
             busy_at=None if busy_at is None else busy_at - flight.submitted_at,
         )
 

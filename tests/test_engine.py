@@ -18,7 +18,13 @@ from aiohttp.test_utils import TestServer
 
 from pipeline import engine as engine_module
 from pipeline.errors import StorageError
-from pipeline.journal import FailedEvent, LostEvent, load_state, read_journal
+from pipeline.journal import (
+    CompletedEvent,
+    FailedEvent,
+    LostEvent,
+    load_state,
+    read_journal,
+)
 from pipeline.report import write_ledger
 from pipeline.sandbox import STATE, SandboxConfig
 from tests.conftest import SandboxFactory
@@ -550,6 +556,31 @@ async def test_a_stop_leaves_no_journaled_task_that_was_never_sent(
     assert state.duplicate_task_uuids == 0
     assert state.content_billed_twice == 0
     assert len(image_files(run_dir)) == 100
+
+
+async def test_before_the_latency_is_known_a_task_is_seen_soon_after_done(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """With the shipped poll settings and a 2.3 s API, the first round is asked
+    again within 5% of each task's age: seen ~0.1 s after done, not after a gap
+    grown 1.5x from 10 ms (asked at 2.21 s, then 3.08 s: 0.8 s late)."""
+    latency = 2.3
+    server = await make_sandbox(SandboxConfig(latency_s=latency, render_scale=0.05))
+    job = write_job(tmp_path, refs=4)
+    shipped = {"interval_s": 0.5, "min_interval_s": 0.01, "max_interval_s": 10.0}
+    settings = fast_settings(tmp_path, base_url(server), poll=shipped)
+    summary = await run_manifest(job, tmp_path / "run", settings, concurrency=4)
+    assert summary.exit_code == 0
+    done = [
+        e
+        for e in read_journal(tmp_path / "run" / "journal.jsonl")
+        if isinstance(e, CompletedEvent)
+    ]
+    assert len(done) == 4
+    for event in done:
+        assert event.submitted_at is not None
+        turnaround = (event.ts - event.submitted_at).total_seconds()
+        assert latency <= turnaround <= latency + 0.35
 
 
 async def test_the_latency_estimate_settles_on_the_api_latency(

@@ -48,7 +48,7 @@ def simulate(model: Model, rounds: int, start_s: float | None = None) -> Outcome
             model.latency_s * (1 + rng.uniform(-model.jitter, model.jitter))
             for _ in range(model.cohort)
         ]
-        ask, gap = guess, max(0.01, 0.01 * (estimate.value or guess))
+        ask, gap = guess, estimate.gap(0.01) or max(0.01, 0.01 * guess)
         pending = list(range(model.cohort))
         busy_at: dict[int, float] = {}
         first = True
@@ -57,13 +57,13 @@ def simulate(model: Model, rounds: int, start_s: float | None = None) -> Outcome
             answer_at = ask + model.rtt_s
             still = [i for i in pending if ask + model.rtt_s / 2 < done_at[i]]
             if first:
-                estimate.first_questions(all_done=not still)
+                estimate.first_questions(all_done=not still, asked_after=ask)
                 first = False
-            for i in pending:
+            for i in pending:  # as the engine: timed by when the question left
                 if i in still:
-                    busy_at[i] = answer_at
+                    busy_at[i] = ask
                 else:
-                    estimate.observe(done_by=answer_at, busy_at=busy_at.get(i))
+                    estimate.observe(done_by=ask, busy_at=busy_at.get(i))
                     out.lags.append(answer_at - done_at[i])
             pending = still
             ask += gap
@@ -152,3 +152,17 @@ def test_a_steady_latency_is_asked_about_at_the_estimate() -> None:
     assert estimate.value is not None
     assert first is not None
     assert first >= 0.97 * estimate.value
+
+
+@pytest.mark.parametrize("latency_s", [5.0, 30.0])
+def test_a_steady_latency_of_seconds_is_timed_in_absolute_steps(
+    latency_s: float,
+) -> None:
+    """Corrections are steps of the samples' spread, not shares of the latency: at
+    5 s and 30 s a steady API's tasks are seen within a few round trips of done
+    (shares of 5% and 1% of the latency meant 40 ms and 550 ms here)."""
+    model = Model(latency_s=latency_s, jitter=0.0, rtt_s=0.02, cohort=64)
+    out = simulate(model, 300, start_s=latency_s)
+    assert _mean_lag(out, 100 * 64) <= model.rtt_s + 2 * LatencyEstimate.STEP
+    assert out.questions / 300 <= 2.5
+    assert all(abs(e - latency_s) <= 0.01 * latency_s for e in out.estimates[100:])
