@@ -240,6 +240,7 @@ class Sandbox:
 
         outcome = _Outcome()
         sync_tasks: list[SandboxTask] = []
+        accepted: list[SandboxTask] = []
         for i, (obj, req) in enumerate(zip(tasks, parsed, strict=True)):
             match req:
                 case ErrorItem():
@@ -274,6 +275,7 @@ class Sandbox:
                             )
                         )
                         continue
+                    accepted.append(task)
                     if req.delivery_method == "async":
                         outcome.data.append(_processing(task.task_uuid))
                     else:
@@ -307,6 +309,7 @@ class Sandbox:
                     )
                 case _:
                     raise AssertionError("unreachable")
+        self._start_completion(accepted)
         if sync_tasks:
             await self._sleep_until(max(t.done_at for t in sync_tasks))
             for task in sync_tasks:
@@ -412,8 +415,6 @@ class Sandbox:
         )
         self.state.add_task(task, now)
         log.debug("accepted task %s (%d images)", raw_uuid, len(slots))
-        if self.jobs is not None:
-            self.jobs.send_nowait(functools.partial(self._complete, task))
         return task
 
     async def _success_item(
@@ -497,19 +498,47 @@ class Sandbox:
         self.state.bill(task, slot, self._price(task))
         return data
 
+    def _start_completion(self, tasks: list[SandboxTask]) -> None:
+        """Background jobs that finish, bill and deliver the tasks of one request:
+        one for all those with nothing to deliver (a job per task woke hundreds at
+        once when a cohort finished, just as the client's polls and next submit
+        arrived), one per task with a webhook or an upload endpoint."""
+        if self.jobs is None or not tasks:
+            return
+        quiet = [t for t in tasks if not _delivers(t)]
+        if quiet:
+            self.jobs.send_nowait(functools.partial(self._complete_quietly, quiet))
+        for task in tasks:
+            if _delivers(task):
+                self.jobs.send_nowait(functools.partial(self._complete, task))
+
+    async def _complete_quietly(self, tasks: list[SandboxTask]) -> None:
+        """Render ahead, then publish and bill each image at its ready time."""
+        for task in tasks:
+            for slot in task.images:
+                async with task.lock:
+                    await self._prerender(task, slot)
+        slots = sorted(
+            (
+                (slot.ready_at, i, task, slot)
+                for task in tasks
+                for i, slot in enumerate(task.images)
+            ),
+            key=lambda entry: (entry[0], entry[1]),
+        )
+        for ready_at, _, task, slot in slots:
+            await self._sleep_until(ready_at)
+            await self._ensure_image(task, slot)
+
     async def _complete(self, task: SandboxTask) -> None:
-        """Background job: finish, bill and deliver each image as it becomes ready."""
+        """Background job: finish, bill and deliver (webhook, upload endpoint) each
+        image as it becomes ready."""
         req = task.request
         for slot in task.images:
             async with task.lock:
                 await self._prerender(task, slot)
-        delivers = req.webhook_url is not None or req.upload_endpoint is not None
         for slot in task.images:
             await self._sleep_until(slot.ready_at)
-            if not delivers:  # bill and publish; a poll builds its own answer
-                if await self._ensure_image(task, slot) is None:
-                    break
-                continue
             item = await self._success_item(task, slot)
             if item is None:
                 break
@@ -675,6 +704,12 @@ def _error(
         status=status,
     )
     return item.model_dump(mode="json", exclude_none=True)
+
+
+def _delivers(task: SandboxTask) -> bool:
+    """Whether finished images go somewhere besides polls (a webhook, an upload)."""
+    req = task.request
+    return req.webhook_url is not None or req.upload_endpoint is not None
 
 
 def _processing(task_uuid: str) -> JsonObject:
