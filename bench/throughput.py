@@ -452,7 +452,8 @@ def bench_remix(
     run_dir = work / "remix-run"
     # as `remix run` does: the shipped settings plus --set, e.g. run.event_loop=asyncio
     event_loop = overrides.get("run", {}).get("event_loop", "auto")
-    loop_kind = "uvloop" if loop_options(event_loop) else "asyncio"
+    backend_options = loop_options(event_loop)
+    loop_kind = "uvloop" if backend_options else "asyncio"
     before, server_cpu0 = sandbox.counters(), sandbox.cpu_s()
     rss_before = current_rss_mb()
     usage0 = Usage.now()
@@ -471,7 +472,7 @@ def bench_remix(
             concurrency,
             overrides,
             backend="asyncio",
-            backend_options=loop_options(event_loop),
+            backend_options=backend_options,
         )
     if profiler is not None:
         profiler.disable()

@@ -470,15 +470,10 @@ class Sandbox:
         """Render ahead of ``ready_at`` so results are on time however many finish at
         once (the real API's latency is the latency; ours must not add render time)."""
         if slot.rendered is None and not task.failed:
-            spec = dataclasses.replace(task.spec, seed=slot.seed)
             try:
-                slot.rendered = await anyio.to_thread.run_sync(
-                    functools.partial(render, task.reference, spec, task.style_refs)
-                )
+                slot.rendered = await anyio.to_thread.run_sync(_render_slot, task, slot)
             except ValueError as exc:
-                log.info("task %s failed to render: %s", task.task_uuid, exc)
-                task.failed = True
-                task.failure = str(exc)
+                _render_failed(task, exc)
         return slot.rendered
 
     async def _render_locked(self, task: SandboxTask, slot: ImageSlot) -> bytes | None:
@@ -505,63 +500,46 @@ class Sandbox:
         arrived), one per task with a webhook or an upload endpoint."""
         if self.jobs is None or not tasks:
             return
-        quiet = [t for t in tasks if not _delivers(t)]
-        if quiet:
-            self.jobs.send_nowait(functools.partial(self._complete_quietly, quiet))
+        quiet: list[SandboxTask] = []
         for task in tasks:
             if _delivers(task):
                 self.jobs.send_nowait(functools.partial(self._complete, task))
+            else:
+                quiet.append(task)
+        if quiet:
+            self.jobs.send_nowait(functools.partial(self._complete_quietly, quiet))
 
     async def _complete_quietly(self, tasks: list[SandboxTask]) -> None:
         """Render ahead, then publish and bill each image at its ready time.
 
-        The images render in _RENDER_THREADS worker threads, each taking a share of
-        the request's images, not in a thread hop and a task per image: those came
-        with every submit, just when a cohort finished and the client's polls and
-        next submit arrived. An image asked for before its turn is rendered by the
-        poll (the same bytes: rendering is deterministic).
+        The request's images render in one worker-thread hop, not a hop and a task
+        per image: those came with every submit, just when a cohort finished and
+        the client's polls and next submit arrived (at L = 5 s, a hop per image or 4
+        threads held the GIL against the loop: 17-21 ms before the next submit was
+        accepted, 12-15 ms with one). A full-size render takes ~23 ms, so a 50-task
+        submit is ready in ~1.2 s; a poll renders any image whose turn has not come
+        (the same bytes: rendering is deterministic).
         """
         todo = [(task, slot) for task in tasks for slot in task.images]
-        async with anyio.create_task_group() as renders:
-            for share in range(_RENDER_THREADS):
-                if part := todo[share::_RENDER_THREADS]:
-                    renders.start_soon(self._prerender_part, part)
-        slots = sorted(
-            (
-                (slot.ready_at, i, task, slot)
-                for task in tasks
-                for i, slot in enumerate(task.images)
-            ),
-            key=lambda entry: (entry[0], entry[1]),
-        )
-        for ready_at, _, task, slot in slots:
-            await self._sleep_until(ready_at)
-            await self._ensure_image(task, slot)
-
-    async def _prerender_part(self, part: list[tuple[SandboxTask, ImageSlot]]) -> None:
-        """Render ``part`` in one worker thread; a poll may have rendered some first
-        (rendering is deterministic: the same bytes either way)."""
 
         def render_each() -> list[bytes | ValueError]:
             out: list[bytes | ValueError] = []
-            for task, slot in part:
-                spec = dataclasses.replace(task.spec, seed=slot.seed)
+            for task, slot in todo:
                 try:
-                    out.append(render(task.reference, spec, task.style_refs))
+                    out.append(_render_slot(task, slot))
                 except ValueError as exc:
                     out.append(exc)
             return out
 
-        for (task, slot), result in zip(
-            part, await anyio.to_thread.run_sync(render_each), strict=True
-        ):
+        rendered = await anyio.to_thread.run_sync(render_each)
+        for (task, slot), result in zip(todo, rendered, strict=True):
             if isinstance(result, ValueError):
-                if not task.failed:
-                    log.info("task %s failed to render: %s", task.task_uuid, result)
-                    task.failed = True
-                    task.failure = str(result)
+                _render_failed(task, result)
             elif slot.rendered is None:
                 slot.rendered = result
+        for task, slot in sorted(todo, key=lambda pair: pair[1].ready_at):
+            await self._sleep_until(slot.ready_at)
+            await self._ensure_image(task, slot)
 
     async def _prerender_all(self, task: SandboxTask) -> None:
         for slot in task.images:
@@ -742,12 +720,21 @@ def _error(
     return item.model_dump(mode="json", exclude_none=True)
 
 
-_RENDER_THREADS: Final = 1
-"""Worker threads one request's images render in, ahead of their ready time. One:
-at L = 5 s, 4 threads (or one per image) held the GIL against the event loop and
-delayed the next submit's acceptance by 17-21 ms instead of ~12-15 ms; a full-size
-render takes ~23 ms, so a 50-task submit is ready in ~1.2 s, and polls render any
-image whose turn has not come yet."""
+def _render_slot(task: SandboxTask, slot: ImageSlot) -> bytes:
+    """The bytes of one image (blocking; in a worker thread).
+
+    Raises:
+        ValueError: the reference bytes are not an image.
+    """
+    spec = dataclasses.replace(task.spec, seed=slot.seed)
+    return render(task.reference, spec, task.style_refs)
+
+
+def _render_failed(task: SandboxTask, exc: ValueError) -> None:
+    if not task.failed:
+        log.info("task %s failed to render: %s", task.task_uuid, exc)
+        task.failed = True
+        task.failure = str(exc)
 
 
 def _delivers(task: SandboxTask) -> bool:
