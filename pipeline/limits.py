@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Protocol
+from typing import Final, Protocol
 
 import anyio
 
@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+_ROUND_OFF_S: Final = 1e-9
+"""A start due within this is due now: the TAT is a sum of 1/rate steps, and 8 of
+them can land a hair above 8/rate (a 1e-16 s "wait" where a burst allows none)."""
 
 
 class RateMeter:
@@ -65,7 +70,7 @@ class RateMeter:
             tat = max(self._tat, now)
             self._tat = tat + self._interval_s
             delay = tat - self._tau_s - now
-            if delay > 0:
+            if delay > _ROUND_OFF_S:
                 await self._sleep(delay)
             # A hold_off() may have arrived while this caller slept on its slot: the
             # slot is forfeited and the caller queues again behind the hold.
@@ -75,7 +80,10 @@ class RateMeter:
     def ready(self) -> bool:
         """Whether a request could start at once."""
         now = self._clock()
-        return max(max(self._tat, now) - self._tau_s, self._not_before) <= now
+        return self._start_at(now) <= now + _ROUND_OFF_S
+
+    def _start_at(self, now: float) -> float:
+        return max(max(self._tat, now) - self._tau_s, self._not_before)
 
     async def wait_ready(self) -> None:
         """Wait until a request could start at once, reserving nothing.
@@ -85,8 +93,8 @@ class RateMeter:
         """
         while True:
             now = self._clock()
-            ready_at = max(max(self._tat, now) - self._tau_s, self._not_before)
-            if ready_at <= now:
+            ready_at = self._start_at(now)
+            if ready_at <= now + _ROUND_OFF_S:
                 return
             await self._sleep(ready_at - now)
 
