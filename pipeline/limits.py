@@ -74,7 +74,7 @@ class RateMeter:
                 await self._sleep(delay)
             # A hold_off() may have arrived while this caller slept on its slot: the
             # slot is forfeited and the caller queues again behind the hold.
-            if self._clock() >= self._not_before:
+            if self._clock() + _ROUND_OFF_S >= self._not_before:
                 return
 
     def ready(self) -> bool:

@@ -257,6 +257,7 @@ async def test_account_pacer() -> None:
 )
 # Found in CI: 8 steps of 1/rate summed a hair above 8/rate, a 1e-16 s "wait".
 @example(rate=8.84340359043609, burst=9, taken=8, hold=0.0)
+@example(rate=1.0, burst=1, taken=0, hold=1.7e-13)  # the same slack for a hold
 async def test_wait_ready_ends_when_an_acquire_would_not_wait(
     rate: float, burst: int, taken: int, hold: float
 ) -> None:
