@@ -214,18 +214,25 @@ class CallTimer:
         for owner, attr, original in reversed(self._saved):
             setattr(owner, attr, original)
 
-    def wire_phases(self, server_tasks: JsonObject) -> list[str]:
+    def wire_phases(self, server_tasks: JsonObject, concurrency: int) -> list[str]:
         """A slot's hold split at the API's own clock (the sandbox's, same monotonic).
 
         ``server_tasks`` maps taskUUID -> [accepted_at, done_at] from the sandbox.
+        The poll lag is also shown for the first C tasks sent alone: the engine
+        knows nothing of the latency until they finish.
         """
         rows: dict[str, list[float]] = {
             "submit sent -> API accepted it (send, queueing, parsing)": [],
             "API accepted -> API done (the latency L)": [],
             "API done -> result seen by a poll (poll lag)": [],
             "API accepted -> submit answer received": [],
+            "  poll lag of the first C tasks sent (learning)": [],
+            "  poll lag of the others": [],
         }
         keys = list(rows)
+        first_round = set(
+            sorted(self.mono_sent, key=self.mono_sent.__getitem__)[:concurrency]
+        )
         for uuid, (accepted, done) in server_tasks.items():
             try:
                 sent, answered = self.mono_sent[uuid], self.mono_answered[uuid]
@@ -238,8 +245,9 @@ class CallTimer:
                 seen - done,
                 answered - accepted,
             )
-            for key, value in zip(keys, values, strict=True):
+            for key, value in zip(keys[:4], values, strict=True):
                 rows[key].append(value)
+            rows[keys[4] if uuid in first_round else keys[5]].append(seen - done)
         out = []
         for key, samples in rows.items():
             if samples:
@@ -489,7 +497,7 @@ def bench_remix(
         for line in timer.phases(run_dir, latency_s):
             emit(line)
         emit("remix slot hold, split at the API's clock (--trace):")
-        for line in timer.wire_phases(sandbox.task_times()):
+        for line in timer.wire_phases(sandbox.task_times(), concurrency):
             emit(line)
     if profiler is not None:
         out = io.StringIO()

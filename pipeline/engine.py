@@ -19,6 +19,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -95,6 +96,10 @@ _REASK_AGE_SHARE: Final = 0.05
 """A task still processing is asked again within this share of its age: before the
 latency is learnt, a gap growing 1.5x from 10 ms overshoots (asked at 0.5 s, then ...
 4.4 s, 6.4 s: a 5 s first round seen 1.4 s late, with every slot idle meanwhile)."""
+_DOWNLOAD_DEFER_MAX_S: Final = 0.05
+"""Longest a download waits for the submits and polls on their way (see
+_UrgentRequests): long enough to let a cohort's requests through, short enough that
+results still go to disk at once."""
 _STORE_BATCH: Final = 128
 """Most images written (and journaled) in one go by the collector."""
 
@@ -406,6 +411,47 @@ async def _receive(stream: MemoryObjectReceiveStream[T]) -> T:
         return await stream.receive()
 
 
+class _UrgentRequests:
+    """Counts the requests that hold concurrency slots idle until answered (submits,
+    polls); downloads wait until none is out, for a bounded time.
+
+    When a cohort finishes, its downloads, the next submit and the other cohorts'
+    polls all go at once, and both event loops (ours, and the API's on one machine
+    in the benchmarks) work through them in arrival order. Downloading first cost
+    every slot of the next submit ~10 ms (L = 5 s, 2,560 tasks: 10-13 ms from a
+    submit's send until the API accepted it, 5-6 with downloads deferred; poll lag
+    22-23 -> 13-18 ms; L = 0.5 s, 5,000 tasks: efficiency 0.90-0.91 -> 0.91-0.92);
+    a download a few ms later costs nothing.
+    """
+
+    __slots__ = ("_none_out", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._none_out = _Signal()
+
+    @contextlib.contextmanager
+    def out(self) -> Iterator[None]:
+        """Around one urgent request, from its send to its answer."""
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if not self.count:
+                self._none_out.notify()
+
+    async def wait_none_out(self, at_most_s: float) -> None:
+        """Return at a moment when no urgent request is out, or after ``at_most_s``.
+
+        Woken waiters go without looking again: a new request sent before they run
+        would otherwise wake and re-park every waiting download, once per request.
+        """
+        if self.count:
+            with anyio.move_on_after(at_most_s):
+                await self._none_out.wait()
+
+
 class _SlotGate:
     """Counts tasks in flight against a limit that AIMD may move."""
 
@@ -571,6 +617,7 @@ class Engine:
         self._poll_wakeup = anyio.Event()
         self._questions_out = 0
         """getResponse requests sent and not yet answered."""
+        self._urgent = _UrgentRequests()
         self._latency = LatencyEstimate()
         self._polls_failing_since: float | None = None
         self._poll_batch = settings.limits.poll_batch
@@ -986,9 +1033,10 @@ class Engine:
         self.summary.resubmitted += sum(1 for f in flights if f.replaces)
         self.summary.submit_requests += 1
         try:
-            outcome = await self._client.submit(
-                [f.request for f in flights if f.request is not None]
-            )
+            with self._urgent.out():
+                outcome = await self._client.submit(
+                    [f.request for f in flights if f.request is not None]
+                )
         except (AuthError, InsufficientCreditError):
             # A definite refusal: nothing was accepted, so nothing to poll later.
             await self._append(*(_lost(f) for f in flights))
@@ -1085,7 +1133,8 @@ class Engine:
     async def _poll_chunk(self, flights: list[_Flight]) -> None:
         self._questions_out += 1
         try:
-            await self._ask_about(flights)
+            with self._urgent.out():
+                await self._ask_about(flights)
         finally:
             self._questions_out -= 1
             self._wake_poller()  # their next questions are due at new times
@@ -1334,6 +1383,7 @@ class Engine:
                     job = await _receive(fetches)
                 except anyio.EndOfStream:
                     return
+                await self._urgent.wait_none_out(_DOWNLOAD_DEFER_MAX_S)
                 try:
                     data = await self._client.fetch_image(job.result)
                 except DownloadError as exc:
