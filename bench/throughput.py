@@ -28,6 +28,7 @@ import pstats
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -346,10 +347,14 @@ class SlotMeter:
     Wraps the slot gate's acquire/release for one run. ``mean_in_flight / C`` is the
     share of the concurrency the run used; ``slot_seconds`` / tasks sent is a slot's
     mean hold time per task, whose excess over L is the per-task overhead to cut.
+    A freed slot's wait until it is taken again (slots matched first-freed,
+    first-taken) is the other overhead: time between a slot's tasks.
     """
 
     def __init__(self) -> None:
         self.slot_seconds = 0.0
+        self.idle_gaps: list[float] = []
+        self._freed: deque[float] = deque()
         self._in_use = 0
         self._since = 0.0
         self._first: float | None = None
@@ -363,6 +368,10 @@ class SlotMeter:
         self.slot_seconds += self._in_use * (now - self._since)
         self._since = self._last = now
         self._in_use += delta
+        if delta < 0:
+            self._freed.extend([now] * -delta)
+        for _ in range(min(delta, len(self._freed))):
+            self.idle_gaps.append(now - self._freed.popleft())
 
     def __enter__(self) -> SlotMeter:
         from pipeline import engine
@@ -396,8 +405,11 @@ class SlotMeter:
         if not tasks_sent or self._first is None:
             return {}
         span = self._last - self._first
+        gaps = sorted(self.idle_gaps) or [0.0]
         return {
             "slot_hold_mean_s": self.slot_seconds / tasks_sent,
+            "slot_idle_between_tasks_mean_ms": 1e3 * sum(gaps) / len(gaps),
+            "slot_idle_between_tasks_p90_ms": 1e3 * gaps[int(0.9 * (len(gaps) - 1))],
             "mean_in_flight": self.slot_seconds / span if span else 0.0,
             "slot_utilisation": self.slot_seconds / (concurrency * span) if span else 0,
         }
@@ -788,12 +800,17 @@ def main(argv: list[str] | None = None) -> int:
                 slot_hold_mean_s=round(remix["slot_hold_mean_s"], 4),
                 mean_in_flight=round(remix["mean_in_flight"], 1),
                 slot_utilisation=round(remix["slot_utilisation"], 4),
+                slot_idle_between_tasks_mean_ms=round(
+                    remix["slot_idle_between_tasks_mean_ms"], 1
+                ),
             )
             emit(
                 f"remix slots: a slot is held {remix['slot_hold_mean_s']:.4f}s per "
                 f"task (L = {latency_s}s); {remix['mean_in_flight']:.1f} of {c} in "
                 f"use on average ({remix['slot_utilisation']:.1%}) from the first "
-                "submit to the last answer"
+                "submit to the last answer; a freed slot is taken again after "
+                f"{remix['slot_idle_between_tasks_mean_ms']:.1f} ms (p90 "
+                f"{remix['slot_idle_between_tasks_p90_ms']:.1f})"
             )
         if remix["server_api_posts"] != remix["api_requests"]:
             emit(

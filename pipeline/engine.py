@@ -477,23 +477,19 @@ class _SlotGate:
         self._interrupted = True
         self._notify()
 
-    async def acquire(self, want: int, window: Callable[[], float]) -> int:
-        """Take between 1 and ``want`` slots, waiting up to ``window()`` for more.
+    async def acquire(self, want: int) -> int:
+        """Take between 1 and ``want`` slots, as many as are free once one is.
 
-        Coalescing slots freed close together turns many one-task submits into one.
-        ``window`` is asked once a slot is free: whether more may come soon is known
-        only then. Returns 0 once interrupted.
+        No waiting for more to share a submit: a window of 2% of the latency for
+        them idled freed slots 8-12 ms a round (L = 5 s; efficiency 0.918-0.930 ->
+        0.928-0.933 without it at L = 0.5 s, 0.895-0.903 -> 0.908-0.911 with
+        jittered latency) for ~20% fewer submits; a cohort's slots free together
+        anyway, with the poll answer that frees them. Returns 0 once interrupted.
         """
         while self.free == 0:
             if self._interrupted:
                 return 0
             await self._changed.wait()
-        target = min(want, max(1, self._limit() // 4))
-        window_s = window() if self.free < target else 0.0
-        if self.free < target and window_s > 0:
-            with anyio.move_on_after(window_s):
-                while self.free < target:
-                    await self._changed.wait()
         take = min(want, self.free)
         self.force_acquire(take)
         return take
@@ -618,8 +614,6 @@ class Engine:
         self._ready = _Queue[_Flight](bound=max(limits.submit_batch, top // 4))
         self._polling: dict[str, _Flight] = {}
         self._poll_wakeup = anyio.Event()
-        self._questions_out = 0
-        """getResponse requests sent and not yet answered."""
         self._urgent = _UrgentRequests()
         self._latency = LatencyEstimate()
         self._polls_failing_since: float | None = None
@@ -894,21 +888,6 @@ class Engine:
 
     # --------------------------------------------------------------- submitter
 
-    def _coalesce_s(self) -> float:
-        """How long a freed slot may wait for more to share one submit: only while
-        more can come, from a question already out or one due within the window
-        (at a steady latency a cohort's slots free together, and the next cohort is
-        due much later: waiting would only idle them, ~2% of every round)."""
-        latency = self._latency.value or self._settings.poll.interval_s
-        window = min(0.25, max(0.005, 0.02 * latency))
-        if self._questions_out:
-            return window
-        due = min(
-            (f.next_poll_at for f in self._polling.values() if not f.finished),
-            default=math.inf,
-        )
-        return window if due - self._clock() < window else 0.0
-
     def _price_per_image(self, spec: TaskSpec) -> Decimal:
         return max(self._settings.price_for(spec.rendering_speed), self._max_price_seen)
 
@@ -995,7 +974,7 @@ class Engine:
                 await self._unsent(self._ready.drain())
                 continue
             want = min(batch_max, len(self._ready))
-            slots = await self._gate.acquire(want, self._coalesce_s)
+            slots = await self._gate.acquire(want)
             self.summary.adaptive_floor = min(
                 self.summary.adaptive_floor, self._adaptive.value
             )
@@ -1134,12 +1113,10 @@ class Engine:
                     asking.start_soon(self._poll_chunk, due[start : start + batch])
 
     async def _poll_chunk(self, flights: list[_Flight]) -> None:
-        self._questions_out += 1
         try:
             with self._urgent.out():
                 await self._ask_about(flights)
         finally:
-            self._questions_out -= 1
             self._wake_poller()  # their next questions are due at new times
 
     async def _ask_about(self, flights: list[_Flight]) -> None:
