@@ -1114,8 +1114,7 @@ class Engine:
 
     async def _poll_chunk(self, flights: list[_Flight]) -> None:
         try:
-            with self._urgent.out():
-                await self._ask_about(flights)
+            await self._ask_about(flights)
         finally:
             self._wake_poller()  # their next questions are due at new times
 
@@ -1128,7 +1127,9 @@ class Engine:
         # time it reached the API, half a round trip later, as for the submit.
         asked_at = self._clock()
         try:
-            outcome = await self._client.poll(list(by_uuid))
+            # Only until the answer: its results then go to the (waiting) downloads.
+            with self._urgent.out():
+                outcome = await self._client.poll(list(by_uuid))
         except PipelineError as exc:
             if exc.run_fatal:
                 raise
