@@ -406,8 +406,10 @@ class RunwareClient:
                         status=resp.status,
                         task_id=result.task_uuid,
                     )
-                if resp.content_length is not None and resp.content_length > cap:
-                    raise self._too_large(result, url, resp.content_length)
+                if resp.content_length is not None:
+                    if resp.content_length > cap:
+                        raise self._too_large(result, url, resp.content_length)
+                    return await resp.read()  # exactly content_length bytes
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):

@@ -427,11 +427,13 @@ class _UrgentRequests:
     a download a few ms later costs nothing.
     """
 
-    __slots__ = ("_none_out", "count")
+    __slots__ = ("_none_out", "_timed", "count")
 
     def __init__(self) -> None:
         self.count = 0
         self._none_out = _Signal()
+        self._timed = False
+        """A waiter is timing the bound for all that wait with it."""
 
     @contextlib.contextmanager
     def out(self) -> Iterator[None]:
@@ -449,10 +451,21 @@ class _UrgentRequests:
 
         Woken waiters go without looking again: a new request sent before they run
         would otherwise wake and re-park every waiting download, once per request.
+        The first waiter times the bound and wakes the others when it is up: one
+        timer for a cohort's downloads, not one each.
         """
-        if self.count:
+        if not self.count:
+            return
+        if self._timed:
+            await self._none_out.wait()
+            return
+        self._timed = True
+        try:
             with anyio.move_on_after(at_most_s):
                 await self._none_out.wait()
+        finally:
+            self._timed = False
+            self._none_out.notify()
 
 
 class _SlotGate:
@@ -613,7 +626,9 @@ class Engine:
         # up, so the fsync before a submit is paid while no slot waits.
         self._ready = _Queue[_Flight](bound=max(limits.submit_batch, top // 4))
         self._polling: dict[str, _Flight] = {}
-        self._poll_wakeup = anyio.Event()
+        self._poll_wakeup = _Signal()
+        self._poll_woken = False
+        """Set by a wake-up: the poller looks again before it waits."""
         self._urgent = _UrgentRequests()
         self._latency = LatencyEstimate()
         self._polls_failing_since: float | None = None
@@ -1073,7 +1088,8 @@ class Engine:
         return min(poll.max_interval_s, gap)
 
     def _wake_poller(self) -> None:
-        self._poll_wakeup.set()
+        self._poll_woken = True
+        self._poll_wakeup.notify()
 
     async def _poller(self) -> None:
         """Ask about every due task, without waiting for earlier questions' answers.
@@ -1084,8 +1100,8 @@ class Engine:
         """
         async with anyio.create_task_group() as asking:
             while True:
-                # A new event before looking: a wake-up from here on is not lost.
-                self._poll_wakeup = anyio.Event()
+                # Cleared before looking: a wake-up from here on is not lost.
+                self._poll_woken = False
                 batch = self._poll_batch
                 now = self._clock()
                 coalesce = self._poll_gap()
@@ -1099,8 +1115,9 @@ class Engine:
                         f.next_poll_at for f in self._polling.values() if not f.finished
                     ]
                     wait = min(pending, default=math.inf) - now
-                    with anyio.move_on_after(max(wait, 0.0)):
-                        await self._poll_wakeup.wait()
+                    if not self._poll_woken:
+                        with anyio.move_on_after(max(wait, 0.0)):
+                            await self._poll_wakeup.wait()
                     continue
                 if not self._rate.ready():
                     # Requests are scarce: ask once one may start, about all that is

@@ -68,3 +68,24 @@ async def test_the_wait_is_bounded_when_urgent_requests_never_stop() -> None:
             await urgent.wait_none_out(at_most_s=0.05)
         assert anyio.current_time() - started >= 0.05
         assert urgent.count == 1
+
+
+async def test_the_bound_releases_every_waiter_not_only_the_first() -> None:
+    """One waiter times the bound for all: when it is up, all of them go."""
+    urgent = _UrgentRequests()
+    went: list[int] = []
+
+    async def download(n: int) -> None:
+        await urgent.wait_none_out(at_most_s=0.05)
+        went.append(n)
+
+    with urgent.out():
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                for n in range(5):
+                    tg.start_soon(download, n)
+        assert sorted(went) == [0, 1, 2, 3, 4]
+        assert urgent.count == 1
+    # and the next wait is timed afresh
+    with urgent.out(), anyio.fail_after(5):
+        await urgent.wait_none_out(at_most_s=0.05)
