@@ -96,7 +96,7 @@ _REASK_AGE_SHARE: Final = 0.02
 """A task still processing is asked again within this share of its age: before the
 latency is learnt, a gap growing 1.5x from 10 ms overshoots (asked at 0.5 s, then ...
 4.4 s, 6.4 s: a 5 s first round seen 1.4 s late, with every slot idle meanwhile).
-At 5% the first round of a 5 s API was still seen 160-220 ms late, at 2% 35 ms,
+At 5% the first round of a 5 s API was still seen 160-220 ms late, at 2% 20-68 ms,
 for ~60 more polls per 1,000 tasks in bench/throughput.py (0.12 -> 0.18 requests
 per image at 2,560 tasks)."""
 _DOWNLOAD_DEFER_MAX_S: Final = 0.05
@@ -628,8 +628,6 @@ class Engine:
         self._ready = _Queue[_Flight](bound=max(limits.submit_batch, top // 4))
         self._polling: dict[str, _Flight] = {}
         self._poll_wakeup = _Signal()
-        self._poll_woken = False
-        """Set by a wake-up: the poller looks again before it waits."""
         self._urgent = _UrgentRequests()
         self._latency = LatencyEstimate()
         self._polls_failing_since: float | None = None
@@ -1089,7 +1087,6 @@ class Engine:
         return min(poll.max_interval_s, gap)
 
     def _wake_poller(self) -> None:
-        self._poll_woken = True
         self._poll_wakeup.notify()
 
     async def _poller(self) -> None:
@@ -1101,8 +1098,6 @@ class Engine:
         """
         async with anyio.create_task_group() as asking:
             while True:
-                # Cleared before looking: a wake-up from here on is not lost.
-                self._poll_woken = False
                 batch = self._poll_batch
                 now = self._clock()
                 coalesce = self._poll_gap()
@@ -1116,9 +1111,9 @@ class Engine:
                         f.next_poll_at for f in self._polling.values() if not f.finished
                     ]
                     wait = min(pending, default=math.inf) - now
-                    if not self._poll_woken:
-                        with anyio.move_on_after(max(wait, 0.0)):
-                            await self._poll_wakeup.wait()
+                    # No await since the scan: a wake-up now finds us waiting.
+                    with anyio.move_on_after(max(wait, 0.0)):
+                        await self._poll_wakeup.wait()
                     continue
                 if not self._rate.ready():
                     # Requests are scarce: ask once one may start, about all that is

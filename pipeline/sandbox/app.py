@@ -522,11 +522,13 @@ class Sandbox:
         renders any image whose turn has not come (the same bytes: rendering is
         deterministic).
         """
-        todo = [(task, slot) for task in tasks for slot in task.images]
+        todo = sorted(
+            ((task, slot) for task in tasks for slot in task.images),
+            key=lambda pair: pair[1].ready_at,
+        )
         if todo:  # render midway: the moment of a submit is a busy one
-            first_ready = min(slot.ready_at for _, slot in todo)
             now = self.clock()
-            await self._sleep_until(now + (first_ready - now) / 2)
+            await self._sleep_until(now + (todo[0][1].ready_at - now) / 2)
 
         def render_each() -> list[bytes | ValueError]:
             out: list[bytes | ValueError] = []
@@ -543,7 +545,7 @@ class Sandbox:
                 _render_failed(task, result)
             elif slot.rendered is None:
                 slot.rendered = result
-        for task, slot in sorted(todo, key=lambda pair: pair[1].ready_at):
+        for task, slot in todo:
             await self._sleep_until(slot.ready_at)
             await self._ensure_image(task, slot)
 
