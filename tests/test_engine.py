@@ -600,9 +600,10 @@ async def test_the_latency_estimate_settles_on_the_api_latency(
     assert summary.exit_code == 0
     assert summary.latency_s is not None
     assert 0.27 <= summary.latency_s <= 0.36
-    # Observed: ~24 (small submits make small cohorts); an estimate stuck near 0
-    # would ask every 10 ms, ~30 times per cohort.
-    assert summary.poll_requests <= 48
+    # Observed: 43-54 (small submits make small cohorts; ~11 of them re-ask the
+    # first round within 2% of its age, before anything is learnt: 33-38 at 5%). An
+    # estimate stuck near 0 would re-ask every ~5 ms, ~55 times per cohort (~330).
+    assert summary.poll_requests <= 72
 
 
 async def test_a_failing_write_with_downloads_queued_stops_with_that_error_alone(
