@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -663,3 +664,47 @@ async def test_a_failing_write_with_downloads_queued_stops_with_that_error_alone
     assert summary.stop_message is not None
     assert "disk is full" in summary.stop_message
     assert summary.exit_code == 3
+
+
+def test_the_sparing_collector_restores_the_threshold_after_overlaps() -> None:
+    """Two runs in one process may start and end in any order: the threshold stays
+    raised until the last ends, then is what it was, also after an error."""
+    before = gc.get_threshold()
+    first = engine_module.sparing_collector()
+    second = engine_module.sparing_collector()
+    first.__enter__()
+    assert gc.get_threshold()[0] >= 10_000
+    assert gc.get_threshold()[1:] == before[1:]
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first ends before the second
+    assert gc.get_threshold()[0] >= 10_000
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == before
+    with pytest.raises(RuntimeError), engine_module.sparing_collector():
+        raise RuntimeError("boom")
+    assert gc.get_threshold() == before
+
+
+async def test_a_run_collects_garbage_sparingly_and_restores_the_collector(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    server = await make_sandbox(SandboxConfig(latency_s=0.2, render_scale=0.05))
+    job = write_job(tmp_path, refs=4)
+    before = gc.get_threshold()
+    seen: list[int] = []
+    done = anyio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            seen.append(gc.get_threshold()[0])
+            await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sample)
+        summary = await run_manifest(
+            job, tmp_path / "run", fast_settings(tmp_path, base_url(server))
+        )
+        done.set()
+    assert summary.exit_code == 0
+    assert max(seen) >= 10_000
+    assert gc.get_threshold() == before
