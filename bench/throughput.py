@@ -67,7 +67,8 @@ def _api_requests(before: JsonObject, after: JsonObject) -> dict[str, int]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``section.key=value`` flags (value parsed as TOML) into settings overrides."""
+    """``section.key=value`` flags into settings overrides: the value is read as TOML,
+    and a bare word that is not TOML as a string (``run.event_loop=asyncio``)."""
     import tomllib
 
     out: dict[str, dict[str, Any]] = {}
@@ -76,7 +77,10 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         section, _, key = dotted.partition(".")
         if not (section and key and text):
             raise SystemExit(f"--set takes section.key=value, got {item!r}")
-        value = tomllib.loads(f"v = {text}")["v"]
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
         out.setdefault(section, {})[key] = value
     return out
 
