@@ -516,13 +516,13 @@ def bench_remix(
         for line in timer.wire_phases(sandbox.task_times(), concurrency):
             emit(line)
     if profiler is not None:
+        if dump := os.environ.get("BENCH_DUMP"):
+            profiler.dump_stats(dump)  # the whole profile, for pstats or snakeviz
         out = io.StringIO()
         stats = pstats.Stats(profiler, stream=out)
-        stats.sort_stats(os.environ.get("BENCH_SORT", "tottime")).print_stats(
-            os.environ.get("BENCH_FILTER", ""), profile_top
-        ) if os.environ.get("BENCH_FILTER") else stats.sort_stats(
-            os.environ.get("BENCH_SORT", "tottime")
-        ).print_stats(profile_top)
+        stats.sort_stats(os.environ.get("BENCH_SORT", "tottime"))
+        only = os.environ.get("BENCH_FILTER")  # a regex on file:line(function)
+        stats.print_stats(*([only] if only else []), profile_top)
         emit("remix cProfile, top by tottime:")
         for line in out.getvalue().splitlines():
             if line.strip():
