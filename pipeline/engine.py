@@ -460,6 +460,38 @@ async def _receive(stream: MemoryObjectReceiveStream[T]) -> T:
         return await stream.receive()
 
 
+async def gather_batch(
+    first: T,
+    stream: MemoryObjectReceiveStream[T],
+    *,
+    more_coming: Callable[[], bool],
+    most: int = _STORE_BATCH,
+    window_s: float = _STORE_GATHER_S,
+) -> list[T]:
+    """``first`` and what follows it: all that is queued and, while ``more_coming()``,
+    what arrives within ``window_s`` of the call; at most ``most`` items."""
+    batch = [first]
+    deadline = anyio.current_time() + window_s
+    while len(batch) < most:
+        try:
+            batch.append(stream.receive_nowait())
+            continue
+        except anyio.WouldBlock:
+            pass
+        except anyio.EndOfStream:
+            break
+        if not more_coming():
+            break
+        with anyio.move_on_after(deadline - anyio.current_time()):
+            try:
+                batch.append(await stream.receive())
+            except anyio.EndOfStream:
+                break
+            continue
+        break  # the window is over
+    return batch
+
+
 class _UrgentRequests:
     """Counts the requests that hold concurrency slots idle until answered (submits,
     polls); downloads wait until none is out, for a bounded time.
@@ -1488,7 +1520,9 @@ class Engine:
         """
         async with done:
             async for first in done:
-                batch = await self._gather(first, done)
+                batch = await gather_batch(
+                    first, done, more_coming=lambda: self._fetches_out > 0
+                )
                 downloaded = [i for i in batch if isinstance(i, _Downloaded)]
                 for stored in await self._store(downloaded):
                     self._record(stored)
@@ -1496,32 +1530,6 @@ class Engine:
                     if isinstance(item, _FetchFailed):
                         self._fetch_failed(item)
                 self._report_progress()
-
-    async def _gather(
-        self,
-        first: _Downloaded | _FetchFailed,
-        done: MemoryObjectReceiveStream[_Downloaded | _FetchFailed],
-    ) -> list[_Downloaded | _FetchFailed]:
-        batch = [first]
-        deadline = anyio.current_time() + _STORE_GATHER_S
-        while len(batch) < _STORE_BATCH:
-            try:
-                batch.append(done.receive_nowait())
-                continue
-            except anyio.WouldBlock:
-                pass
-            except anyio.EndOfStream:
-                break
-            if self._fetches_out <= 0:
-                break  # nothing more is coming: write now (the run's last images)
-            with anyio.move_on_after(deadline - anyio.current_time()):
-                try:
-                    batch.append(await done.receive())
-                except anyio.EndOfStream:
-                    break
-                continue
-            break  # the wait is over
-        return batch
 
     async def _store(self, items: list[_Downloaded]) -> list[_Stored]:
         """Images and sidecars durably on disk, then their completions journaled."""
