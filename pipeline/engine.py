@@ -1201,10 +1201,51 @@ class Engine:
                     # due by then, rather than queue a question per tick.
                     await self._rate.wait_ready()
                     continue
+                if self._latency.value is None:
+                    due = self._sample_while_learning(due, now)
                 for flight in due:
                     flight.next_poll_at = math.inf
                 for start in range(0, len(due), batch):
                     asking.start_soon(self._poll_chunk, due[start : start + batch])
+
+    def _sample_while_learning(self, due: list[_Flight], now: float) -> list[_Flight]:
+        """Before anything has finished, ask about one request's worth of the tasks
+        sent first; the rest wait until the latency is learnt (_retime_after_learning).
+
+        They are all in the same state, and those sent later finish later: a first
+        round of C = 256 was asked about every 2% of its age in ceil(C / 100)
+        requests each time (~115 times at a 5 s latency; 1,000 tasks at C = 256
+        made 324 polls, now 199).
+        """
+        learners = [f for f in due if f.teaches_latency]
+        if len(learners) <= self._poll_batch:
+            return due
+        learners.sort(key=lambda f: f.submitted_at)
+        for flight in learners[self._poll_batch :]:
+            flight.next_poll_at = now + max(
+                self._poll_gap(), _REASK_AGE_SHARE * (now - flight.submitted_at)
+            )
+        waiting = {id(f) for f in learners[self._poll_batch :]}
+        return [f for f in due if id(f) not in waiting]
+
+    def _retime_after_learning(self) -> None:
+        """The first latency is known: every task not being asked about right now is
+        asked when it should be done, or at once if that time has passed."""
+        first = self._latency.first_question()
+        if first is None:
+            return
+        now = self._clock()
+        for flight in self._polling.values():
+            if (
+                flight.teaches_latency
+                and not flight.finished
+                and not flight.not_found  # waits to be visible, not to be done
+                and flight.next_poll_at != math.inf
+            ):
+                flight.next_poll_at = min(
+                    flight.next_poll_at, max(now, flight.submitted_at + first)
+                )
+        self._wake_poller()
 
     async def _poll_chunk(self, flights: list[_Flight]) -> None:
         try:
@@ -1397,10 +1438,13 @@ class Engine:
         if not flight.teaches_latency:
             return
         busy_at = flight.last_processing_at
+        learnt = self._latency.value is not None
         self._latency.observe(
             done_by=done_by - flight.submitted_at,
             busy_at=None if busy_at is None else busy_at - flight.submitted_at,
         )
+        if not learnt:
+            self._retime_after_learning()
 
     async def _not_found(self, flight: _Flight, now: float) -> None:
         """The server does not know this taskUUID (yet, or any more)."""

@@ -597,6 +597,30 @@ async def test_a_job_in_one_round_is_asked_about_sparingly(
         assert latency <= turnaround <= 1.1 * latency + FINE_LAG_S
 
 
+async def test_before_anything_finishes_one_request_asks_for_the_first_round(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """A first round wider than a getResponse batch: until one task is done, only
+    the earliest batch is asked about (the rest are in the same state), then the
+    rest are asked at once. With batches of 4 and a round of 12 that is ~1 request
+    per question, not 3, and no task is seen later for it."""
+    latency = 1.2
+    server = await make_sandbox(SandboxConfig(latency_s=latency, render_scale=0.05))
+    job = write_job(tmp_path, refs=16)  # 12 at once, 4 wait for slots
+    settings = fast_settings(
+        tmp_path, base_url(server), poll=SHIPPED_POLL, limits={"poll_batch": 4}
+    )
+    summary = await run_manifest(job, tmp_path / "run", settings, concurrency=12)
+    assert summary.exit_code == 0
+    assert summary.images_new == 16
+    # Every 2% of its age from 0.5 s to 1.2 s is ~45 questions: ~135 requests in
+    # batches of 4 for all 12, ~50 with the earliest 4 standing for the rest.
+    assert summary.poll_requests <= 80
+    turnarounds = _turnarounds(tmp_path / "run")
+    for turnaround in turnarounds[:12]:  # the first round, in order of submit
+        assert latency <= turnaround <= latency + FINE_LAG_S
+
+
 SHIPPED_POLL: Final = {
     "interval_s": 0.5,
     "min_interval_s": 0.01,
