@@ -1209,24 +1209,31 @@ class Engine:
                     asking.start_soon(self._poll_chunk, due[start : start + batch])
 
     def _sample_while_learning(self, due: list[_Flight], now: float) -> list[_Flight]:
-        """Before anything has finished, ask about one request's worth of the tasks
-        sent first; the rest wait until the latency is learnt (_retime_after_learning).
+        """Before anything has finished, ask only about one request's worth of the
+        tasks sent first; the rest wait until the latency is learnt
+        (_retime_after_learning).
 
         They are all in the same state, and those sent later finish later: a first
         round of C = 256 was asked about every 2% of its age in ceil(C / 100)
         requests each time (~115 times at a 5 s latency; 1,000 tasks at C = 256
-        made 324 polls, now 199).
+        made 324 polls).
         """
-        learners = [f for f in due if f.teaches_latency]
+        learners = [
+            f for f in self._polling.values() if f.teaches_latency and not f.finished
+        ]
         if len(learners) <= self._poll_batch:
             return due
-        learners.sort(key=lambda f: f.submitted_at)
-        for flight in learners[self._poll_batch :]:
-            flight.next_poll_at = now + max(
-                self._poll_gap(), _REASK_AGE_SHARE * (now - flight.submitted_at)
-            )
-        waiting = {id(f) for f in learners[self._poll_batch :]}
-        return [f for f in due if id(f) not in waiting]
+        learners.sort(key=lambda f: f.submitted_at)  # stable: send order within one
+        sample = {id(f) for f in learners[: self._poll_batch]}
+        asked: list[_Flight] = []
+        for flight in due:
+            if not flight.teaches_latency or id(flight) in sample:
+                asked.append(flight)
+            else:  # comes due again only to be put off, until the latency is known
+                flight.next_poll_at = now + max(
+                    self._poll_gap(), _REASK_AGE_SHARE * (now - flight.submitted_at)
+                )
+        return asked
 
     def _retime_after_learning(self) -> None:
         """The first latency is known: every task not being asked about right now is
