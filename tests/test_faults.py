@@ -62,8 +62,17 @@ async def _run_until_done(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "poll_batch",
+    [
+        pytest.param(None, id="shipped-batches"),
+        # 24 tasks in flight, 4 per question: until the first is done only the
+        # earliest 4 are asked about (the engine's learning sample), under faults.
+        pytest.param(4, id="batches-of-4"),
+    ],
+)
 async def test_fault_mix_loses_nothing_and_pays_once(
-    tmp_path: Path, make_sandbox: SandboxFactory
+    tmp_path: Path, make_sandbox: SandboxFactory, poll_batch: int | None
 ) -> None:
     """5xx, 429, dropped, malformed, failed downloads, slow: all done, billed once."""
     server = await make_sandbox(FAULT_MIX)
@@ -71,7 +80,12 @@ async def test_fault_mix_loses_nothing_and_pays_once(
         tmp_path, refs=5, variants=styles(30, pairs_every=3)
     )  # 150 tasks, 200 images
     run_dir = tmp_path / "run"
-    settings = fast_settings(tmp_path, base_url(server))
+    url = base_url(server)
+    settings = (
+        fast_settings(tmp_path, url)
+        if poll_batch is None
+        else fast_settings(tmp_path, url, limits={"poll_batch": poll_batch})
+    )
     summaries = await _run_until_done(job, run_dir, settings, concurrency=24)
     state = server.app[STATE]
     fired = server.app[SANDBOX].faults.fired
