@@ -17,9 +17,11 @@ import csv
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +55,25 @@ class Usage:
             peak_rss_mb=ru.ru_maxrss / 1024,
             sys_s=ru.ru_stime,
         )
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, *, keep: bool = False) -> Iterator[Path]:
+    """A work dir under TMPDIR, removed afterwards unless ``keep``: also when the
+    benchmark fails, is interrupted or is terminated (each left ~45 MB behind, in
+    RAM when TMPDIR is a tmpfs)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield work
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def current_rss_mb() -> float:

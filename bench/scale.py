@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from _common import (  # the bench dir is on sys.path, not a package
     empty_config,
     run_child,
     sandbox_process,
+    scratch_dir,
     write_job,
 )
 
@@ -192,33 +192,9 @@ def bench_journal(root: Path, events: int) -> JsonObject:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--sizes", type=int, nargs="+", default=[10_000, 100_000], metavar="TASKS"
-    )
-    parser.add_argument(
-        "--max-run-tasks",
-        type=int,
-        default=20_000,
-        help="run at most about this many tasks per size (0: all); the rest of the "
-        "manifest is still validated and expanded",
-    )
-    parser.add_argument("--concurrency", type=int, default=256)
-    parser.add_argument("--latency", type=float, default=0.5)
-    parser.add_argument("--render-scale", type=float, default=1 / 64)
-    parser.add_argument("--journal-events", type=int, default=100_000)
-    parser.add_argument("--no-run", action="store_true", help="plan and journal only")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir")
-    args = parser.parse_args(argv)
-
-    work = Path(tempfile.mkdtemp(prefix="remix-scale-"))
+def _measure(args: argparse.Namespace, work: Path, figures: JsonObject) -> None:
+    """Plan, run and journal figures for each size, into ``figures``."""
     config = empty_config(work)
-    figures: JsonObject = {
-        "concurrency": args.concurrency,
-        "latency_s": args.latency,
-        "max_run_tasks": args.max_run_tasks,
-    }
     emit(f"scale: sizes {args.sizes}, work dir {work}")
     # Interpreter start and imports, so plan throughput can be quoted without them.
     baseline = run_child(
@@ -266,8 +242,35 @@ def main(argv: list[str] | None = None) -> int:
         f"{RSS_TARGET_MB:.0f} MB: {'met' if ok else 'MISSED'}"
     )
     figures["targets_met"] = ok
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[10_000, 100_000], metavar="TASKS"
+    )
+    parser.add_argument(
+        "--max-run-tasks",
+        type=int,
+        default=20_000,
+        help="run at most about this many tasks per size (0: all); the rest of the "
+        "manifest is still validated and expanded",
+    )
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--latency", type=float, default=0.5)
+    parser.add_argument("--render-scale", type=float, default=1 / 64)
+    parser.add_argument("--journal-events", type=int, default=100_000)
+    parser.add_argument("--no-run", action="store_true", help="plan and journal only")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    args = parser.parse_args(argv)
+
+    figures: JsonObject = {
+        "concurrency": args.concurrency,
+        "latency_s": args.latency,
+        "max_run_tasks": args.max_run_tasks,
+    }
+    with scratch_dir("remix-scale-", keep=args.keep) as work:
+        _measure(args, work, figures)
     emit_json(figures)
     return 0
 

@@ -26,7 +26,6 @@ import math
 import os
 import pstats
 import sys
-import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -45,6 +44,7 @@ from _common import (  # the bench dir is on sys.path, not a package
     emit_json,
     empty_config,
     sandbox_process,
+    scratch_dir,
     write_job,
 )
 
@@ -666,56 +666,11 @@ def bench_sdk(
 # ---------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=5000)
-    parser.add_argument("--concurrency", type=int, default=256)
-    parser.add_argument("--latency", type=float, default=0.5, help="seconds per task")
-    parser.add_argument(
-        "--jitter",
-        type=float,
-        default=0.0,
-        help="each task takes up to this many seconds longer, uniformly (a real "
-        "API's latency varies); efficiency is then against C / mean latency",
-    )
-    parser.add_argument("--render-scale", type=float, default=1 / 64)
-    parser.add_argument("--no-sdk", action="store_true", help="skip the SDK peer run")
-    parser.add_argument(
-        "--profile",
-        type=int,
-        default=0,
-        metavar="TOP",
-        help="cProfile the remix run and print the TOP functions by tottime",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a remix setting (e.g. limits.requests_per_s=100); "
-        "default: remix's shipped settings",
-    )
-    parser.add_argument(
-        "--trace",
-        action="store_true",
-        help="time the engine's submits, polls, downloads, journal appends, "
-        "file writes and rate-meter waits (diagnostics)",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the work dir")
-    args = parser.parse_args(argv)
-
+def _measure(args: argparse.Namespace, work: Path, figures: JsonObject) -> None:
+    """Both runs, their figures and the targets, into ``figures``."""
     n, c = args.tasks, args.concurrency
-    latency_s = args.latency + args.jitter / 2  # the mean: what C / L is about
-    limit = c / latency_s
-    figures: JsonObject = {
-        "tasks": n,
-        "concurrency": c,
-        "latency_s": latency_s,
-        "jitter_s": args.jitter,
-        "limit_images_per_s": limit,
-        "settings_overrides": args.set,
-    }
-    work = Path(tempfile.mkdtemp(prefix="remix-bench-"))
+    latency_s = figures["latency_s"]
+    limit = figures["limit_images_per_s"]
     warm_imports()
     shape = JobShape.for_tasks(n)
     manifest_path = write_job(work / "job", shape)
@@ -865,10 +820,59 @@ def main(argv: list[str] | None = None) -> int:
     for name, ok in targets.items():
         emit(f"target {name}: {'met' if ok else 'MISSED'}")
     figures["targets_met"] = all(targets.values())
-    if not args.keep:
-        import shutil
 
-        shutil.rmtree(work, ignore_errors=True)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--latency", type=float, default=0.5, help="seconds per task")
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="each task takes up to this many seconds longer, uniformly (a real "
+        "API's latency varies); efficiency is then against C / mean latency",
+    )
+    parser.add_argument("--render-scale", type=float, default=1 / 64)
+    parser.add_argument("--no-sdk", action="store_true", help="skip the SDK peer run")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="TOP",
+        help="cProfile the remix run and print the TOP functions by tottime",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a remix setting (e.g. limits.requests_per_s=100); "
+        "default: remix's shipped settings",
+    )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="time the engine's submits, polls, downloads, journal appends, "
+        "file writes and rate-meter waits (diagnostics)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    args = parser.parse_args(argv)
+
+    n, c = args.tasks, args.concurrency
+    latency_s = args.latency + args.jitter / 2  # the mean: what C / L is about
+    limit = c / latency_s
+    figures: JsonObject = {
+        "tasks": n,
+        "concurrency": c,
+        "latency_s": latency_s,
+        "jitter_s": args.jitter,
+        "limit_images_per_s": limit,
+        "settings_overrides": args.set,
+    }
+    with scratch_dir("remix-bench-", keep=args.keep) as work:
+        _measure(args, work, figures)
     emit_json(figures)
     return 0
 
