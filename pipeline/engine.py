@@ -1211,7 +1211,7 @@ class Engine:
     def _sample_while_learning(self, due: list[_Flight], now: float) -> list[_Flight]:
         """Before anything has finished, ask only about one request's worth of the
         tasks sent first; the rest wait until the latency is learnt
-        (_retime_after_learning).
+        (_observe_latency then asks about them by the estimate).
 
         They are all in the same state, and those sent later finish later: a first
         round of C = 256 was asked about every 2% of its age in ceil(C / 100)
@@ -1225,32 +1225,27 @@ class Engine:
             return due
         learners.sort(key=lambda f: f.submitted_at)  # stable: send order within one
         sample = {id(f) for f in learners[: self._poll_batch]}
+        gap = self._poll_gap()
         asked: list[_Flight] = []
         for flight in due:
             if not flight.teaches_latency or id(flight) in sample:
                 asked.append(flight)
             else:  # comes due again only to be put off, until the latency is known
                 flight.next_poll_at = now + max(
-                    self._poll_gap(), _REASK_AGE_SHARE * (now - flight.submitted_at)
+                    gap, _REASK_AGE_SHARE * (now - flight.submitted_at)
                 )
         return asked
 
-    def _retime_after_learning(self) -> None:
-        """The first latency is known: every task not being asked about right now is
-        asked when it should be done, or at once if that time has passed."""
+    def _ask_by_estimate(self, wanted: Callable[[_Flight], bool]) -> None:
+        """Bring the next question about each ``wanted`` task (not being asked about
+        now) forward to when the latency estimate says it is done; past: at once."""
         first = self._latency.first_question()
         if first is None:
             return
-        now = self._clock()
         for flight in self._polling.values():
-            if (
-                flight.teaches_latency
-                and not flight.finished
-                and not flight.not_found  # waits to be visible, not to be done
-                and flight.next_poll_at != math.inf
-            ):
+            if flight.next_poll_at != math.inf and wanted(flight):
                 flight.next_poll_at = min(
-                    flight.next_poll_at, max(now, flight.submitted_at + first)
+                    flight.next_poll_at, flight.submitted_at + first
                 )
         self._wake_poller()
 
@@ -1329,20 +1324,9 @@ class Engine:
         elif all(f.task_uuid in done for f in firsts) and self._latency.first_questions(
             all_done=True, asked_after=asked_after
         ):
-            self._retime_first_questions()
-
-    def _retime_first_questions(self) -> None:
-        """After a cut of the latency estimate, first questions not yet asked go
-        when the new estimate says, so its test comes now, not a latency later."""
-        first = self._latency.first_question()
-        if first is None:
-            return
-        for flight in self._polling.values():
-            if flight.asks == 0 and flight.next_poll_at != math.inf:
-                flight.next_poll_at = min(
-                    flight.next_poll_at, flight.submitted_at + first
-                )
-        self._wake_poller()
+            # The cut is put to the test now, not a latency later: first questions
+            # not yet asked go when the new estimate says.
+            self._ask_by_estimate(lambda f: f.asks == 0)
 
     def _check_batch_answers(self, asked: list[str], outcome: PollOutcome) -> None:
         """Fall back to one getResponse per request if batches are half-ignored.
@@ -1451,7 +1435,11 @@ class Engine:
             busy_at=None if busy_at is None else busy_at - flight.submitted_at,
         )
         if not learnt:
-            self._retime_after_learning()
+            # The tasks put off while learning (_sample_while_learning); one not
+            # found yet waits to be visible, not to be done, and keeps its timing.
+            self._ask_by_estimate(
+                lambda f: f.teaches_latency and not f.finished and not f.not_found
+            )
 
     async def _not_found(self, flight: _Flight, now: float) -> None:
         """The server does not know this taskUUID (yet, or any more)."""
