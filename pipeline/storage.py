@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path, PurePath, PurePosixPath
-from typing import Final, cast
+from typing import Final, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -29,6 +29,9 @@ from pydantic import BaseModel
 from pipeline.errors import StorageError
 
 log = logging.getLogger(__name__)
+
+StrPath = str | os.PathLike[str]
+P = TypeVar("P", str, Path)
 
 PART_SUFFIX: Final = ".part"
 MAX_PART_LEN: Final = 100
@@ -112,9 +115,19 @@ def image_relpath(
     return PurePosixPath("images", safe_part(reference_id), safe_part(variant_id), name)
 
 
-def sidecar_path(image_path: Path) -> Path:
-    """The metadata file next to an image: ``<stem>.json``."""
-    return image_path.with_suffix(".json")
+def sidecar_path(image_path: P) -> P:
+    """The metadata file next to an image: ``<stem>.json`` (a str for a str).
+
+    One string rule for both types (pathlib's idea of a suffix differs between
+    Python versions for names such as ``a.``).
+    """
+    text = os.fspath(image_path)
+    name_at = max(text.rfind("/"), text.rfind(os.sep)) + 1
+    dot = text.rfind(".", name_at)
+    stem = text[:dot] if dot > name_at and dot < len(text) - 1 else text
+    if isinstance(image_path, str):
+        return stem + ".json"
+    return Path(stem + ".json")
 
 
 def part_path(path: Path) -> Path:
@@ -146,7 +159,7 @@ def _write_part(part: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_dir(directory: StrPath) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms that cannot open a directory
@@ -240,10 +253,11 @@ def _load_syncfs() -> Callable[[int], int] | None:
 _SYNCFS: Final = _load_syncfs()
 
 
-def _sync_filesystem(directory: Path, paths: Sequence[Path]) -> None:
-    """Make the given files durable: one syncfs, or an fsync each without it."""
+def _sync_filesystem(anywhere: str, paths: Sequence[str]) -> None:
+    """Make the given files durable: one syncfs of the filesystem holding
+    ``anywhere``, or an fsync each without it."""
     if _SYNCFS is not None:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(anywhere, os.O_RDONLY)
         try:
             if _SYNCFS(fd) == 0:
                 return
@@ -257,31 +271,45 @@ def _sync_filesystem(directory: Path, paths: Sequence[Path]) -> None:
             os.close(fd)
 
 
-def _write_many_sync(files: Sequence[tuple[Path, bytes]]) -> list[str]:
-    parts = [part_path(path) for path, _ in files]
+def _write_file(path: str, data: bytes) -> None:
+    """``data`` into a new file at ``path`` with bare system calls (no buffered
+    file object: it cost ~15 us more per file, twice per image)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def _write_many_sync(files: Sequence[tuple[StrPath, bytes]]) -> list[str]:
+    # Plain strings throughout: pathlib's parsing was ~40% of a batch's CPU.
+    paths = [os.fspath(path) for path, _ in files]
+    parts = [path + PART_SUFFIX for path in paths]
+    directories = {os.path.dirname(path) for path in paths}
     committed = 0
     try:
         digests = []
-        for directory in {part.parent for part in parts}:
-            directory.mkdir(parents=True, exist_ok=True)
+        for directory in directories:
+            os.makedirs(directory, exist_ok=True)
         for part, (_, data) in zip(parts, files, strict=True):
-            part.write_bytes(data)
+            _write_file(part, data)
             digests.append(hashlib.sha256(data).hexdigest())
-        root = files[0][0].parent
-        _sync_filesystem(root, parts)  # contents durable before any rename
-        for part, (path, _) in zip(parts, files, strict=True):
+        _sync_filesystem(os.path.dirname(parts[0]), parts)  # contents durable first
+        for part, path in zip(parts, paths, strict=True):
             os.replace(part, path)
             committed += 1
-        for directory in {path.parent for path, _ in files}:
+        for directory in directories:
             _fsync_dir(directory)  # the renames durable
     except BaseException:
         for part in parts[committed:]:
-            _remove_part(part)
+            _remove_part(Path(part))
         raise
     return digests
 
 
-async def write_atomic_many(files: Sequence[tuple[Path, bytes]]) -> list[str]:
+async def write_atomic_many(files: Sequence[tuple[StrPath, bytes]]) -> list[str]:
     """:func:`write_atomic` for a batch, in one worker-thread hop; sha256 of each.
 
     At hundreds of images a second, a thread hop and an fsync per file cost more
@@ -296,7 +324,7 @@ async def write_atomic_many(files: Sequence[tuple[Path, bytes]]) -> list[str]:
     try:
         return await anyio.to_thread.run_sync(_write_many_sync, files)
     except OSError as exc:
-        raise _storage_error(files[0][0].parent, exc) from exc
+        raise _storage_error(Path(files[0][0]).parent, exc) from exc
 
 
 def write_atomic_text_stream(path: Path, chunks: Iterable[str]) -> None:

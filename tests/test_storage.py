@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import anyio
 import anyio.to_thread
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -30,6 +30,7 @@ from pipeline.storage import (
     safe_part,
     sidecar_path,
     write_atomic,
+    write_atomic_many,
     write_sidecar,
 )
 
@@ -41,6 +42,11 @@ def assert_safe_component(part: str, max_len: int = MAX_PART_LEN) -> None:
     assert part not in {"", ".", ".."}
     assert not part.startswith(".")
     assert len(part) <= max_len
+
+
+def read(path: str | Path) -> bytes:
+    """A file's bytes (sync: fine in a test)."""
+    return Path(path).read_bytes()
 
 
 def files_in(directory: Path) -> list[str]:
@@ -215,6 +221,74 @@ async def test_cancel_mid_write_leaves_no_part(
     assert scope.cancelled_caught
     assert not finished
     assert files_in(tmp_path) == []
+
+
+async def test_write_atomic_many_lands_a_batch_across_directories(
+    tmp_path: Path,
+) -> None:
+    """Str and Path targets in several (new) directories: bytes in place, sha256 in
+    order, no .part left; a second batch replaces files whole."""
+    batch: list[tuple[str | Path, bytes]] = [
+        (f"{tmp_path}/images/a/x/s-1.png", b"\x89PNG" + os.urandom(70_000)),
+        (f"{tmp_path}/images/a/x/s-1.json", b'{"seed": 1}\n'),
+        (tmp_path / "images" / "b" / "y" / "s-2.png", b""),
+    ]
+    digests = await write_atomic_many(batch)
+    assert digests == [hashlib.sha256(data).hexdigest() for _, data in batch]
+    for path, data in batch:
+        assert read(path) == data
+    assert files_in(tmp_path) == [
+        "images/a/x/s-1.json",
+        "images/a/x/s-1.png",
+        "images/b/y/s-2.png",
+    ]
+    await write_atomic_many([(batch[0][0], b"again")])
+    assert read(batch[0][0]) == b"again"
+
+
+@pytest.mark.parametrize("failing_call", ["write", "replace"])
+async def test_write_atomic_many_failure_leaves_whole_files_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_call: str
+) -> None:
+    """ENOSPC on the third file's write, or on its rename: a StorageError saying the
+    disk is full; no .part stays; what was renamed before is whole, the rest absent."""
+    real = getattr(os, failing_call)
+    calls = 0
+
+    def third_fails(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args)
+
+    monkeypatch.setattr(os, failing_call, third_fails)
+    batch = [(f"{tmp_path}/d/image-{n}.png", bytes([n]) * 5000) for n in range(4)]
+    with pytest.raises(StorageError, match=r"the disk is full.*resumable"):
+        await write_atomic_many(batch)
+    left = files_in(tmp_path)
+    assert not [name for name in left if name.endswith(".part")]
+    committed = ["d/image-0.png", "d/image-1.png"] if failing_call == "replace" else []
+    assert left == committed
+    for name in committed:
+        assert read(tmp_path / name) == bytes([int(name[-5])]) * 5000
+
+
+@given(
+    stem=st.text(st.characters(codec="utf-8", exclude_characters="/\0"), min_size=1),
+    ext=st.sampled_from(["", ".png", ".jpg", ".webp", ".tar.gz"]),
+)
+def test_sidecar_path_is_one_name_for_str_and_path(stem: str, ext: str) -> None:
+    """The engine names sidecars from strings, the gallery from Paths: one name, the
+    image's with its extension (if any) replaced by .json."""
+    assume(stem + ext not in {".", ".."})  # a directory, not a file name
+    image = f"images/a.b/{stem}{ext}"
+    sidecar = sidecar_path(image)
+    assert sidecar_path(Path(image)) == Path(sidecar)
+    assert sidecar.startswith("images/a.b/")
+    assert sidecar.endswith(".json")
+    if ext:
+        assert sidecar == f"images/a.b/{stem}{ext.rsplit('.', 1)[0]}.json"
 
 
 # ---------------------------------------------------------------------------
