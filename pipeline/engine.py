@@ -1526,10 +1526,9 @@ class Engine:
         spec = job.flight.spec
         wanted = _EXT_BY_FORMAT.get(str(spec.params.get("outputFormat", "JPG")), "jpg")
         ext = detect_ext(data) or wanted
-        rel = image_relpath(
+        return image_relpath(
             spec.reference_id, spec.variant_id, spec.axes, job.index, ext
         )
-        return str(rel)
 
     def _sidecar(self, job: _Fetch, relpath: str) -> dict[str, Any]:
         spec = job.flight.spec

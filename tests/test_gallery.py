@@ -207,7 +207,7 @@ def build_demo_run(root: Path) -> DemoRun:
                     "seed": 1000 + n,
                     "cost_usd": Decimal("0.06"),
                     "nsfw_content": False,
-                    "path": relpath.as_posix(),
+                    "path": relpath,
                 }
             )
         )
@@ -220,7 +220,7 @@ def build_demo_run(root: Path) -> DemoRun:
                 index=0,
                 seed=1000 + n,
                 cost_usd=Decimal("0.06"),
-                path=relpath.as_posix(),
+                path=relpath,
                 sha256="0" * 64,
                 bytes=target.stat().st_size,
             )
