@@ -107,6 +107,16 @@ its last round): a result seen sooner then frees a slot nobody takes, so precisi
 only shortens the wait for the job's last images, by at most this share of their
 age. At 2% a 10-task job at a 5 s latency made 112 polls (11.6 requests per image,
 twice the SDK's); at 10% it makes 30 (3.4 requests per image), seen ~0.3 s later."""
+_RIDE_ALONG_SHARE: Final = 0.5
+"""A question going out anyway also carries, in its request's spare room, the tasks
+still processing whose next question is at least this share of its wait away from
+their last one (see Engine._riders). When the latency varies, slots free and tasks
+are sent a few at a time, so each task's questions kept a clock of their own: at
+4-6 s, 2,560 tasks at C = 256 made 2,507 polls (12 per task asked ~12 at a time) and
+1,060 submits, 1.4 requests per image; with riders 892-918 polls and 653-663
+submits (0.61-0.62), results seen 73 ms after done instead of 135 (p90 138 ms
+instead of 388), efficiency 0.914 -> 0.923. Riding costs no request, only a question
+asked sooner (15-19 per task instead of 12)."""
 _DOWNLOAD_DEFER_MAX_S: Final = 0.05
 """Longest a download waits for the submits and polls on their way (see
 _UrgentRequests): long enough to let a cohort's requests through, short enough that
@@ -1207,10 +1217,52 @@ class Engine:
                     continue
                 if self._latency.value is None:
                     due = self._sample_while_learning(due, now)
+                else:
+                    due += self._riders(len(due), now, now + coalesce / 2, batch)
                 for flight in due:
                     flight.next_poll_at = math.inf
                 for start in range(0, len(due), batch):
                     asking.start_soon(self._poll_chunk, due[start : start + batch])
+
+    def _riders(self, due: int, now: float, due_by: float, batch: int) -> list[_Flight]:
+        """Tasks not due by ``due_by`` that fit in the last request of the ``due``
+        ones (never one more request).
+
+        A task seen processing rides at least _RIDE_ALONG_SHARE of the way from its
+        last question to its next. One not yet asked rides within a re-ask gap of
+        its first question (asked now, its next question comes about when the first
+        would have: first questions of tasks sent a few at a time each took a
+        request of their own), or within the latency's spread of it: first
+        questions lead the estimate by one spread (LatencyEstimate.SPREAD_LEAD),
+        and a task done early in the spread waited for its question. Re-asks go
+        first, the furthest on their way; then first questions, the nearest due.
+        """
+        room = -due % batch
+        if not room:
+            return []
+        first_within = self._poll_gap()
+        share = _REASK_AGE_SHARE if self._tasks_waiting() else _REASK_AGE_SHARE_IDLE
+        ready: list[tuple[float, _Flight]] = []
+        for flight in self._polling.values():
+            at = flight.next_poll_at
+            if flight.finished or at <= due_by or at == math.inf:
+                continue  # done, due, or being asked
+            busy_at = flight.last_processing_at
+            if busy_at is not None:
+                part = (now - busy_at) / (at - busy_at)
+                if part >= _RIDE_ALONG_SHARE:
+                    ready.append((part, flight))
+            elif flight.acked and not flight.ambiguous and not flight.asks:
+                early = at - now
+                if early <= max(
+                    first_within,
+                    share * (at - flight.submitted_at),
+                    self._latency.spread,
+                ):
+                    ready.append((-early, flight))
+        if len(ready) > room:
+            ready.sort(key=lambda pair: pair[0], reverse=True)
+        return [flight for _, flight in ready[:room]]
 
     def _sample_while_learning(self, due: list[_Flight], now: float) -> list[_Flight]:
         """Before anything has finished, ask only about one request's worth of the
