@@ -113,10 +113,10 @@ still processing whose next question is at least this share of its wait away fro
 their last one (see Engine._riders). When the latency varies, slots free and tasks
 are sent a few at a time, so each task's questions kept a clock of their own: at
 4-6 s, 2,560 tasks at C = 256 made 2,507 polls (12 per task asked ~12 at a time) and
-1,060 submits, 1.4 requests per image; with riders 892-918 polls and 653-663
-submits (0.61-0.62), results seen 73 ms after done instead of 135 (p90 138 ms
-instead of 388), efficiency 0.914 -> 0.923. Riding costs no request, only a question
-asked sooner (15-19 per task instead of 12)."""
+1,060 submits, 1.4 requests per image; with riders 881-934 polls and 630-663
+submits (0.59-0.62), results seen 73 ms after done instead of 135 (p90 138 ms
+instead of 388), efficiency 0.914 -> 0.915-0.924. Riding costs no request, only a
+question asked sooner (~19 per task instead of 12)."""
 _DOWNLOAD_DEFER_MAX_S: Final = 0.05
 """Longest a download waits for the submits and polls on their way (see
 _UrgentRequests): long enough to let a cohort's requests through, short enough that
@@ -1250,9 +1250,11 @@ class Engine:
                 for start in range(0, len(due), batch):
                     asking.start_soon(self._poll_chunk, due[start : start + batch])
 
-    def _riders(self, due: int, now: float, due_by: float, batch: int) -> list[_Flight]:
-        """Tasks not due by ``due_by`` that fit in the last request of the ``due``
-        ones (never one more request).
+    def _riders(
+        self, due_count: int, now: float, due_by: float, batch: int
+    ) -> list[_Flight]:
+        """Tasks not due by ``due_by`` that fit in the last request of the
+        ``due_count`` due ones (never one more request).
 
         A task seen processing rides at least _RIDE_ALONG_SHARE of the way from its
         last question to its next. One not yet asked rides within a re-ask gap of
@@ -1263,7 +1265,7 @@ class Engine:
         and a task done early in the spread waited for its question. Re-asks go
         first, the furthest on their way; then first questions, the nearest due.
         """
-        room = -due % batch
+        room = -due_count % batch
         if not room:
             return []
         first_within = self._poll_gap()
