@@ -2,7 +2,7 @@
 
 The model: a cohort of tasks is sent together (one submit), each done after the
 latency times a random jitter; the engine asks about the whole cohort when the
-estimate says, then again at a growing gap (1% of the estimate, at least 10 ms,
+estimate says, then again at a growing gap (LatencyEstimate.gap, at least 10 ms,
 x1.5) until all are done; an answer arrives one round trip after the question. No
 sockets and no clock: the estimate's arithmetic over hundreds of rounds.
 """
