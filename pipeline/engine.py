@@ -1274,7 +1274,7 @@ class Engine:
         if not room:
             return []
         first_within = self._poll_gap()
-        share = _REASK_AGE_SHARE if self._tasks_waiting() else _REASK_AGE_SHARE_IDLE
+        share = self._reask_age_share()
         ready: list[tuple[float, _Flight]] = []
         for flight in self._polling.values():
             at = flight.next_poll_at
@@ -1378,7 +1378,7 @@ class Engine:
                 busy.acked = True
                 busy.seen_processing = True
                 busy.last_processing_at = asked_at
-        share = _REASK_AGE_SHARE if self._tasks_waiting() else _REASK_AGE_SHARE_IDLE
+        share = self._reask_age_share()
         gap, longest = self._poll_gap(), self._settings.poll.max_interval_s
         for flight in flights:
             if flight.finished or flight.assigned >= flight.spec.images:
@@ -1394,6 +1394,10 @@ class Engine:
                 longest,
                 max(gap, share * (now - flight.submitted_at)),
             )
+
+    def _reask_age_share(self) -> float:
+        """Within which share of its age a task still processing is asked again."""
+        return _REASK_AGE_SHARE if self._tasks_waiting() else _REASK_AGE_SHARE_IDLE
 
     def _tasks_waiting(self) -> bool:
         """Whether a slot freed now would be taken: tasks not yet sent remain."""
