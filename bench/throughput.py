@@ -626,6 +626,84 @@ async def _sdk_run(
     return images, failures
 
 
+# ---------------------------------------------------------------------------
+# the zero-lag reference client
+
+
+async def _ideal_run(
+    base_url: str, manifest_path: Path, concurrency: int
+) -> tuple[int, float]:
+    """The manifest's tasks with no poll lag at all; returns (answered, seconds).
+
+    What bounds any client on this machine and sandbox, below the makespan bound:
+    C workers each send one task with ``deliveryMethod="sync"``, so the sandbox
+    answers the moment the task is done, and the next goes out as soon as that answer
+    is in. No journal, no downloads, no files; references are uploaded before the
+    clock starts. Its figure says how much of remix's gap to C / L is the client's
+    (polling, bookkeeping) and how much is the round trips and the server's own
+    handling, which no client can remove.
+    """
+    import uuid
+
+    import aiohttp
+
+    from pipeline.expand import expand
+    from pipeline.manifest import load_manifest
+
+    specs = list(expand(load_manifest(manifest_path)))
+    headers = {"Authorization": f"Bearer {SANDBOX_KEY}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
+        uploaded: dict[Path, str] = {}
+        for path in sorted({p for spec in specs for p in spec.local_files}):
+            data = base64.b64encode(path.read_bytes()).decode()
+            upload = {
+                "taskType": "imageUpload",
+                "taskUUID": str(uuid.uuid4()),
+                "image": f"data:image/png;base64,{data}",
+            }
+            async with http.post(base_url, json=[upload]) as resp:
+                uploaded[path] = (await resp.json())["data"][0]["imageUUID"]
+        bodies = []
+        for spec in specs:
+            body = spec.request(uuid.uuid4(), uploaded).model_dump(
+                mode="json", exclude_none=True, by_alias=True
+            )
+            body["deliveryMethod"] = "sync"
+            bodies.append([body])
+        pending = iter(bodies)
+        answered = 0
+
+        async def worker() -> None:
+            nonlocal answered
+            for request in pending:
+                async with http.post(base_url, json=request) as resp:
+                    answer = await resp.json()
+                answered += bool(answer.get("data"))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return answered, time.perf_counter() - started
+
+
+def bench_ideal(
+    sandbox: SandboxProcess, manifest_path: Path, concurrency: int
+) -> JsonObject:
+    import anyio
+
+    from pipeline.config import loop_options
+
+    answered, wall_s = anyio.run(
+        _ideal_run,
+        sandbox.base_url,
+        manifest_path,
+        concurrency,
+        backend="asyncio",
+        backend_options=loop_options("auto"),  # the loop remix runs on
+    )
+    return {"answered": answered, "wall_s": wall_s}
+
+
 def warm_imports() -> None:
     """Import both clients before any timing: start-up is not throughput."""
     import importlib
@@ -810,6 +888,26 @@ def _measure(args: argparse.Namespace, work: Path, figures: JsonObject) -> None:
                 f"image {figures['sdk_requests_ratio']:.3f}, CPU per image "
                 f"{figures['sdk_cpu_ratio']:.3f}"
             )
+    if not args.no_ideal:
+        # a sandbox of its own, as fresh as the one remix ran against
+        with sandbox_process(
+            latency_s=args.latency, render_scale=args.render_scale, jitter_s=args.jitter
+        ) as sb:
+            ideal = bench_ideal(sb, manifest_path, c)
+            ideal_efficiency = ideal["answered"] / ideal["wall_s"] / limit
+            figures.update(
+                ideal_answered=ideal["answered"],
+                ideal_wall_s=round(ideal["wall_s"], 3),
+                ideal_efficiency=round(ideal_efficiency, 4),
+                efficiency_of_ideal=round(figures["efficiency"] / ideal_efficiency, 4),
+            )
+            emit(
+                f"ideal: a client with no poll lag (sync delivery, one task per "
+                f"request, no downloads or files): {ideal['answered']} answers in "
+                f"{ideal['wall_s']:.2f}s, efficiency {ideal_efficiency:.3f} (= "
+                f"{ideal_efficiency / makespan_bound(n, c):.3f} of the bound); remix "
+                f"reaches {figures['efficiency_of_ideal']:.3f} of it"
+            )
     targets = {
         "efficiency >= 0.97": figures["efficiency"] >= 0.97,
         "requests_per_image <= 0.25": figures["requests_per_image"] <= 0.25,
@@ -836,6 +934,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--render-scale", type=float, default=1 / 64)
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK peer run")
+    parser.add_argument(
+        "--no-ideal",
+        action="store_true",
+        help="skip the zero-lag reference client (what bounds any client here)",
+    )
     parser.add_argument(
         "--profile",
         type=int,
