@@ -371,6 +371,11 @@ class LatencyEstimate:
         self.spread = 0.0
         """Mean deviation of the tight samples from the estimate."""
         self._late_streak = 0
+        self._seen_busy = False
+        """Whether any task was ever found processing. Until then every sample is
+        "done by then" and the estimate only an upper bound: a late verdict halves
+        it (an API 10x faster than the first guess was found in a few rounds, not
+        ~20 of 10% cuts)."""
 
     @property
     def step(self) -> float:
@@ -404,10 +409,14 @@ class LatencyEstimate:
         """
         if not all_done:
             self._late_streak = 0
+            self._seen_busy = True
             return False
         now_first = self.first_question()
         if now_first is not None and asked_after > now_first + self.STEP:
             return False
+        if self.value is not None and not self._seen_busy:
+            self.value = max(self.STEP, self.value / 2)
+            return True
         self._late_streak += 1
         if self.value is None or self._late_streak < self.LATE_STREAK:
             return False
@@ -424,6 +433,7 @@ class LatencyEstimate:
             if self.value is not None:
                 sample = min(sample, self.value)
         else:
+            self._seen_busy = True
             sample = (busy_at + done_by) / 2
             if self.value is not None:
                 deviation = abs(sample - self.value)
