@@ -6,6 +6,9 @@ process, with remix's shipped default settings except concurrency) and then thro
 the official ``runware`` SDK (REST transport, ``asyncio`` with a ``Semaphore(C)``, one
 ``imageInference`` with ``deliveryMethod="async"`` per task and the SDK's own polling,
 each image downloaded and written to disk). Requests are counted by the sandbox.
+Last, in a fresh sandbox, a zero-lag reference client (``deliveryMethod="sync"``, one
+task per request, nothing stored): no poll lag at all, so what it misses of C / L is
+what the round trips and the server cost on this machine, whatever the client.
 
     python bench/throughput.py                       # N=5000, C=256, L=0.5 s
     python bench/throughput.py --tasks 500 --concurrency 64 --latency 0.2
