@@ -638,13 +638,13 @@ async def _ideal_run(
 ) -> tuple[int, float]:
     """The manifest's tasks with no poll lag at all; returns (answered, seconds).
 
-    What bounds any client on this machine and sandbox, below the makespan bound:
-    C workers each send one task with ``deliveryMethod="sync"``, so the sandbox
-    answers the moment the task is done, and the next goes out as soon as that answer
-    is in. No journal, no downloads, no files; references are uploaded before the
-    clock starts. Its figure says how much of remix's gap to C / L is the client's
-    (polling, bookkeeping) and how much is the round trips and the server's own
-    handling, which no client can remove.
+    A reference for what a client can reach on this machine and sandbox, below the
+    makespan bound: C workers each send one task with ``deliveryMethod="sync"``, so
+    the sandbox answers the moment the task is done, and the next goes out as soon as
+    that answer is in. No journal, no downloads, no files; references are uploaded
+    before the clock starts. Its figure says how much of remix's gap to C / L is the
+    client's (polling, bookkeeping) and how much is the round trips and the server's
+    own handling, which no client can remove.
     """
     import uuid
 
@@ -940,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-ideal",
         action="store_true",
-        help="skip the zero-lag reference client (what bounds any client here)",
+        help="skip the zero-lag reference client (a client with no poll lag)",
     )
     parser.add_argument(
         "--profile",
