@@ -24,6 +24,7 @@ import asyncio
 import base64
 import contextlib
 import cProfile
+import functools
 import io
 import math
 import os
@@ -760,9 +761,14 @@ def _measure(args: argparse.Namespace, work: Path, figures: JsonObject) -> None:
         f"{shape.matrix} strengths), C={c}, L={latency_s}s, limit C/L={limit:.0f}/s"
     )
     emit(f"work dir {work}")
-    with sandbox_process(
-        latency_s=args.latency, render_scale=args.render_scale, jitter_s=args.jitter
-    ) as sb:
+    # One sandbox for remix and the SDK; the zero-lag client gets a fresh one.
+    fresh_sandbox = functools.partial(
+        sandbox_process,
+        latency_s=args.latency,
+        render_scale=args.render_scale,
+        jitter_s=args.jitter,
+    )
+    with fresh_sandbox() as sb:
         emit(f"sandbox {sb.base_url} (pid {sb.proc.pid})")
         remix = bench_remix(
             sb,
@@ -892,10 +898,7 @@ def _measure(args: argparse.Namespace, work: Path, figures: JsonObject) -> None:
                 f"{figures['sdk_cpu_ratio']:.3f}"
             )
     if not args.no_ideal:
-        # a sandbox of its own, as fresh as the one remix ran against
-        with sandbox_process(
-            latency_s=args.latency, render_scale=args.render_scale, jitter_s=args.jitter
-        ) as sb:
+        with fresh_sandbox() as sb:  # as fresh as the one remix ran against
             ideal = bench_ideal(sb, manifest_path, c)
             ideal_efficiency = ideal["answered"] / ideal["wall_s"] / limit
             figures.update(

@@ -20,8 +20,6 @@ from hypothesis import strategies as st
 
 from pipeline.engine import _cancel_at, _on_ms_grid
 
-uvloop = pytest.importorskip("uvloop")
-
 
 @given(st.floats(0.0, 1e7, allow_nan=False))
 def test_a_deadline_goes_up_to_the_next_whole_millisecond(deadline: float) -> None:
@@ -36,6 +34,7 @@ def test_no_deadline_stays_no_deadline() -> None:
 
 def _rearms_per_wait(make_scope: Callable[[float], anyio.CancelScope]) -> float:
     """Deadline callbacks per timed-out wait of ~10 ms, on uvloop."""
+    pytest.importorskip("uvloop")
     from anyio._backends import _asyncio as backend
 
     original = getattr(backend.CancelScope, "_timeout", None)
