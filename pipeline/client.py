@@ -6,9 +6,10 @@ code (runware-protocol.md §2). This is the only module that catches
 ``aiohttp.ClientError`` or ``pydantic.ValidationError``; it holds no concurrency
 policy (that is the ``Pacer``'s and the engine's) and writes nothing to disk.
 
-Submits are never retried and never resend a taskUUID (protocol §7 a, b): a submit
-whose fate is unknown reports its tasks as *ambiguous*, to be resolved by polling.
-Polls, uploads and downloads are safe to retry and go through ``call_with_retry``.
+Submits are never retried here: a submit whose fate is unknown reports its tasks as
+*ambiguous*, and the engine settles them (``settle``: poll first, then the same
+taskUUID again). What each answer means is ``answers``' to say. Polls, uploads and
+downloads are safe to retry and go through ``call_with_retry``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -28,6 +29,16 @@ import aiohttp
 import anyio
 import pydantic
 
+from pipeline.answers import (
+    AUTH_CODES,
+    PollOutcome,
+    SubmitOutcome,
+    describe,
+    is_credit_refusal,
+    read_poll,
+    read_single_refusal,
+    read_submit,
+)
 from pipeline.config import Settings
 from pipeline.errors import (
     ApiError,
@@ -48,11 +59,9 @@ from pipeline.retry import call_with_retry, retry_after_s
 from pipeline.wire import (
     AuthenticationRequest,
     Envelope,
-    ErrorItem,
     ImageInferenceRequest,
     ImageResult,
     ImageUploadRequest,
-    Processing,
     UploadResult,
 )
 
@@ -73,55 +82,9 @@ KEY_HINT: Final = (
 )
 CREDIT_HINT: Final = "top up the account, then rerun the same command to resume"
 
-AUTH_CODES: Final = frozenset({"invalidApiKey", "missingApiKey", "unauthorized"})
-CONFLICT_CODE: Final = "conflictTaskUUID"
-NOT_FOUND_CODE: Final = "taskFailedOrNotFound"
 TRANSIENT_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 CONGESTION_STATUSES: Final = frozenset({429, 503, 504})
 _CHUNK_BYTES: Final = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitOutcome:
-    """What one submit request told us, by taskUUID (as str).
-
-    A taskUUID may be both accepted and in ``results`` (a sync answer). ``failed`` wins
-    over ``accepted`` when the server sent both for one task.
-    """
-
-    accepted: list[str] = field(default_factory=list)
-    """Acknowledged (or answered with data): poll these."""
-    results: list[ImageResult] = field(default_factory=list)
-    """Finished images that came back in the submit answer itself."""
-    failed: dict[str, ErrorItem] = field(default_factory=dict)
-    """Definite per-task failures: the server named the task."""
-    ambiguous: list[str] = field(default_factory=list)
-    """Fate unknown (maybe billed): resolve by polling; never resend the same UUID."""
-
-
-@dataclass(frozen=True, slots=True)
-class PollOutcome:
-    """What one or more getResponse requests told us, matched by taskUUID."""
-
-    results: list[ImageResult] = field(default_factory=list)
-    """Finished images; replies are cumulative, so de-duplicate by imageUUID."""
-    processing: set[str] = field(default_factory=set)
-    """Known but not finished (any non-final status), or absent from the reply."""
-    failed: dict[str, ErrorItem] = field(default_factory=dict)
-    not_found: set[str] = field(default_factory=set)
-    """The server answered taskFailedOrNotFound."""
-    unanswered: set[str] = field(default_factory=set)
-    """Asked about but absent from the reply (also counted as processing)."""
-
-    def merged(self, other: PollOutcome) -> PollOutcome:
-        """Both outcomes together (for a batch answered in parts)."""
-        return PollOutcome(
-            results=[*self.results, *other.results],
-            processing=self.processing | other.processing,
-            failed={**self.failed, **other.failed},
-            not_found=self.not_found | other.not_found,
-            unanswered=self.unanswered | other.unanswered,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,21 +94,6 @@ class _Reply:
     status: int
     body: bytes
     retry_after_s: float | None
-
-
-class _BatchRejectedError(RequestRejectedError):
-    """A request-level 4xx for a multi-task poll: split the batch and ask again."""
-
-
-def _is_credit_code(code: str) -> bool:
-    return code == "paymentRequired" or any(
-        word in code for word in ("Credits", "Balance", "Quota")
-    )
-
-
-def _describe(errors: Iterable[ErrorItem]) -> str:
-    parts = [f"{e.code}: {e.message}".rstrip(": ") for e in errors]
-    return "; ".join(parts) if parts else "no error details"
 
 
 class RunwareClient:
@@ -203,36 +151,45 @@ class RunwareClient:
     # ------------------------------------------------------------------ public API
 
     async def submit(self, tasks: Sequence[ImageInferenceRequest]) -> SubmitOutcome:
-        """Send many imageInference tasks in ONE request; never retried.
+        """Send many imageInference tasks in ONE request; never retried here.
 
         Raises:
-            AuthError, InsufficientCreditError: run-fatal answers (401/403/402 or a
-                key/credit code). Everything else is reported in the outcome.
+            AuthError: the key was refused. Credit refusals (402 or a credit code) are
+                in the outcome beside any acks, so accepted tasks are still collected.
         """
-        uuids = [str(task.task_uuid) for task in tasks]
+        return await self.submit_wire([task.wire for task in tasks])
+
+    async def submit_wire(self, wires: Sequence[dict[str, Any]]) -> SubmitOutcome:
+        """``submit`` for tasks already in their JSON form (a same-UUID resend)."""
+        uuids = [str(wire["taskUUID"]) for wire in wires]
         if not uuids:
             return SubmitOutcome()
         started = time.monotonic()
         try:
-            reply = await self._post([task.wire for task in tasks])
-            outcome = self._submit_outcome(reply, uuids)
-        except (AuthError, InsufficientCreditError):
+            reply = await self._post(list(wires))
+            envelope, request_level = self._checked(reply, set(uuids), submit=True)
+        except AuthError:
             raise
         except ApiError as exc:
             # The request may have reached the server: its tasks may be running and
-            # billed. Only polling can tell (protocol §7 b).
+            # billed. Only settling can tell (protocol §7 b).
             log.debug(
                 "submit %d tasks: outcome unknown (%s); all ambiguous", len(uuids), exc
             )
             return SubmitOutcome(ambiguous=uuids)
+        outcome = read_submit(
+            envelope, uuids, request_level=request_level, status=reply.status
+        )
         log.debug(
-            "submit %d tasks: HTTP %d, accepted %d, results %d, failed %d, "
-            "ambiguous %d in %.3fs",
+            "submit %d tasks: HTTP %d, accepted %d (+%d earlier), results %d, "
+            "failed %d, credit refused %d, ambiguous %d in %.3fs",
             len(uuids),
             reply.status,
             len(outcome.accepted),
+            len(outcome.already_accepted),
             len(outcome.results),
             len(outcome.failed),
+            len(outcome.credit_refused),
             len(outcome.ambiguous),
             time.monotonic() - started,
         )
@@ -241,8 +198,9 @@ class RunwareClient:
     async def poll(self, task_uuids: Sequence[str]) -> PollOutcome:
         """Ask for every task's state in ONE getResponse request (the caller chunks).
 
-        Retried on retryable errors. A request-level 4xx for several tasks splits the
-        batch in halves, since batched getResponse is undocumented (protocol §3).
+        Retried on retryable errors. A request-level 4xx for several tasks is
+        reported as ``batch_refused`` (batched getResponse is undocumented: the
+        caller decides how to ask again).
 
         Raises:
             AuthError, InsufficientCreditError: run-fatal answers.
@@ -251,17 +209,7 @@ class RunwareClient:
         uuids = list(dict.fromkeys(task_uuids))
         if not uuids:
             return PollOutcome()
-        try:
-            return await self._retrying(lambda: self._poll_once(uuids))
-        except _BatchRejectedError as exc:
-            half = len(uuids) // 2
-            log.debug("poll of %d rejected (%s); splitting", len(uuids), exc)
-            first = await self.poll(uuids[:half])
-            return first.merged(await self.poll(uuids[half:]))
-
-    async def resolve(self, task_uuids: Sequence[str]) -> PollOutcome:
-        """Ask what the server knows about ambiguous submits before resubmitting."""
-        return await self.poll(task_uuids)
+        return await self._retrying(lambda: self._poll_once(uuids))
 
     async def upload_image(self, image: str) -> str:
         """Upload a reference (data URI, base64 or URL) and return its imageUUID.
@@ -310,52 +258,18 @@ class RunwareClient:
         # ~3.5 us each, on every poll.
         tasks = [{"taskType": "getResponse", "taskUUID": u} for u in uuids]
         reply = await self._post(tasks)
-        wanted = set(uuids)
-        envelope, request_level = self._checked(reply, wanted)
-        if request_level:
-            if len(uuids) > 1:
-                raise _BatchRejectedError(
-                    f"getResponse for {len(uuids)} tasks rejected with HTTP "
-                    f"{reply.status}: {self._scrub(_describe(envelope.errors))}",
-                    url=self._url,
-                    status=reply.status,
-                )
-            # One task and a definite 4xx: that answer is about this task.
-            only = uuids[0]
-            err = envelope.errors[0] if envelope.errors else ErrorItem(code="unknown")
-            if err.code == NOT_FOUND_CODE:
-                return PollOutcome(not_found={only})
-            return PollOutcome(failed={only: err})
-
-        results: list[ImageResult] = []
-        processing: set[str] = set()
-        seen: set[str] = set()
-        for item in envelope.data:
-            if item.task_uuid not in wanted:
-                continue
-            seen.add(item.task_uuid)
-            match item:
-                case ImageResult():
-                    results.append(item)
-                case Processing():
-                    processing.add(item.task_uuid)
-                case UploadResult():
-                    pass  # not an answer to getResponse; ignore it
-        failed: dict[str, ErrorItem] = {}
-        not_found: set[str] = set()
-        for err in envelope.errors:
-            if err.task_uuid not in wanted:
-                continue
-            seen.add(err.task_uuid)
-            if err.code == NOT_FOUND_CODE:
-                not_found.add(err.task_uuid)
-            else:
-                failed[err.task_uuid] = err
-        # Silence is not "not found": keep polling it until the caller's deadline.
-        unanswered = wanted - seen
-        processing |= unanswered
-        processing -= failed.keys() | not_found
-        return PollOutcome(results, processing, failed, not_found, unanswered)
+        envelope, request_level = self._checked(reply, set(uuids))
+        if not request_level:
+            return read_poll(envelope, uuids)
+        if len(uuids) > 1:
+            log.debug(
+                "getResponse for %d tasks refused with HTTP %d: %s",
+                len(uuids),
+                reply.status,
+                self._scrub(describe(envelope.errors)),
+            )
+            return PollOutcome(unanswered=set(uuids), batch_refused=True)
+        return read_single_refusal(envelope, uuids[0])
 
     async def _upload_once(self, image: str) -> str:
         task_uuid = uuid.uuid4()
@@ -371,7 +285,7 @@ class RunwareClient:
                     else ""
                 )
                 raise RequestRejectedError(
-                    f"imageUpload rejected: {self._scrub(_describe([err]))}{where}; "
+                    f"imageUpload rejected: {self._scrub(describe([err]))}{where}; "
                     "check that the reference is a PNG, JPG or WEBP image",
                     url=self._url,
                     status=reply.status,
@@ -536,18 +450,24 @@ class RunwareClient:
                 status=reply.status,
             ) from exc
 
-    def _checked(self, reply: _Reply, wanted: set[str]) -> tuple[Envelope, bool]:
+    def _checked(
+        self, reply: _Reply, wanted: set[str], *, submit: bool = False
+    ) -> tuple[Envelope, bool]:
         """Classify an answer by status, then by code (protocol §2).
 
         Returns the envelope and whether it is a request-level 4xx (its errors name
-        none of the ``wanted`` tasks). Raises the run-fatal and retryable errors.
+        none of the ``wanted`` tasks). Raises the run-fatal and retryable errors;
+        for a ``submit``, credit refusals are left to ``read_submit`` (acks beside
+        them count).
         """
         status = reply.status
+        if submit and status == 402:
+            return self._parse_lenient(reply), True
         if status in (401, 403) or status == 402 or status in TRANSIENT_STATUSES:
             envelope = self._parse_lenient(reply)
             self._raise_for_status(reply, envelope)
         envelope = self._parse(reply)
-        self._raise_for_codes(reply, envelope)
+        self._raise_for_codes(reply, envelope, credit=not submit)
         if 200 <= status < 300:
             return envelope, False
         if 400 <= status < 500:
@@ -555,7 +475,7 @@ class RunwareClient:
             return envelope, not named
         raise ProtocolError(
             f"unexpected HTTP {status} from {self._url}: "
-            f"{self._scrub(_describe(envelope.errors))}",
+            f"{self._scrub(describe(envelope.errors))}",
             url=self._url,
             status=status,
         )
@@ -569,7 +489,7 @@ class RunwareClient:
 
     def _raise_for_status(self, reply: _Reply, envelope: Envelope) -> None:
         status = reply.status
-        detail = self._scrub(_describe(envelope.errors))
+        detail = self._scrub(describe(envelope.errors))
         code = envelope.errors[0].code if envelope.errors else None
         if status in (401, 403):
             raise AuthError(
@@ -578,7 +498,7 @@ class RunwareClient:
                 status=status,
                 code=code,
             )
-        if status == 402 or any(_is_credit_code(e.code) for e in envelope.errors):
+        if status == 402 or any(is_credit_refusal(e) for e in envelope.errors):
             raise self._credit_error(status, detail, code)
         if status == 429:
             raise RateLimitedError(
@@ -596,20 +516,22 @@ class RunwareClient:
             code=code,
         )
 
-    def _raise_for_codes(self, reply: _Reply, envelope: Envelope) -> None:
+    def _raise_for_codes(
+        self, reply: _Reply, envelope: Envelope, *, credit: bool = True
+    ) -> None:
         """Run-fatal codes under any status (e.g. an auth code in a 400)."""
         for err in envelope.errors:
             if err.code in AUTH_CODES:
                 raise AuthError(
-                    f"the API refused the key ({self._scrub(_describe([err]))}): "
+                    f"the API refused the key ({self._scrub(describe([err]))}): "
                     f"{KEY_HINT}",
                     url=self._url,
                     status=reply.status,
                     code=err.code,
                 )
-            if _is_credit_code(err.code):
+            if credit and is_credit_refusal(err):
                 raise self._credit_error(
-                    reply.status, self._scrub(_describe([err])), err.code
+                    reply.status, self._scrub(describe([err])), err.code
                 )
 
     def _credit_error(
@@ -621,42 +543,4 @@ class RunwareClient:
             url=self._url,
             status=status,
             code=code,
-        )
-
-    def _submit_outcome(self, reply: _Reply, uuids: list[str]) -> SubmitOutcome:
-        wanted = set(uuids)
-        envelope, request_level = self._checked(reply, wanted)
-        if request_level:
-            # A definite 4xx about the request as a whole: no task was taken.
-            err = envelope.errors[0] if envelope.errors else ErrorItem(code="unknown")
-            return SubmitOutcome(failed=dict.fromkeys(uuids, err))
-        accepted: set[str] = set()
-        results: list[ImageResult] = []
-        for item in envelope.data:
-            if item.task_uuid not in wanted:
-                continue
-            accepted.add(item.task_uuid)
-            if isinstance(item, ImageResult):
-                results.append(item)
-        failed: dict[str, ErrorItem] = {}
-        conflicts: set[str] = set()
-        for err in envelope.errors:
-            if err.task_uuid not in wanted:
-                continue
-            if err.code == CONFLICT_CODE:
-                # Already known to the server: poll it, never resend it.
-                conflicts.add(err.task_uuid)
-            else:
-                failed[err.task_uuid] = err
-        accepted -= failed.keys() | conflicts
-        ambiguous = [
-            u
-            for u in uuids
-            if u in conflicts or (u not in accepted and u not in failed)
-        ]
-        return SubmitOutcome(
-            accepted=[u for u in uuids if u in accepted],
-            results=results,
-            failed=failed,
-            ambiguous=list(dict.fromkeys(ambiguous)),
         )

@@ -1168,6 +1168,11 @@ class Engine:
                 outcome = await self._client.submit(
                     [f.request for f in flights if f.request is not None]
                 )
+            if outcome.credit_refused:  # interim: as before, until the drain lands
+                raise InsufficientCreditError(
+                    f"the account has insufficient credit ({outcome.credit_message})"
+                    ": top up the account, then rerun the same command to resume"
+                )
         except (AuthError, InsufficientCreditError):
             # A definite refusal: nothing was accepted, so nothing to poll later.
             await self._append(*(_lost(f) for f in flights))

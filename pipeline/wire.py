@@ -339,9 +339,13 @@ REQUEST_ADAPTER: Final = TypeAdapter(AnyRequest)
 
 
 class ImageResult(ResponseModel):
-    """A finished image (a sync result, or a poll item with status success)."""
+    """A finished image (a sync result, or a poll item with status success).
 
-    task_type: Literal["imageInference"] = "imageInference"
+    ``task_type`` is any string: poll answers echo "imageInference" or say
+    "getResponse", depending on the server (runware-protocol.md §10).
+    """
+
+    task_type: str | None = None
     task_uuid: str = Field(alias="taskUUID")
     image_uuid: str = Field(alias="imageUUID")
     status: Literal["success"] | None = None
@@ -371,6 +375,36 @@ class Processing(ResponseModel):
     task_type: str | None = None
     task_uuid: str = Field(alias="taskUUID")
     status: str | None = "processing"
+
+
+class ErrorDetail(ResponseModel):
+    """The nested ``error`` object of a failed task sent as a data item."""
+
+    code: str = "unknown"
+    message: str = ""
+    parameter: str | list[str] | None = None
+
+
+class FailedItem(ResponseModel):
+    """A failed task sent in ``data`` rather than ``errors``: ``{"taskUUID": ..,
+    "status": "error", "error": {"code": .., "message": ..}}`` (both new SDKs read
+    this shape; protocol §10)."""
+
+    task_type: str | None = None
+    task_uuid: str = Field(alias="taskUUID")
+    status: Literal["error", "failed"] = "error"
+    error: ErrorDetail = Field(default_factory=ErrorDetail)
+
+    def as_error(self) -> ErrorItem:
+        """The same failure in the shape of an ``errors`` item."""
+        return ErrorItem(
+            code=self.error.code,
+            message=self.error.message,
+            parameter=self.error.parameter,
+            task_type=self.task_type,
+            task_uuid=self.task_uuid,
+            status="error",
+        )
 
 
 class UploadResult(ResponseModel):
@@ -403,9 +437,13 @@ def _item_kind(value: Any) -> str:
     if isinstance(value, dict):
         task_type = value.get("taskType")
         has_image = value.get("imageUUID") is not None
+        status = value.get("status")
     else:
         task_type = getattr(value, "task_type", None)
         has_image = getattr(value, "image_uuid", None) is not None
+        status = getattr(value, "status", None)
+    if status in ("error", "failed"):
+        return "failed"
     if task_type == "imageUpload":
         return "upload"
     return "image" if has_image else "processing"
@@ -414,6 +452,7 @@ def _item_kind(value: Any) -> str:
 DataItem = Annotated[
     Annotated[ImageResult, Tag("image")]
     | Annotated[UploadResult, Tag("upload")]
+    | Annotated[FailedItem, Tag("failed")]
     | Annotated[Processing, Tag("processing")],
     Discriminator(_item_kind),
 ]

@@ -333,21 +333,23 @@ async def test_per_task_invalid_parameter() -> None:
         assert server.app[STATE].submissions == 1
 
 
-async def test_reused_uuid_is_ambiguous_not_failed() -> None:
-    """conflictTaskUUID means 'already known': ambiguous, to be resolved by polling."""
+async def test_reused_uuid_is_accepted_earlier_not_failed() -> None:
+    """conflictTaskUUID means 'accepted earlier': keep polling it; nothing billed."""
     async with sandbox() as server, client_for(server) as client:
         task = make_task()
         await client.submit([task])
         again = await client.submit([task])
-        assert again.ambiguous == [str(task.task_uuid)]
+        assert again.already_accepted == [str(task.task_uuid)]
         assert not again.failed
-        resolved = await client.resolve(again.ambiguous)
+        assert not again.ambiguous
+        assert not again.accepted
+        resolved = await client.poll(again.already_accepted)
         assert [r.task_uuid for r in resolved.results] == [str(task.task_uuid)]
         assert server.app[STATE].submissions == 1
 
 
 async def test_malformed_submit_is_ambiguous_and_resolvable() -> None:
-    """A garbled submit answer leaves the tasks ambiguous; resolve() finds them."""
+    """A garbled submit answer leaves the tasks ambiguous; a poll finds them."""
     async with (
         sandbox(
             malformed_rate=1.0, fault_task_types=frozenset({"imageInference"})
@@ -358,7 +360,7 @@ async def test_malformed_submit_is_ambiguous_and_resolvable() -> None:
         outcome = await client.submit(tasks)
         uuids = [str(t.task_uuid) for t in tasks]
         assert outcome.ambiguous == uuids
-        resolved = await client.resolve(uuids)
+        resolved = await client.poll(uuids)
         assert not resolved.not_found
         assert {r.task_uuid for r in resolved.results} == set(uuids)
         assert server.app[STATE].submissions == 2
@@ -398,7 +400,7 @@ async def test_malformed_poll_exhausted_raises_protocol_error() -> None:
 
 
 async def test_dropped_connection_after_accept_resolves_without_resubmit() -> None:
-    """A connection dropped after acceptance: ambiguous, then resolve() finds it."""
+    """A connection dropped after acceptance: ambiguous, then a poll finds it."""
     async with (
         sandbox(drop_after_accept_rate=1.0) as server,
         client_for(server) as client,
@@ -407,7 +409,7 @@ async def test_dropped_connection_after_accept_resolves_without_resubmit() -> No
         uuids = [str(t.task_uuid) for t in tasks]
         outcome = await client.submit(tasks)
         assert outcome.ambiguous == uuids
-        resolved = await client.resolve(uuids)
+        resolved = await client.poll(uuids)
         assert not resolved.not_found
         assert {r.task_uuid for r in resolved.results} == set(uuids)
         state = server.app[STATE]
@@ -429,8 +431,9 @@ async def test_timeouts() -> None:
             await client.poll([str(task.task_uuid)])
 
 
-async def test_request_level_400_fails_submit_and_splits_poll() -> None:
-    """A 4xx naming no task fails a whole submit; a poll batch is halved to singles."""
+async def test_request_level_400_fails_submit_and_refuses_poll_batch() -> None:
+    """A 4xx naming no task fails a whole submit; a poll batch says it was refused
+    (nothing about its tasks); one task alone gets its own answer."""
     seen: list[int] = []
 
     async def reject_batches(request: web.Request) -> web.Response:
@@ -456,8 +459,13 @@ async def test_request_level_400_fails_submit_and_splits_poll() -> None:
         seen.clear()
         ghosts = [str(uuid.uuid4()) for _ in range(4)]
         polled = await client.poll(ghosts)
-        assert polled.not_found == set(ghosts)
-        assert seen == [4, 2, 1, 1, 2, 1, 1]
+        assert polled.batch_refused
+        assert polled.unanswered == set(ghosts)
+        assert not polled.answered
+        alone = await client.poll(ghosts[:1])
+        assert alone.not_found == set(ghosts[:1])
+        assert not alone.batch_refused
+        assert seen == [4, 1]
 
 
 # --------------------------------------------------------------------- run-fatal
@@ -517,18 +525,48 @@ async def test_missing_key_fails_before_sending() -> None:
     ("status", "code"), [(402, "paymentRequired"), (400, "insufficientCredits")]
 )
 async def test_insufficient_credit(status: int, code: str) -> None:
-    """402, or a credit code under any status, is InsufficientCreditError."""
+    """A submit refused for credit (402, or a credit code under any status) says so
+    per task in its outcome; a poll so refused is InsufficientCreditError."""
 
     async def broke(_request: web.Request) -> web.Response:
         body = {"errors": [{"code": code, "message": "balance too low"}]}
         return web.json_response(body, status=status)
 
     async with tiny_app(broke) as server, client_for(server) as client:
+        task = make_task()
+        outcome = await client.submit([task])
+        assert list(outcome.credit_refused) == [str(task.task_uuid)]
+        assert not outcome.accepted
+        assert not outcome.ambiguous
+        assert outcome.credit_message == f"{code}: balance too low"
         with pytest.raises(InsufficientCreditError, match="top up") as raised:
-            await client.submit([make_task()])
-        assert "rerun the same command" in str(raised.value)
-        with pytest.raises(InsufficientCreditError, match="top up"):
             await client.poll([str(uuid.uuid4())])
+        assert "rerun the same command" in str(raised.value)
+
+
+@pytest.mark.parametrize("status", [200, 402, 400])
+async def test_credit_refusals_beside_acks_keep_the_acks(status: int) -> None:
+    """Acks beside per-task credit refusals (even under a 4xx) are accepted tasks;
+    a code that merely contains "Credits" is an ordinary task failure."""
+    tasks = [make_task() for _ in range(3)]
+    first, second, third = (str(t.task_uuid) for t in tasks)
+
+    async def mixed(_request: web.Request) -> web.Response:
+        body = {
+            "data": [{"taskType": "imageInference", "taskUUID": first}],
+            "errors": [
+                {"code": "insufficientCredits", "message": "low", "taskUUID": second},
+                {"code": "styleCreditsInvalid", "message": "odd", "taskUUID": third},
+            ],
+        }
+        return web.json_response(body, status=status)
+
+    async with tiny_app(mixed) as server, client_for(server) as client:
+        outcome = await client.submit(tasks)
+        assert outcome.accepted == [first]
+        assert list(outcome.credit_refused) == [second]
+        assert list(outcome.failed) == [third]
+        assert not outcome.ambiguous
 
 
 async def test_upload_rejected() -> None:
