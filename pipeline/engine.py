@@ -1465,6 +1465,12 @@ class Engine:
         """
         if len(asked) < 2 or self._poll_batch == 1:
             return
+        if outcome.batch_refused:  # interim, until the batching policy lands
+            self._poll_batch = 1
+            for flight in self._polling.values():
+                if flight.task_uuid in asked:
+                    self._ask_at(flight, self._clock())
+            return
         answered = set(asked) - outcome.unanswered
         if answered == {asked[0]}:
             self._first_only_streak += 1
