@@ -76,6 +76,7 @@ def test_failed_generation_in_either_form(form: str, task_type: str) -> None:
     """A failure as an errors item or as a data item with a nested error fails the
     task with its code and message; it is never taken for processing."""
     error = {"code": "inferenceError", "message": "provider failed"}
+    body: dict[str, Any]
     if form == "errors":
         body = {"errors": [{**error, "taskUUID": U1, "status": "error"}]}
     else:
