@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import aiohttp
 import anyio
@@ -82,6 +82,7 @@ JsonObject = dict[str, Any]
 
 API_PATH: Final = "/v1"
 IMAGES_PATH: Final = "/images"
+CREDIT_PATH: Final = "/sandbox/credit"
 _OWN_IMAGE = re.compile(r"^/images/([0-9a-fA-F-]{36})\.[A-Za-z0-9]+$")
 _UPLOAD_PLACEHOLDER_SIZE: Final = (1024, 576)
 
@@ -128,6 +129,30 @@ class SandboxConfig:
     fault_task_types: frozenset[str] | None = None
     """Only requests holding one of these task types get request faults (None: all)."""
 
+    # -- dialects: how the undocumented parts are answered (runware-protocol.md §10)
+    poll_task_type: Literal["imageInference", "getResponse"] = "imageInference"
+    """The taskType of every item of a getResponse answer."""
+    unknown_task: Literal[
+        "taskFailedOrNotFound", "taskNotFound", "taskExpired", "silent", "processing"
+    ] = "taskFailedOrNotFound"
+    """How getResponse answers a taskUUID it does not know: an error with that code,
+    no item at all, or a "processing" item forever."""
+    poll_batch: Literal["all", "first", "reject", "empty"] = "all"
+    """A request asking about several tasks: each answered, only the first, refused
+    with 400, or answered 200 with nothing."""
+    failed_as: Literal["errors", "data"] = "errors"
+    """A failed generation in a getResponse answer: an ``errors`` item, or a ``data``
+    item with status "error" and a nested ``error``."""
+    reuse_code: Literal["conflictTaskUUID", "duplicateTaskUUID"] = "conflictTaskUUID"
+    """The code refusing an imageInference whose taskUUID was accepted before."""
+    ack: Literal["processing", "empty"] = "processing"
+    """An accepted async task is acknowledged with a processing item, or not at all."""
+    credit_usd: Decimal | None = None
+    """The account's balance (None: unlimited). A task is charged when accepted; one
+    that does not fit is refused with insufficientCredits (HTTP 402 when nothing in
+    the request was accepted). Top up with ``SandboxState.top_up`` or POST
+    /sandbox/credit."""
+
     def __post_init__(self) -> None:
         if self.render_scale <= 0:
             raise ValueError("render_scale must be positive")
@@ -163,6 +188,8 @@ class _TaskError(Exception):
 class _Outcome:
     data: list[JsonObject] = field(default_factory=list)
     errors: list[JsonObject] = field(default_factory=list)
+    payment_required: bool = False
+    """Every task of the request was refused for credit: HTTP 402."""
 
     def body(self) -> JsonObject:
         if not self.errors:
@@ -173,6 +200,8 @@ class _Outcome:
 
     @property
     def status(self) -> int:
+        if self.payment_required:
+            return 402
         return 400 if self.errors and not self.data else 200
 
 
@@ -182,7 +211,7 @@ class Sandbox:
     def __init__(self, config: SandboxConfig, clock: Clock) -> None:
         self.config = config
         self.clock = clock
-        self.state = SandboxState(seed=config.seed)
+        self.state = SandboxState(seed=config.seed, credit_usd=config.credit_usd)
         self.faults = FaultInjector(
             config.fault_rates(), seed=config.seed, task_types=config.fault_task_types
         )
@@ -214,6 +243,24 @@ class Sandbox:
             except ValidationError as exc:
                 parsed.append(_validation_error(obj, exc))
 
+        polls = [
+            i for i, req in enumerate(parsed) if isinstance(req, GetResponseRequest)
+        ]
+        answered_polls = set(polls)
+        if len(polls) > 1 and self.config.poll_batch != "all":
+            match self.config.poll_batch:
+                case "reject":
+                    return web.json_response(
+                        error_body(
+                            "invalidRequestBody", "one getResponse task per request"
+                        ),
+                        status=400,
+                    )
+                case "empty":
+                    return _Outcome()
+                case "first":
+                    answered_polls = {polls[0]}
+
         seen: set[str] = set()
         conflicts: set[int] = set()
         for i, req in enumerate(parsed):
@@ -241,6 +288,7 @@ class Sandbox:
         outcome = _Outcome()
         sync_tasks: list[SandboxTask] = []
         accepted: list[SandboxTask] = []
+        credit_refused = 0
         for i, (obj, req) in enumerate(zip(tasks, parsed, strict=True)):
             match req:
                 case ErrorItem():
@@ -253,9 +301,23 @@ class Sandbox:
                         self.state.duplicate_task_uuids += 1
                         outcome.errors.append(
                             _error(
-                                "conflictTaskUUID",
+                                self.config.reuse_code,
                                 f"taskUUID {raw_uuid} was already used; every task "
                                 "needs a new UUID (poll the old one with getResponse)",
+                                "taskUUID",
+                                "imageInference",
+                                raw_uuid,
+                            )
+                        )
+                        continue
+                    charge = self.config.price_for(_speed(req)) * req.images
+                    if not self.state.can_pay(charge):
+                        credit_refused += 1
+                        outcome.errors.append(
+                            _error(
+                                "insufficientCredits",
+                                f"the balance (${self.state.credit_usd}) does not "
+                                f"cover this task (${charge}); top up to continue",
                                 "taskUUID",
                                 "imageInference",
                                 raw_uuid,
@@ -275,13 +337,17 @@ class Sandbox:
                             )
                         )
                         continue
+                    self.state.charge(task, charge)
+                    if task.failed:
+                        self.state.refund(task)
                     accepted.append(task)
-                    if req.delivery_method == "async":
-                        outcome.data.append(_processing(task.task_uuid))
-                    else:
+                    if req.delivery_method != "async":
                         sync_tasks.append(task)
+                    elif self.config.ack == "processing":
+                        outcome.data.append(_processing(task.task_uuid))
                 case GetResponseRequest():
-                    await self._poll(str(obj.get("taskUUID")), outcome)
+                    if i in answered_polls:
+                        await self._poll(str(obj.get("taskUUID")), outcome)
                 case ImageUploadRequest():
                     try:
                         outcome.data.append(
@@ -309,6 +375,8 @@ class Sandbox:
                     )
                 case _:
                     raise AssertionError("unreachable")
+        if credit_refused and not accepted and not outcome.data:
+            outcome.payment_required = True
         self._start_completion(accepted)
         if sync_tasks:
             await self._sleep_until(max(t.done_at for t in sync_tasks))
@@ -319,36 +387,52 @@ class Sandbox:
     async def _poll(self, task_uuid: str, outcome: _Outcome) -> None:
         task = self.state.task(task_uuid)
         if task is None:
-            outcome.errors.append(
-                _error(
-                    "taskFailedOrNotFound",
-                    f"no task {task_uuid} is known: "
-                    "it was never accepted or has expired",
-                    "taskUUID",
-                    "getResponse",
-                    task_uuid,
-                    status="error",
-                )
-            )
+            match self.config.unknown_task:
+                case "silent":
+                    pass
+                case "processing":
+                    outcome.data.append(
+                        _processing(task_uuid, self.config.poll_task_type)
+                    )
+                case code:
+                    outcome.errors.append(
+                        _error(
+                            code,
+                            f"no task {task_uuid} is known: "
+                            "it was never accepted or has expired",
+                            "taskUUID",
+                            "getResponse",
+                            task_uuid,
+                            status="error",
+                        )
+                    )
             return
         await self._task_items(task, self.clock(), outcome, processing=True)
 
     async def _task_items(
         self, task: SandboxTask, now: float, outcome: _Outcome, *, processing: bool
     ) -> None:
-        """Success items for finished images, a processing item while any remain."""
+        """Success items for finished images, a processing item while any remain.
+
+        ``processing``: a getResponse answer (its items carry the dialect's taskType
+        and failures its form), not a sync submit answer.
+        """
+        task_type = self.config.poll_task_type if processing else "imageInference"
         finished = task.finished(now)
         for slot in finished:
             item = await self._success_item(task, slot)
             if item is not None:
-                outcome.data.append(item)
+                outcome.data.append({**item, "taskType": task_type})
         if task.failed:
-            if task.is_done(now):
-                outcome.errors.append(_failure(task))
-            elif processing:
-                outcome.data.append(_processing(task.task_uuid))
+            if not task.is_done(now):
+                if processing:
+                    outcome.data.append(_processing(task.task_uuid, task_type))
+            elif processing and self.config.failed_as == "data":
+                outcome.data.append(_failure_item(task, task_type))
+            else:
+                outcome.errors.append(_failure(task, task_type))
         elif processing and len(finished) < len(task.images):
-            outcome.data.append(_processing(task.task_uuid))
+            outcome.data.append(_processing(task.task_uuid, task_type))
 
     # -- tasks -----------------------------------------------------------------
 
@@ -452,12 +536,7 @@ class Sandbox:
         )
 
     def _price(self, task: SandboxTask) -> Decimal:
-        ideogram = (
-            task.request.provider_settings.ideogram
-            if task.request.provider_settings
-            else None
-        )
-        return self.config.price_for(ideogram.rendering_speed if ideogram else None)
+        return self.config.price_for(_speed(task.request))
 
     async def _ensure_image(self, task: SandboxTask, slot: ImageSlot) -> bytes | None:
         """Render a finished image once, store it for download, and bill it."""
@@ -473,7 +552,7 @@ class Sandbox:
             try:
                 slot.rendered = await anyio.to_thread.run_sync(_render_slot, task, slot)
             except ValueError as exc:
-                _render_failed(task, exc)
+                self._render_failed(task, exc)
         return slot.rendered
 
     async def _render_locked(self, task: SandboxTask, slot: ImageSlot) -> bytes | None:
@@ -542,12 +621,19 @@ class Sandbox:
         rendered = await anyio.to_thread.run_sync(render_each)
         for (task, slot), result in zip(todo, rendered, strict=True):
             if isinstance(result, ValueError):
-                _render_failed(task, result)
+                self._render_failed(task, result)
             elif slot.rendered is None:
                 slot.rendered = result
         for task, slot in todo:
             await self._sleep_until(slot.ready_at)
             await self._ensure_image(task, slot)
+
+    def _render_failed(self, task: SandboxTask, exc: ValueError) -> None:
+        if not task.failed:
+            log.info("task %s failed to render: %s", task.task_uuid, exc)
+            task.failed = True
+            task.failure = str(exc)
+            self.state.refund(task)
 
     async def _prerender_all(self, task: SandboxTask) -> None:
         for slot in task.images:
@@ -738,33 +824,47 @@ def _render_slot(task: SandboxTask, slot: ImageSlot) -> bytes:
     return render(task.reference, spec, task.style_refs)
 
 
-def _render_failed(task: SandboxTask, exc: ValueError) -> None:
-    if not task.failed:
-        log.info("task %s failed to render: %s", task.task_uuid, exc)
-        task.failed = True
-        task.failure = str(exc)
-
-
 def _delivers(task: SandboxTask) -> bool:
     """Whether finished images go somewhere besides polls (a webhook, an upload)."""
     req = task.request
     return req.webhook_url is not None or req.upload_endpoint is not None
 
 
-def _processing(task_uuid: str) -> JsonObject:
+def _speed(req: ImageInferenceRequest) -> str | None:
+    ideogram = req.provider_settings.ideogram if req.provider_settings else None
+    return ideogram.rendering_speed if ideogram else None
+
+
+def _processing(task_uuid: str, task_type: str = "imageInference") -> JsonObject:
     # Never imageUUID or *URL keys here: SDKs read those as a finished result.
-    return {"taskType": "imageInference", "taskUUID": task_uuid, "status": "processing"}
+    return {"taskType": task_type, "taskUUID": task_uuid, "status": "processing"}
 
 
-def _failure(task: SandboxTask) -> JsonObject:
+_FAILURE_MESSAGE: Final = "the provider failed to generate the image"
+
+
+def _failure(task: SandboxTask, task_type: str = "imageInference") -> JsonObject:
     return _error(
         "inferenceError",
-        task.failure or "the provider failed to generate the image",
+        task.failure or _FAILURE_MESSAGE,
         None,
-        "imageInference",
+        task_type,
         task.task_uuid,
         status="error",
     )
+
+
+def _failure_item(task: SandboxTask, task_type: str) -> JsonObject:
+    """A failure as a data item, the shape both new SDKs also read."""
+    return {
+        "taskType": task_type,
+        "taskUUID": task.task_uuid,
+        "status": "error",
+        "error": {
+            "code": "inferenceError",
+            "message": task.failure or _FAILURE_MESSAGE,
+        },
+    }
 
 
 def _loc_path(loc: tuple[int | str, ...]) -> str:
@@ -938,6 +1038,30 @@ async def _api(request: web.Request) -> web.StreamResponse:
     return web.json_response(outcome.body(), status=outcome.status)
 
 
+async def _credit(request: web.Request) -> web.StreamResponse:
+    """GET the balance; POST ``{"add_usd": "5.00"}`` to top it up."""
+    sandbox = request.app[SANDBOX]
+    if not sandbox.authorised(_bearer(request)):
+        return web.json_response(
+            error_body("invalidApiKey", "send 'Authorization: Bearer <key>'"),
+            status=401,
+        )
+    if request.method == "POST":
+        try:
+            body = await request.json()
+            amount = Decimal(str(body["add_usd"]))
+            if not amount.is_finite() or amount < 0:
+                raise ValueError(amount)
+        except (ValueError, KeyError, TypeError, ArithmeticError):
+            return web.json_response(
+                error_body("invalidParameter", 'send {"add_usd": "<amount>"}'),
+                status=400,
+            )
+        sandbox.state.top_up(amount)
+    balance = sandbox.state.credit_usd
+    return web.json_response({"credit_usd": None if balance is None else str(balance)})
+
+
 async def _image(request: web.Request) -> web.StreamResponse:
     sandbox = request.app[SANDBOX]
     image_uuid = request.match_info["name"].partition(".")[0].lower()
@@ -1007,5 +1131,6 @@ def create_app(
     app[STATE] = sandbox.state
     app.router.add_post(API_PATH, _api)
     app.router.add_get(IMAGES_PATH + "/{name}", _image)
+    app.router.add_route("*", CREDIT_PATH, _credit)
     app.cleanup_ctx.append(_background)
     return app
