@@ -382,9 +382,9 @@ class SlotMeter:
             self.idle_gaps.append(now - self._freed.popleft())
 
     def __enter__(self) -> SlotMeter:
-        from pipeline import engine
+        from pipeline import flow
 
-        gate: Any = getattr(engine, "_SlotGate", None)
+        gate: Any = getattr(flow, "SlotGate", None)
         if gate is None:
             return self
         meter = self
@@ -403,10 +403,10 @@ class SlotMeter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from pipeline import engine
+        from pipeline import flow
 
         for attr, original in self._saved:
-            setattr(engine._SlotGate, attr, original)
+            setattr(flow.SlotGate, attr, original)
 
     def figures(self, concurrency: int, tasks_sent: int) -> JsonObject:
         """Per task sent: a slot taken and handed back unused holds ~0 seconds."""

@@ -19,9 +19,7 @@ Why this shape:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import hashlib
 import logging
 import math
@@ -35,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -54,6 +52,17 @@ from pipeline.errors import (
     TaskTimeoutError,
 )
 from pipeline.expand import TaskSpec, check_manifest, expand, shard_of
+from pipeline.flow import (
+    Queue,
+    Signal,
+    SlotGate,
+    UploadsAhead,
+    UrgentRequests,
+    cancel_at,
+    receive,
+    send,
+)
+from pipeline.gc_tuning import sparing_collector
 from pipeline.journal import (
     JOURNAL_NAME,
     CompletedEvent,
@@ -91,8 +100,6 @@ _SUBMITTERS: Final = 2
 """Two submits may be in flight: slots freed while one waits for its answer go out
 with the other (0.80-0.87 -> 0.87 efficiency at C=256, L=0.5 s in
 bench/throughput.py)."""
-_UPLOADS_AHEAD: Final = 8
-"""Reference uploads that may run at once ahead of the tasks that need them."""
 _FIRST_ONLY_LIMIT: Final = 3
 """Batched polls answered for their first task only, in a row, before unbatching."""
 _REASK_AGE_SHARE: Final = 0.02
@@ -120,7 +127,7 @@ instead of 388), efficiency 0.914 -> 0.915-0.924. Riding costs no request, only 
 question asked sooner (~19 per task instead of 12)."""
 _DOWNLOAD_DEFER_MAX_S: Final = 0.05
 """Longest a download waits for the submits and polls on their way (see
-_UrgentRequests): long enough to let a cohort's requests through, short enough that
+UrgentRequests): long enough to let a cohort's requests through, short enough that
 results still go to disk at once."""
 _STORE_BATCH: Final = 128
 """Most images written (and journaled) in one go by the collector."""
@@ -130,39 +137,6 @@ before writing what it has. A batch costs two worker-thread hops (~80 us of CPU
 each here) whatever its size, and results that trickle in (a varying latency) made
 batches of one or two: ~2 hops per image. Storing is off the slots' path (a slot is
 free once its result is seen), so waiting only delays the write, never a submit."""
-
-
-_GC_YOUNG_THRESHOLD: Final = 10_000
-"""Allocations (net of frees) between two collections of the youngest generation
-while the engine runs, instead of Python's 700 (see `sparing_collector`)."""
-_gc_users = 0
-_gc_saved: tuple[int, int, int] | None = None
-
-
-@contextlib.contextmanager
-def sparing_collector() -> Iterator[None]:
-    """Run the cyclic garbage collector rarely inside this block.
-
-    Almost all a run allocates (requests, answers, coroutines, journal lines) is
-    freed by reference counting, yet at the default threshold the collector ran
-    ~420 times per 5,000 images and its full passes scanned every object the
-    process holds: 0.33-0.45 s of a ~3.2 s run's CPU in bench/throughput.py, ~0.01 s
-    with this threshold. Overlapping blocks share one setting; the last one out
-    restores what was there before.
-    """
-    global _gc_users, _gc_saved
-    if _gc_users == 0:
-        _gc_saved = gc.get_threshold()
-        young, *older = _gc_saved
-        gc.set_threshold(max(young, _GC_YOUNG_THRESHOLD), *older)
-    _gc_users += 1
-    try:
-        yield
-    finally:
-        _gc_users -= 1
-        if _gc_users == 0 and _gc_saved is not None:
-            gc.set_threshold(*_gc_saved)
-            _gc_saved = None
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -322,65 +296,6 @@ class _FetchFailed:
     error: str
 
 
-class _Signal:
-    """A reusable wake-up for "something changed": waiters share one event, made
-    only when someone waits (``anyio.Event()`` costs a backend lookup, and most
-    changes, one per task or image, find nobody waiting)."""
-
-    __slots__ = ("_event",)
-
-    def __init__(self) -> None:
-        self._event: anyio.Event | None = None
-
-    def notify(self) -> None:
-        if self._event is not None:
-            self._event.set()
-            self._event = None
-
-    async def wait(self) -> None:
-        if self._event is None:
-            self._event = anyio.Event()
-        await self._event.wait()
-
-
-def _on_ms_grid(deadline: float) -> float:
-    """``deadline`` rounded up to a whole millisecond (infinity stays infinite).
-
-    uvloop's clock and timers count whole milliseconds and round a delay to the
-    nearest one, so a timer for a deadline between two ticks fired up to 0.5 ms
-    early; anyio found the deadline not yet reached and re-armed the timer, which
-    fired again at once, until the clock ticked over: ~140 wake-ups per timed-out
-    wait (300 waits: 44,029 re-arms and 135 ms of CPU; on the grid 600 and 64 ms).
-    """
-    return deadline if math.isinf(deadline) else math.ceil(deadline * 1000) / 1000
-
-
-def _cancel_at(deadline: float) -> anyio.CancelScope:
-    """A scope that ends at ``deadline`` (``anyio.current_time()``), on the grid."""
-    return anyio.CancelScope(deadline=_on_ms_grid(deadline))
-
-
-async def _send(stream: MemoryObjectSendStream[T], item: T) -> None:
-    """Send, yielding to the loop only when the stream is full (``send`` always
-    checkpoints first: one extra loop turn per image at each stage)."""
-    try:
-        stream.send_nowait(item)
-    except anyio.WouldBlock:
-        await stream.send(item)
-
-
-async def _receive(stream: MemoryObjectReceiveStream[T]) -> T:
-    """Receive, yielding to the loop only when nothing is queued.
-
-    Raises:
-        anyio.EndOfStream: the stream is closed and empty.
-    """
-    try:
-        return stream.receive_nowait()
-    except anyio.WouldBlock:
-        return await stream.receive()
-
-
 async def gather_batch(
     first: T,
     stream: MemoryObjectReceiveStream[T],
@@ -403,7 +318,7 @@ async def gather_batch(
             break
         if not more_coming():
             break
-        with _cancel_at(deadline):
+        with cancel_at(deadline):
             try:
                 batch.append(await stream.receive())
             except anyio.EndOfStream:
@@ -411,174 +326,6 @@ async def gather_batch(
             continue
         break  # the window is over
     return batch
-
-
-class _UrgentRequests:
-    """Counts the requests that hold concurrency slots idle until answered (submits,
-    polls); downloads wait until none is out, for a bounded time.
-
-    When a cohort finishes, its downloads, the next submit and the other cohorts'
-    polls all go at once, and both event loops (ours, and the API's on one machine
-    in the benchmarks) work through them in arrival order. Downloading first cost
-    every slot of the next submit ~10 ms (L = 5 s, 2,560 tasks: 10-13 ms from a
-    submit's send until the API accepted it, 5-6 with downloads deferred; poll lag
-    22-23 -> 13-18 ms; L = 0.5 s, 5,000 tasks: efficiency 0.90-0.91 -> 0.91-0.92);
-    a download a few ms later costs nothing.
-    """
-
-    __slots__ = ("_none_out", "_timed", "count")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._none_out = _Signal()
-        self._timed = False
-        """A waiter is timing the bound for all that wait with it."""
-
-    @contextlib.contextmanager
-    def out(self) -> Iterator[None]:
-        """Around one urgent request, from its send to its answer."""
-        self.count += 1
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if not self.count:
-                self._none_out.notify()
-
-    async def wait_none_out(self, at_most_s: float) -> None:
-        """Return at a moment when no urgent request is out, or after ``at_most_s``.
-
-        Woken waiters go without looking again: a new request sent before they run
-        would otherwise wake and re-park every waiting download, once per request.
-        The first waiter times the bound and wakes the others when it is up: one
-        timer for a cohort's downloads, not one each.
-        """
-        if not self.count:
-            return
-        if self._timed:
-            await self._none_out.wait()
-            return
-        self._timed = True
-        try:
-            with _cancel_at(anyio.current_time() + at_most_s):
-                await self._none_out.wait()
-        finally:
-            self._timed = False
-            self._none_out.notify()
-
-
-class _SlotGate:
-    """Counts tasks in flight against a limit that AIMD may move."""
-
-    def __init__(self, limit: Callable[[], int]) -> None:
-        self._limit = limit
-        self.in_flight = 0
-        self.peak = 0
-        self._changed = _Signal()
-        self._interrupted = False
-
-    def _notify(self) -> None:
-        self._changed.notify()
-
-    @property
-    def free(self) -> int:
-        return max(0, self._limit() - self.in_flight)
-
-    def interrupt(self) -> None:
-        """From now on ``acquire`` returns 0 instead of waiting (a stop)."""
-        self._interrupted = True
-        self._notify()
-
-    async def acquire(self, want: int) -> int:
-        """Take between 1 and ``want`` slots, as many as are free once one is.
-
-        No waiting for more to share a submit: a window (2% of the latency) for
-        them left freed slots idle 8-12 ms a round at L = 5 s. Without it,
-        efficiency at L = 0.5 s went 0.918-0.930 -> 0.928-0.933, with a jittered
-        latency 0.895-0.903 -> 0.908-0.911, for ~20% more submits; a cohort's slots
-        free together anyway, with the poll answer that frees them. Returns 0 once
-        interrupted.
-        """
-        while self.free == 0:
-            if self._interrupted:
-                return 0
-            await self._changed.wait()
-        take = min(want, self.free)
-        self.force_acquire(take)
-        return take
-
-    def force_acquire(self, n: int = 1) -> None:
-        self.in_flight += n
-        self.peak = max(self.peak, self.in_flight)
-
-    def release(self, n: int = 1) -> None:
-        self.in_flight -= n
-        self._notify()
-
-
-class _Queue(Generic[T]):
-    """A FIFO between stages: ``put`` waits while ``bound`` items are queued;
-    ``put_urgent`` and ``extend`` never wait."""
-
-    def __init__(self, bound: int) -> None:
-        self._items: deque[T] = deque()
-        self._bound = bound
-        self._changed = _Signal()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def _notify(self) -> None:
-        self._changed.notify()
-
-    async def wait_for_room(self) -> None:
-        while len(self._items) >= self._bound:
-            await self._changed.wait()
-
-    async def wait_for_any(self) -> None:
-        while not self._items:
-            await self._changed.wait()
-
-    async def put(self, item: T) -> None:
-        await self.wait_for_room()
-        self._items.append(item)
-        self._notify()
-
-    def put_urgent(self, item: T) -> None:
-        self._items.appendleft(item)
-        self._notify()
-
-    def extend(self, items: Iterable[T]) -> None:
-        self._items.extend(items)
-        self._notify()
-
-    def take(self, most: int) -> list[T]:
-        out = [self._items.popleft() for _ in range(min(most, len(self._items)))]
-        self._notify()
-        return out
-
-    def drain(self) -> list[T]:
-        return self.take(len(self._items))
-
-
-class _UploadsAhead:
-    """Starts the upload of each new local reference once, a few at a time."""
-
-    def __init__(self, group: TaskGroup, uploader: ReferenceUploader) -> None:
-        self._group = group
-        self._uploader = uploader
-        self._started: set[Path] = set()
-        self._limiter = anyio.CapacityLimiter(_UPLOADS_AHEAD)
-
-    def start(self, paths: Iterable[Path]) -> None:
-        for path in paths:
-            if path not in self._started:
-                self._started.add(path)
-                self._group.start_soon(self._upload, path)
-
-    async def _upload(self, path: Path) -> None:
-        async with self._limiter:
-            await self._uploader.resolve(path)
 
 
 class Engine:
@@ -615,7 +362,7 @@ class Engine:
         self._adaptive = AdaptiveLimit(
             initial=top, minimum=min(limits.min_concurrency, top), maximum=top
         )
-        self._gate = _SlotGate(lambda: self._adaptive.value)
+        self._gate = SlotGate(lambda: self._adaptive.value)
         self.summary.adaptive_floor = top
         self._rate = RateMeter(limits.requests_per_s, limits.burst, clock=clock)
         self._pacer = AccountPacer(self._rate, self._adaptive)
@@ -624,19 +371,19 @@ class Engine:
         # Prepared tasks for the journaler. Bounded for the feeder; a resubmission
         # goes first and never waits, or the poller making it could block the very
         # completions that free room (a deadlock).
-        self._backlog = _Queue[_Prepared](bound=max(2 * limits.submit_batch, 8))
+        self._backlog = Queue[_Prepared](bound=max(2 * limits.submit_batch, 8))
         # Tasks whose ``submitted`` line is durable, waiting for a slot: kept topped
         # up, so the fsync before a submit is paid while no slot waits.
-        self._ready = _Queue[_Flight](bound=max(limits.submit_batch, top // 4))
+        self._ready = Queue[_Flight](bound=max(limits.submit_batch, top // 4))
         self._polling: dict[str, _Flight] = {}
-        self._poll_wakeup = _Signal()
+        self._poll_wakeup = Signal()
         self._poll_floor = math.inf
         """At or below every task's next question time (inf: being asked, or none):
         lowered by each _ask_at, set exactly by the poller's scans. While now is
         short of it nothing can be due, and a wake-up (one per answer and submit)
         skips the scan of all tasks in flight (at a varying latency ~3,400 scans
         of 256 tasks per 2,560 images, most finding nothing due)."""
-        self._urgent = _UrgentRequests()
+        self._urgent = UrgentRequests()
         self._latency = LatencyEstimate()
         self._polls_failing_since: float | None = None
         self._poll_batch = settings.limits.poll_batch
@@ -839,7 +586,7 @@ class Engine:
                     if spec.key in state.pending and not state.is_complete(spec.key):
                         self._resume_flights(spec)
             async with anyio.create_task_group() as uploads:
-                ahead = _UploadsAhead(uploads, uploader)
+                ahead = UploadsAhead(uploads, uploader)
                 for spec in self._window(self._to_send(), ahead):
                     if self._draining.is_set():
                         break
@@ -862,7 +609,7 @@ class Engine:
             yield spec
 
     def _window(
-        self, specs: Iterator[TaskSpec], ahead: _UploadsAhead
+        self, specs: Iterator[TaskSpec], ahead: UploadsAhead
     ) -> Iterator[TaskSpec]:
         """The tasks in order, with the references of the next ones uploading.
 
@@ -1144,7 +891,7 @@ class Engine:
                 if not due:
                     # No await since the scan: a wake-up now finds us waiting.
                     wait_s = max(self._poll_floor - now, 0.0)
-                    with _cancel_at(anyio.current_time() + wait_s):
+                    with cancel_at(anyio.current_time() + wait_s):
                         await self._poll_wakeup.wait()
                     continue
                 if not self._rate.ready():
@@ -1420,7 +1167,7 @@ class Engine:
         self._fetches_out += len(fetches)
         try:
             for fetch in fetches:
-                await _send(self._fetch_send, fetch)
+                await send(self._fetch_send, fetch)
         except anyio.BrokenResourceError:
             return  # the fetchers stopped: the run is ending with the collector's error
 
@@ -1501,7 +1248,7 @@ class Engine:
         async with fetches, done:
             while True:
                 try:
-                    job = await _receive(fetches)
+                    job = await receive(fetches)
                 except anyio.EndOfStream:
                     return
                 await self._urgent.wait_none_out(_DOWNLOAD_DEFER_MAX_S)
@@ -1515,7 +1262,7 @@ class Engine:
                     item = _Downloaded(job, data)
                 self._fetches_out -= 1
                 try:
-                    await _send(done, item)
+                    await send(done, item)
                 except anyio.BrokenResourceError:
                     return
 

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from pipeline import engine as engine_module
+from pipeline import gc_tuning
 from pipeline.errors import StorageError
 from pipeline.journal import (
     CompletedEvent,
@@ -717,8 +718,8 @@ def test_the_sparing_collector_restores_the_threshold_after_overlaps() -> None:
     """Two runs in one process may start and end in any order: the threshold stays
     raised until the last ends, then is what it was, also after an error."""
     before = gc.get_threshold()
-    first = engine_module.sparing_collector()
-    second = engine_module.sparing_collector()
+    first = gc_tuning.sparing_collector()
+    second = gc_tuning.sparing_collector()
     first.__enter__()
     assert gc.get_threshold()[0] >= 10_000
     assert gc.get_threshold()[1:] == before[1:]
@@ -727,7 +728,7 @@ def test_the_sparing_collector_restores_the_threshold_after_overlaps() -> None:
     assert gc.get_threshold()[0] >= 10_000
     second.__exit__(None, None, None)
     assert gc.get_threshold() == before
-    with pytest.raises(RuntimeError), engine_module.sparing_collector():
+    with pytest.raises(RuntimeError), gc_tuning.sparing_collector():
         raise RuntimeError("boom")
     assert gc.get_threshold() == before
 
