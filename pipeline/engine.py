@@ -29,8 +29,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -69,7 +69,6 @@ from pipeline.journal import (
     Event,
     FailedEvent,
     JournalWriter,
-    LostEvent,
     ResumeState,
     RunEndedEvent,
     RunStartedEvent,
@@ -81,6 +80,18 @@ from pipeline.latency import LatencyEstimate
 from pipeline.limits import AccountPacer, AdaptiveLimit, Budget, RateMeter
 from pipeline.manifest import Manifest
 from pipeline.progress import NullProgress, Progress
+from pipeline.records import (
+    Downloaded,
+    EngineOptions,
+    Fetch,
+    FetchFailed,
+    Flight,
+    Prepared,
+    RunSummary,
+    Stored,
+    lost_event,
+    utc_now,
+)
 from pipeline.references import ReferenceUploader
 from pipeline.rundir import open_run_dir
 from pipeline.storage import (
@@ -143,157 +154,6 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     """The first real exception in a (possibly nested) group from task groups."""
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _lost(flight: _Flight) -> LostEvent:
-    """The journal line for a taskUUID that never reached the API (or was refused
-    outright): a rerun submits its task afresh instead of asking about it."""
-    return LostEvent(ts=_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
-
-
-@dataclass
-class RunSummary:
-    """Public counters of one run (also what tests assert on)."""
-
-    tasks_total: int = 0
-    images_total: int = 0
-    tasks_done: int = 0
-    images_done: int = 0
-    images_new: int = 0
-    tasks_failed: int = 0
-    tasks_skipped_failed: int = 0
-    tasks_unfinished: int = 0
-    tasks_unsubmitted: int = 0
-    submitted: int = 0
-    resubmitted: int = 0
-    resumed: int = 0
-    lost: int = 0
-    submit_requests: int = 0
-    poll_requests: int = 0
-    uploads: int = 0
-    max_in_flight: int = 0
-    adaptive_floor: int = 0
-    """The lowest the concurrency limit went after 429/503/504 answers (AIMD)."""
-    latency_s: float | None = None
-    """The API's latency per task as learnt in this run (None: no task finished)."""
-    spent_usd: Decimal = Decimal(0)
-    spent_this_run_usd: Decimal = Decimal(0)
-    missing_cost_images: int = 0
-    stop_reason: str | None = None
-    stop_message: str | None = None
-    wall_s: float = 0.0
-    failures: list[tuple[str, str, str]] = field(default_factory=list)
-
-    @property
-    def api_requests(self) -> int:
-        """Submits + polls + uploads (downloads excluded)."""
-        return self.submit_requests + self.poll_requests + self.uploads
-
-    @property
-    def exit_code(self) -> int:
-        """0 all done; 1 some tasks failed for good; 3 stopped early, resumable."""
-        if (
-            self.stop_reason is not None
-            or self.tasks_unfinished
-            or (self.tasks_unsubmitted)
-        ):
-            return 3
-        if self.tasks_failed or self.tasks_skipped_failed:
-            return 1
-        return 0
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    concurrency: int
-    budget_usd: Decimal | None = None
-    retry_failed: bool = False
-    shard: tuple[int, int] | None = None
-    handle_signals: bool = False
-    """Install SIGINT/SIGTERM handlers (the CLI does; tests stop it directly)."""
-
-
-@dataclass(eq=False)
-class _Prepared:
-    spec: TaskSpec
-    request: ImageInferenceRequest
-    replaces: str | None = None
-
-
-@dataclass(eq=False)
-class _Flight:
-    """One taskUUID the API may be working on."""
-
-    spec: TaskSpec
-    task_uuid: str
-    wire: dict[str, Any]
-    submitted_at: float
-    """When it was sent (clock); when a resumed run took it over, for old ones."""
-    submitted_wall: datetime | None
-    reserved_per_image: Decimal
-    next_poll_at: float
-    backoff_s: float
-    acked: bool = False
-    ambiguous: bool = False
-    seen_processing: bool = False
-    asks: int = 0
-    """getResponse questions about it so far (answered or not)."""
-    teaches_latency: bool = True
-    """Its ``submitted_at`` is when it was really sent (not a resume of an earlier
-    run), so when it is found done says something about the latency. Ambiguous
-    submits count: an API that acks with an empty ``data`` makes every submit one."""
-    not_found: int = 0
-    last_processing_at: float | None = None
-    seen: set[str] = field(default_factory=set)
-    taken: set[int] = field(default_factory=set)
-    """Image indices stored or being fetched: a new result takes the lowest free."""
-    stored: int = 0
-    holds_slot: bool = True
-    inherited_uploads: tuple[str, ...] = ()
-    """Image UUIDs in the request that an earlier run uploaded (they may expire)."""
-    finished: bool = False
-    request: ImageInferenceRequest | None = None
-    """Until it is sent; afterwards ``wire`` is all that is kept."""
-    replaces: str | None = None
-
-    @property
-    def assigned(self) -> int:
-        """Images stored or on their way to disk."""
-        return len(self.taken)
-
-
-@dataclass(eq=False)
-class _Fetch:
-    flight: _Flight
-    result: ImageResult
-    index: int
-
-
-@dataclass(eq=False)
-class _Stored:
-    flight: _Flight
-    result: ImageResult
-    index: int
-    relpath: str
-    sha256: str
-    size: int
-
-
-@dataclass(eq=False)
-class _Downloaded:
-    job: _Fetch
-    data: bytes
-
-
-@dataclass(eq=False)
-class _FetchFailed:
-    flight: _Flight
-    result: ImageResult
-    error: str
 
 
 async def gather_batch(
@@ -371,11 +231,11 @@ class Engine:
         # Prepared tasks for the journaler. Bounded for the feeder; a resubmission
         # goes first and never waits, or the poller making it could block the very
         # completions that free room (a deadlock).
-        self._backlog = Queue[_Prepared](bound=max(2 * limits.submit_batch, 8))
+        self._backlog = Queue[Prepared](bound=max(2 * limits.submit_batch, 8))
         # Tasks whose ``submitted`` line is durable, waiting for a slot: kept topped
         # up, so the fsync before a submit is paid while no slot waits.
-        self._ready = Queue[_Flight](bound=max(limits.submit_batch, top // 4))
-        self._polling: dict[str, _Flight] = {}
+        self._ready = Queue[Flight](bound=max(limits.submit_batch, top // 4))
+        self._polling: dict[str, Flight] = {}
         self._poll_wakeup = Signal()
         self._poll_floor = math.inf
         """At or below every task's next question time (inf: being asked, or none):
@@ -396,7 +256,7 @@ class Engine:
         self._work_scope: anyio.CancelScope | None = None
         self._client: RunwareClient | None = None
         self._uploader: ReferenceUploader | None = None
-        self._fetch_send: MemoryObjectSendStream[_Fetch] | None = None
+        self._fetch_send: MemoryObjectSendStream[Fetch] | None = None
         self._fetches_out = 0
         """Images queued for download or downloading, not yet handed to the
         collector."""
@@ -454,9 +314,9 @@ class Engine:
             self._progress.close()
             with anyio.CancelScope(shield=True):
                 await self._append(
-                    *(_lost(f) for f in unsent),
+                    *(lost_event(f) for f in unsent),
                     RunEndedEvent(
-                        ts=_now(),
+                        ts=utc_now(),
                         reason=self.summary.stop_reason or "finished",
                         done=self.summary.tasks_done,
                         failed=self.summary.tasks_failed,
@@ -479,11 +339,11 @@ class Engine:
         return self.summary
 
     async def _run_stages(self, uploader: ReferenceUploader) -> None:
-        fetch_send, fetch_recv = anyio.create_memory_object_stream[_Fetch](
+        fetch_send, fetch_recv = anyio.create_memory_object_stream[Fetch](
             max_buffer_size=max(16, 2 * self._settings.limits.download_concurrency)
         )
         done_send, done_recv = anyio.create_memory_object_stream[
-            _Downloaded | _FetchFailed
+            Downloaded | FetchFailed
         ](max_buffer_size=_STORE_BATCH)
         self._fetch_send = fetch_send
         try:
@@ -561,7 +421,7 @@ class Engine:
     async def _journal_upload(self, digest: str, image_uuid: str, path: Path) -> None:
         await self._append(
             UploadedEvent(
-                ts=_now(), sha256=digest, image_uuid=image_uuid, source=str(path)
+                ts=utc_now(), sha256=digest, image_uuid=image_uuid, source=str(path)
             )
         )
 
@@ -592,7 +452,7 @@ class Engine:
                         break
                     request = await self._prepare(spec, uploader)
                     self._outstanding += 1
-                    await self._backlog.put(_Prepared(spec, request))
+                    await self._backlog.put(Prepared(spec, request))
                 uploads.cancel_scope.cancel()  # a stop: what is left is not needed
         finally:
             self._feeding_done = True
@@ -637,7 +497,7 @@ class Engine:
         now = self._clock()
         stored = self._state.completed_images.get(spec.key, {})
         for event in self._state.pending[spec.key]:
-            flight = _Flight(
+            flight = Flight(
                 spec=spec,
                 task_uuid=event.task_uuid,
                 wire={},
@@ -681,7 +541,7 @@ class Engine:
             if self._draining.is_set():
                 self._drop(items)
                 continue
-            batch: list[_Prepared] = []
+            batch: list[Prepared] = []
             for item in items:
                 reserve = self._price_per_image(item.spec) * item.spec.images
                 if self._draining.is_set():  # the budget ran out for an earlier one
@@ -705,7 +565,7 @@ class Engine:
                 continue
             if not batch:
                 continue
-            wall = _now()  # one timestamp for the batch: one append, one moment
+            wall = utc_now()  # one timestamp for the batch: one append, one moment
             flights = [self._new_flight(item, wall) for item in batch]
             await self._append(  # durable BEFORE any of them is sent
                 *(
@@ -722,8 +582,8 @@ class Engine:
             )
             self._ready.extend(flights)
 
-    def _new_flight(self, item: _Prepared, wall: datetime) -> _Flight:
-        return _Flight(
+    def _new_flight(self, item: Prepared, wall: datetime) -> Flight:
+        return Flight(
             spec=item.spec,
             task_uuid=str(item.request.task_uuid),
             request=item.request,
@@ -762,9 +622,9 @@ class Engine:
                 continue
             await self._submit(flights)
 
-    async def _unsent(self, flights: list[_Flight]) -> None:
+    async def _unsent(self, flights: list[Flight]) -> None:
         """Journaled but never sent (a stop): a rerun submits them afresh."""
-        await self._append(*(_lost(f) for f in flights))
+        await self._append(*(lost_event(f) for f in flights))
         self._budget.release(
             sum((f.reserved_per_image * f.spec.images for f in flights), Decimal(0))
         )
@@ -772,11 +632,11 @@ class Engine:
             flight.finished = True
         self._drop(flights)
 
-    async def _submit(self, flights: list[_Flight]) -> None:
+    async def _submit(self, flights: list[Flight]) -> None:
         """One submit request for flights that each hold a slot."""
         assert self._client is not None
         now = self._clock()
-        wall = _now()
+        wall = utc_now()
         first_at, gap = now + self._first_poll_delay(), self._poll_gap()
         for flight in flights:
             flight.holds_slot = True
@@ -795,7 +655,7 @@ class Engine:
                 )
         except (AuthError, InsufficientCreditError):
             # A definite refusal: nothing was accepted, so nothing to poll later.
-            await self._append(*(_lost(f) for f in flights))
+            await self._append(*(lost_event(f) for f in flights))
             for flight in flights:
                 self._retire(flight)
                 self._outstanding -= 1
@@ -815,7 +675,7 @@ class Engine:
         return tuple(self._uploader.inherited(used))
 
     async def _handle_submit(
-        self, flights: list[_Flight], outcome: SubmitOutcome
+        self, flights: list[Flight], outcome: SubmitOutcome
     ) -> None:
         by_uuid = {f.task_uuid: f for f in flights}
         for task_uuid in outcome.accepted:
@@ -848,7 +708,7 @@ class Engine:
             gap = max(poll.min_interval_s, LatencyEstimate.GAP_SHARE * poll.interval_s)
         return min(poll.max_interval_s, gap)
 
-    def _ask_at(self, flight: _Flight, at: float) -> None:
+    def _ask_at(self, flight: Flight, at: float) -> None:
         """Time ``flight``'s next question. Every finite time is set here: it keeps
         the poller's floor (see _poller) at or below all of them."""
         flight.next_poll_at = at
@@ -910,7 +770,7 @@ class Engine:
 
     def _riders(
         self, due_count: int, now: float, due_by: float, batch: int
-    ) -> list[_Flight]:
+    ) -> list[Flight]:
         """Tasks not due by ``due_by`` that fit in the last request of the
         ``due_count`` due ones (never one more request).
 
@@ -932,7 +792,7 @@ class Engine:
         if not room:
             return []
         first_within = self._poll_gap()
-        ready: list[tuple[float, _Flight]] = []
+        ready: list[tuple[float, Flight]] = []
         for flight in self._polling.values():
             at = flight.next_poll_at
             if flight.finished or at <= due_by or at == math.inf:
@@ -950,7 +810,7 @@ class Engine:
             ready.sort(key=lambda pair: pair[0], reverse=True)
         return [flight for _, flight in ready[:room]]
 
-    def _sample_while_learning(self, due: list[_Flight], now: float) -> list[_Flight]:
+    def _sample_while_learning(self, due: list[Flight], now: float) -> list[Flight]:
         """Before anything has finished, ask only about one request's worth of the
         tasks sent first; the rest wait until the latency is learnt
         (_observe_latency then asks about them by the estimate).
@@ -968,7 +828,7 @@ class Engine:
         learners.sort(key=lambda f: f.submitted_at)  # stable: send order within one
         sample = {id(f) for f in learners[: self._poll_batch]}
         gap = self._poll_gap()
-        asked: list[_Flight] = []
+        asked: list[Flight] = []
         for flight in due:
             if not flight.teaches_latency or id(flight) in sample:
                 asked.append(flight)
@@ -979,7 +839,7 @@ class Engine:
                 )
         return asked
 
-    def _ask_by_estimate(self, wanted: Callable[[_Flight], bool]) -> None:
+    def _ask_by_estimate(self, wanted: Callable[[Flight], bool]) -> None:
         """Bring the next question about each ``wanted`` task (not being asked about
         now) forward to when the latency estimate says it is done; past: at once."""
         first = self._latency.first_question()
@@ -992,13 +852,13 @@ class Engine:
                 )
         self._wake_poller()
 
-    async def _poll_chunk(self, flights: list[_Flight]) -> None:
+    async def _poll_chunk(self, flights: list[Flight]) -> None:
         try:
             await self._ask_about(flights)
         finally:
             self._wake_poller()  # their next questions are due at new times
 
-    async def _ask_about(self, flights: list[_Flight]) -> None:
+    async def _ask_about(self, flights: list[Flight]) -> None:
         """One getResponse for ``flights``; each gets its next question's time."""
         assert self._client is not None
         by_uuid = {f.task_uuid: f for f in flights}
@@ -1057,7 +917,7 @@ class Engine:
         return not self._feeding_done or bool(len(self._backlog) or len(self._ready))
 
     def _judge_first_questions(
-        self, flights: list[_Flight], outcome: PollOutcome, asked_at: float
+        self, flights: list[Flight], outcome: PollOutcome, asked_at: float
     ) -> None:
         """Tell the latency estimate whether a first question came too late."""
         firsts = [f for f in flights if f.asks == 0 and f.teaches_latency]
@@ -1097,7 +957,7 @@ class Engine:
                 "one task per request from now on (set limits.poll_batch = 1)"
             )
 
-    def _poll_failed(self, flights: list[_Flight], exc: PipelineError) -> None:
+    def _poll_failed(self, flights: list[Flight], exc: PipelineError) -> None:
         """Retries ran out for one poll: ask again later, unless the API is down.
 
         Tasks past the deadline are left for a rerun. When every poll has failed for
@@ -1129,7 +989,7 @@ class Engine:
     async def _take_results(
         self,
         results: list[ImageResult],
-        by_uuid: dict[str, _Flight],
+        by_uuid: dict[str, Flight],
         asked_at: float | None = None,
     ) -> None:
         """Free the slots of finished tasks and queue their images for download.
@@ -1140,7 +1000,7 @@ class Engine:
         assert self._fetch_send is not None
         now = self._clock()
         done_by = now if asked_at is None else asked_at
-        fetches: list[_Fetch] = []
+        fetches: list[Fetch] = []
         for result in results:
             flight = by_uuid.get(result.task_uuid) or self._polling.get(
                 result.task_uuid
@@ -1162,7 +1022,7 @@ class Engine:
                 # the images download (the fetch queue's bound holds memory).
                 self._polling.pop(flight.task_uuid, None)
                 self._release_slot(flight)
-            fetches.append(_Fetch(flight, result, index))
+            fetches.append(Fetch(flight, result, index))
         # Every slot of this answer is free before the first wait on the fetch queue.
         self._fetches_out += len(fetches)
         try:
@@ -1171,7 +1031,7 @@ class Engine:
         except anyio.BrokenResourceError:
             return  # the fetchers stopped: the run is ending with the collector's error
 
-    def _observe_latency(self, flight: _Flight, done_by: float) -> None:
+    def _observe_latency(self, flight: Flight, done_by: float) -> None:
         """Learn when to first ask about a task from when this one was done: by
         ``done_by``, after the last question that found it processing."""
         if not flight.teaches_latency:
@@ -1189,7 +1049,7 @@ class Engine:
                 lambda f: f.teaches_latency and not f.finished and not f.not_found
             )
 
-    async def _not_found(self, flight: _Flight, now: float) -> None:
+    async def _not_found(self, flight: Flight, now: float) -> None:
         """The server does not know this taskUUID (yet, or any more)."""
         flight.not_found += 1
         if flight.acked and flight.seen_processing:
@@ -1210,7 +1070,7 @@ class Engine:
         # Twice unknown after the grace period: it never arrived, so it was not billed.
         self._retire(flight)
         self.summary.lost += 1
-        await self._append(_lost(flight))
+        await self._append(lost_event(flight))
         if self._draining.is_set():
             self._outstanding -= 1
             self.summary.tasks_unsubmitted += 1
@@ -1224,10 +1084,10 @@ class Engine:
         assert self._uploader is not None
         request = await self._prepare(flight.spec, self._uploader)
         self._backlog.put_urgent(
-            _Prepared(flight.spec, request, replaces=flight.task_uuid)
+            Prepared(flight.spec, request, replaces=flight.task_uuid)
         )
 
-    def _time_out(self, flight: _Flight, now: float) -> None:
+    def _time_out(self, flight: Flight, now: float) -> None:
         error = TaskTimeoutError(flight.task_uuid, now - flight.submitted_at)
         log.warning("%s (%s)", error, flight.spec.key)
         self._leave_for_rerun(flight)
@@ -1236,8 +1096,8 @@ class Engine:
 
     async def _fetcher(
         self,
-        fetches: MemoryObjectReceiveStream[_Fetch],
-        done: MemoryObjectSendStream[_Downloaded | _FetchFailed],
+        fetches: MemoryObjectReceiveStream[Fetch],
+        done: MemoryObjectSendStream[Downloaded | FetchFailed],
     ) -> None:
         """Download (or decode) result images; the collector writes them in batches.
 
@@ -1255,18 +1115,18 @@ class Engine:
                 try:
                     data = await self._client.fetch_image(job.result)
                 except DownloadError as exc:
-                    item: _Downloaded | _FetchFailed = _FetchFailed(
+                    item: Downloaded | FetchFailed = FetchFailed(
                         job.flight, job.result, str(exc)
                     )
                 else:
-                    item = _Downloaded(job, data)
+                    item = Downloaded(job, data)
                 self._fetches_out -= 1
                 try:
                     await send(done, item)
                 except anyio.BrokenResourceError:
                     return
 
-    def _image_path(self, job: _Fetch, data: bytes) -> str:
+    def _image_path(self, job: Fetch, data: bytes) -> str:
         spec = job.flight.spec
         wanted = _EXT_BY_FORMAT.get(str(spec.params.get("outputFormat", "JPG")), "jpg")
         ext = detect_ext(data) or wanted
@@ -1274,7 +1134,7 @@ class Engine:
             spec.reference_id, spec.variant_id, spec.axes, job.index, ext
         )
 
-    def _sidecar(self, job: _Fetch, relpath: str) -> dict[str, Any]:
+    def _sidecar(self, job: Fetch, relpath: str) -> dict[str, Any]:
         spec = job.flight.spec
         result = job.result
         return {
@@ -1295,7 +1155,7 @@ class Engine:
         }
 
     async def _collector(
-        self, done: MemoryObjectReceiveStream[_Downloaded | _FetchFailed]
+        self, done: MemoryObjectReceiveStream[Downloaded | FetchFailed]
     ) -> None:
         """The single writer of images, completions, the summary and progress.
 
@@ -1309,15 +1169,15 @@ class Engine:
                 batch = await gather_batch(
                     first, done, more_coming=lambda: self._fetches_out > 0
                 )
-                downloaded = [i for i in batch if isinstance(i, _Downloaded)]
+                downloaded = [i for i in batch if isinstance(i, Downloaded)]
                 for stored in await self._store(downloaded):
                     self._record(stored)
                 for item in batch:
-                    if isinstance(item, _FetchFailed):
+                    if isinstance(item, FetchFailed):
                         self._fetch_failed(item)
                 self._report_progress()
 
-    async def _store(self, items: list[_Downloaded]) -> list[_Stored]:
+    async def _store(self, items: list[Downloaded]) -> list[Stored]:
         """Images and sidecars durably on disk, then their completions journaled."""
         if not items:
             return []
@@ -1331,10 +1191,10 @@ class Engine:
             files += [(path, item.data), (sidecar_path(path), meta)]
         digests = await write_atomic_many(files)
         stored = [
-            _Stored(i.job.flight, i.job.result, i.job.index, rel, sha, len(i.data))
+            Stored(i.job.flight, i.job.result, i.job.index, rel, sha, len(i.data))
             for i, rel, sha in zip(items, relpaths, digests[::2], strict=True)
         ]
-        wall = _now()  # stored together, journaled together
+        wall = utc_now()  # stored together, journaled together
         await self._append(
             *(
                 CompletedEvent(
@@ -1355,7 +1215,7 @@ class Engine:
         )
         return stored
 
-    def _fetch_failed(self, item: _FetchFailed) -> None:
+    def _fetch_failed(self, item: FetchFailed) -> None:
         """Billed but not downloaded: left pending, so a rerun polls and fetches it."""
         flight = item.flight
         log.warning(
@@ -1367,7 +1227,7 @@ class Engine:
         if not flight.finished:
             self._leave_for_rerun(flight)
 
-    def _record(self, item: _Stored) -> None:
+    def _record(self, item: Stored) -> None:
         """Account for one stored image (its completion is already journaled)."""
         flight = item.flight
         result = item.result
@@ -1402,7 +1262,7 @@ class Engine:
 
     # ---------------------------------------------------------------- endings
 
-    def _retire(self, flight: _Flight) -> None:
+    def _retire(self, flight: Flight) -> None:
         """This taskUUID needs no more questions, no slot and no reservation."""
         self._polling.pop(flight.task_uuid, None)
         self._finish(flight)
@@ -1410,7 +1270,7 @@ class Engine:
             flight.reserved_per_image * (flight.spec.images - flight.stored)
         )
 
-    def _leave_for_rerun(self, flight: _Flight) -> None:
+    def _leave_for_rerun(self, flight: Flight) -> None:
         """Unfinished here (deadline, download): the journal keeps it pending, so a
         rerun asks about it again instead of paying for it again."""
         self._retire(flight)
@@ -1418,16 +1278,16 @@ class Engine:
         self._outstanding -= 1
         self._check_done()
 
-    def _finish(self, flight: _Flight) -> None:
+    def _finish(self, flight: Flight) -> None:
         flight.finished = True
         self._release_slot(flight)
 
-    def _release_slot(self, flight: _Flight) -> None:
+    def _release_slot(self, flight: Flight) -> None:
         if flight.holds_slot:
             flight.holds_slot = False
             self._gate.release(1)
 
-    async def _refused_stale_upload(self, flight: _Flight, error: ErrorItem) -> bool:
+    async def _refused_stale_upload(self, flight: Flight, error: ErrorItem) -> bool:
         """A reference uploaded by an earlier run was refused: upload it again.
 
         The refusal is a definite answer (nothing was billed), so the task goes
@@ -1448,15 +1308,15 @@ class Engine:
             flight.spec.key,
         )
         self._retire(flight)
-        await self._append(_lost(flight))
+        await self._append(lost_event(flight))
         request = await self._prepare(flight.spec, self._uploader)
         self._backlog.put_urgent(
-            _Prepared(flight.spec, request, replaces=flight.task_uuid)
+            Prepared(flight.spec, request, replaces=flight.task_uuid)
         )
         return True
 
     async def _fail(
-        self, flight: _Flight, error: ErrorItem, *, retryable: bool = False
+        self, flight: Flight, error: ErrorItem, *, retryable: bool = False
     ) -> None:
         if flight.finished:
             self._polling.pop(flight.task_uuid, None)
@@ -1466,7 +1326,7 @@ class Engine:
         self._retire(flight)
         await self._append(
             FailedEvent(
-                ts=_now(),
+                ts=utc_now(),
                 key=flight.spec.key,
                 task_uuid=flight.task_uuid,
                 code=error.code,
@@ -1553,7 +1413,7 @@ async def run_job(
     async with JournalWriter.open(journal_path) as journal:
         await journal.append(
             RunStartedEvent(
-                ts=_now(),
+                ts=utc_now(),
                 run_id=run_dir.name,
                 manifest_sha256=manifest_sha.hexdigest(),
                 tasks=tasks,

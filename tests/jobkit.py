@@ -17,8 +17,9 @@ from PIL import Image, ImageDraw
 
 from pipeline import engine
 from pipeline.config import Settings, load_settings
-from pipeline.engine import Engine, EngineOptions, RunSummary
+from pipeline.engine import Engine
 from pipeline.progress import Progress
+from pipeline.records import EngineOptions, RunSummary
 
 SANDBOX_KEY = "sandbox"
 
