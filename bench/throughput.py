@@ -98,9 +98,9 @@ async def _remix_run(
 ) -> Any:
     """What ``remix run MANIFEST --concurrency C`` does after parsing its flags."""
     from pipeline.config import load_settings
-    from pipeline.engine import run_manifest
     from pipeline.progress import NullProgress
     from pipeline.records import EngineOptions
+    from pipeline.runner import run_manifest
 
     settings = load_settings(
         empty_config(run_dir.parent),

@@ -21,7 +21,6 @@ import anyio
 from pydantic import SecretStr
 
 from pipeline.config import ENV_API_KEY, Settings, load_settings, loop_options
-from pipeline.engine import JobTotals, run_job
 from pipeline.errors import ConfigError, ManifestError, PipelineError
 from pipeline.expand import check_manifest
 from pipeline.gallery import write_gallery
@@ -30,6 +29,7 @@ from pipeline.progress import NullProgress, Progress, TqdmProgress
 from pipeline.records import EngineOptions, RunSummary
 from pipeline.report import print_report, print_status, write_ledger
 from pipeline.rundir import open_run_dir
+from pipeline.runner import JobTotals, run_job
 
 log = logging.getLogger("pipeline")
 

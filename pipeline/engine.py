@@ -19,8 +19,6 @@ Why this shape:
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -29,7 +27,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -38,7 +35,6 @@ from typing import Any, Final, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.client import PollOutcome, RunwareClient, SubmitOutcome
 from pipeline.config import Settings
@@ -51,7 +47,7 @@ from pipeline.errors import (
     StorageError,
     TaskTimeoutError,
 )
-from pipeline.expand import TaskSpec, check_manifest, expand, shard_of
+from pipeline.expand import TaskSpec, shard_of
 from pipeline.flow import (
     Queue,
     Signal,
@@ -62,23 +58,18 @@ from pipeline.flow import (
     receive,
     send,
 )
-from pipeline.gc_tuning import sparing_collector
 from pipeline.journal import (
-    JOURNAL_NAME,
     CompletedEvent,
     Event,
     FailedEvent,
     JournalWriter,
     ResumeState,
     RunEndedEvent,
-    RunStartedEvent,
     SubmittedEvent,
     UploadedEvent,
-    load_state,
 )
 from pipeline.latency import LatencyEstimate
 from pipeline.limits import AccountPacer, AdaptiveLimit, Budget, RateMeter
-from pipeline.manifest import Manifest
 from pipeline.progress import NullProgress, Progress
 from pipeline.records import (
     Downloaded,
@@ -93,7 +84,6 @@ from pipeline.records import (
     utc_now,
 )
 from pipeline.references import ReferenceUploader
-from pipeline.rundir import open_run_dir
 from pipeline.storage import (
     detect_ext,
     encode_sidecar,
@@ -1362,123 +1352,4 @@ class Engine:
             failed=self.summary.tasks_failed,
             in_flight=self._gate.in_flight,
             spent_usd=self.summary.spent_usd,
-        )
-
-
-@dataclass(frozen=True)
-class JobTotals:
-    """The plan's numbers for the whole manifest."""
-
-    tasks: int
-    images: int
-    estimate_usd: Decimal
-
-
-async def run_job(
-    *,
-    manifest: Manifest,
-    manifest_path: Path,
-    totals: JobTotals,
-    run_dir: Path,
-    settings: Settings,
-    options: EngineOptions,
-    progress: Progress | None = None,
-    on_engine: Callable[[Engine], None] | None = None,
-) -> RunSummary:
-    """Run (or resume) a validated job into an opened, locked run dir.
-
-    Args:
-        on_engine: called with the engine before it starts (tests use it to stop it).
-    """
-    journal_path = run_dir / JOURNAL_NAME
-    state = load_state(journal_path)
-    tasks, images = totals.tasks, totals.images
-    if options.shard is not None:
-        index, count = options.shard
-        tasks = images = 0
-        for spec in expand(manifest):  # counted, never held: a shard may be 100k
-            if shard_of(spec.key, count) == index:
-                tasks += 1
-                images += spec.images
-    summary = RunSummary(
-        tasks_total=tasks,
-        images_total=images,
-        images_done=state.images_done,
-        spent_usd=state.spent_usd,
-        tasks_skipped_failed=0
-        if options.retry_failed
-        else len([k for k in state.failed if not state.is_complete(k)]),
-    )
-    manifest_sha = hashlib.sha256(await anyio.Path(manifest_path).read_bytes())
-    async with JournalWriter.open(journal_path) as journal:
-        await journal.append(
-            RunStartedEvent(
-                ts=utc_now(),
-                run_id=run_dir.name,
-                manifest_sha256=manifest_sha.hexdigest(),
-                tasks=tasks,
-                images=images,
-                estimate_usd=totals.estimate_usd,
-                shard=None
-                if options.shard is None
-                else f"{options.shard[0]}/{options.shard[1]}",
-            )
-        )
-        engine = Engine(
-            specs=lambda: expand(manifest),
-            run_dir=run_dir,
-            settings=settings,
-            options=options,
-            state=state,
-            journal=journal,
-            summary=summary,
-            progress=progress,
-        )
-        if on_engine is not None:
-            on_engine(engine)
-        with logging_redirect_tqdm(), sparing_collector():
-            return await engine.run()
-
-
-async def run_manifest(
-    manifest_path: Path,
-    run_dir: Path,
-    settings: Settings,
-    options: EngineOptions,
-    *,
-    progress: Progress | None = None,
-    on_engine: Callable[[Engine], None] | None = None,
-) -> RunSummary:
-    """``remix run`` as a library call: validate, lock the run dir, run or resume.
-
-    ``options.budget_usd`` of None falls back to the manifest's ``budget_usd``.
-
-    Raises:
-        ManifestError: the manifest is invalid (nothing was sent).
-        ConfigError: the run dir holds another manifest or another run.
-    """
-    manifest, report = check_manifest(manifest_path)
-    totals = JobTotals(
-        tasks=report.tasks,
-        images=report.images,
-        estimate_usd=report.estimated_cost_usd(settings.prices_usd),
-    )
-    if options.budget_usd is None and manifest.job.budget_usd is not None:
-        options = dataclasses.replace(options, budget_usd=manifest.job.budget_usd)
-    shard = None if options.shard is None else f"{options.shard[0]}/{options.shard[1]}"
-    with open_run_dir(
-        run_dir,
-        manifest_path=manifest_path,
-        settings_public=settings.public_dict(),
-        shard=shard,
-    ):
-        return await run_job(
-            manifest=manifest,
-            manifest_path=manifest_path,
-            totals=totals,
-            run_dir=run_dir,
-            settings=settings,
-            options=options,
-            progress=progress,
-            on_engine=on_engine,
         )
