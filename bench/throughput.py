@@ -133,7 +133,7 @@ class CallTimer:
         ("pipeline.client", "RunwareClient", "upload_image"),
         ("pipeline.journal", "JournalWriter", "append"),
         ("pipeline.limits", "AccountPacer", "before_request"),
-        ("pipeline.engine", "", "write_atomic_many"),
+        ("pipeline.collector", "", "write_atomic_many"),
     )
 
     def __init__(self) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 import uuid
@@ -30,18 +29,17 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.client import PollOutcome, RunwareClient, SubmitOutcome
+from pipeline.collector import Collector
 from pipeline.config import Settings
 from pipeline.errors import (
     ApiError,
     AuthError,
-    DownloadError,
     InsufficientCreditError,
     PipelineError,
     StorageError,
@@ -55,11 +53,8 @@ from pipeline.flow import (
     UploadsAhead,
     UrgentRequests,
     cancel_at,
-    receive,
-    send,
 )
 from pipeline.journal import (
-    CompletedEvent,
     Event,
     FailedEvent,
     JournalWriter,
@@ -72,7 +67,6 @@ from pipeline.latency import LatencyEstimate
 from pipeline.limits import AccountPacer, AdaptiveLimit, Budget, RateMeter
 from pipeline.progress import NullProgress, Progress
 from pipeline.records import (
-    Downloaded,
     EngineOptions,
     Fetch,
     FetchFailed,
@@ -84,19 +78,10 @@ from pipeline.records import (
     utc_now,
 )
 from pipeline.references import ReferenceUploader
-from pipeline.storage import (
-    detect_ext,
-    encode_sidecar,
-    image_relpath,
-    sidecar_path,
-    write_atomic_many,
-)
 from pipeline.wire import ErrorItem, ImageInferenceRequest, ImageResult
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-_EXT_BY_FORMAT: Final = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SUBMITTERS: Final = 2
 """Two submits may be in flight: slots freed while one waits for its answer go out
 with the other (0.80-0.87 -> 0.87 efficiency at C=256, L=0.5 s in
@@ -126,56 +111,12 @@ are sent a few at a time, so each task's questions kept a clock of their own: at
 submits (0.59-0.62), results seen 73 ms after done instead of 135 (p90 138 ms
 instead of 388), efficiency 0.914 -> 0.915-0.924. Riding costs no request, only a
 question asked sooner (~19 per task instead of 12)."""
-_DOWNLOAD_DEFER_MAX_S: Final = 0.05
-"""Longest a download waits for the submits and polls on their way (see
-UrgentRequests): long enough to let a cohort's requests through, short enough that
-results still go to disk at once."""
-_STORE_BATCH: Final = 128
-"""Most images written (and journaled) in one go by the collector."""
-_STORE_GATHER_S: Final = 0.02
-"""How long the collector waits for more images while downloads are still out,
-before writing what it has. A batch costs two worker-thread hops (~80 us of CPU
-each here) whatever its size, and results that trickle in (a varying latency) made
-batches of one or two: ~2 hops per image. Storing is off the slots' path (a slot is
-free once its result is seen), so waiting only delays the write, never a submit."""
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     """The first real exception in a (possibly nested) group from task groups."""
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-async def gather_batch(
-    first: T,
-    stream: MemoryObjectReceiveStream[T],
-    *,
-    more_coming: Callable[[], bool],
-    most: int = _STORE_BATCH,
-    window_s: float = _STORE_GATHER_S,
-) -> list[T]:
-    """``first`` and what follows it: all that is queued and, while ``more_coming()``,
-    what arrives within ``window_s`` of the call; at most ``most`` items."""
-    batch = [first]
-    deadline = anyio.current_time() + window_s
-    while len(batch) < most:
-        try:
-            batch.append(stream.receive_nowait())
-            continue
-        except anyio.WouldBlock:
-            pass
-        except anyio.EndOfStream:
-            break
-        if not more_coming():
-            break
-        with cancel_at(deadline):
-            try:
-                batch.append(await stream.receive())
-            except anyio.EndOfStream:
-                break
-            continue
-        break  # the window is over
-    return batch
 
 
 class Engine:
@@ -196,9 +137,6 @@ class Engine:
     ) -> None:
         self._specs = specs
         self._run_dir = run_dir
-        self._run_dir_prefix = os.path.join(run_dir, "")
-        """The run dir as a string ending in a separator: image paths are built by
-        concatenation, not pathlib (its parsing was a tenth of a stored image's CPU)."""
         self._settings = settings
         self._options = options
         self._state = state
@@ -246,10 +184,7 @@ class Engine:
         self._work_scope: anyio.CancelScope | None = None
         self._client: RunwareClient | None = None
         self._uploader: ReferenceUploader | None = None
-        self._fetch_send: MemoryObjectSendStream[Fetch] | None = None
-        self._fetches_out = 0
-        """Images queued for download or downloading, not yet handed to the
-        collector."""
+        self._collector: Collector | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -329,13 +264,18 @@ class Engine:
         return self.summary
 
     async def _run_stages(self, uploader: ReferenceUploader) -> None:
-        fetch_send, fetch_recv = anyio.create_memory_object_stream[Fetch](
-            max_buffer_size=max(16, 2 * self._settings.limits.download_concurrency)
+        assert self._client is not None
+        collector = Collector(
+            client=self._client,
+            urgent=self._urgent,
+            run_dir=self._run_dir,
+            downloads=self._settings.limits.download_concurrency,
+            append=self._append,
+            on_stored=self._record,
+            on_fetch_failed=self._fetch_failed,
+            on_batch=self._report_progress,
         )
-        done_send, done_recv = anyio.create_memory_object_stream[
-            Downloaded | FetchFailed
-        ](max_buffer_size=_STORE_BATCH)
-        self._fetch_send = fetch_send
+        self._collector = collector
         try:
             async with anyio.create_task_group() as outer:
                 if self._options.handle_signals:
@@ -349,13 +289,7 @@ class Engine:
                             for _ in range(_SUBMITTERS):
                                 tg.start_soon(self._submitter)
                             tg.start_soon(self._poller)
-                            for _ in range(self._settings.limits.download_concurrency):
-                                tg.start_soon(
-                                    self._fetcher, fetch_recv.clone(), done_send.clone()
-                                )
-                            tg.start_soon(self._collector, done_recv)
-                            fetch_recv.close()
-                            done_send.close()
+                            collector.start(tg)
                             await self._all_done.wait()
                             tg.cancel_scope.cancel()
                     except* (AuthError, InsufficientCreditError) as group:
@@ -379,7 +313,7 @@ class Engine:
                         log.error("%s", self.summary.stop_message)
                 outer.cancel_scope.cancel()
         finally:
-            fetch_send.close()
+            collector.close()
 
     async def _signal_watcher(self, scope_owner: TaskGroup) -> None:
         """First signal: drain with a grace period; second: stop at once."""
@@ -987,7 +921,7 @@ class Engine:
         ``asked_at``: when the question these results answer was sent (None: they
         came with the submit's answer).
         """
-        assert self._fetch_send is not None
+        assert self._collector is not None
         now = self._clock()
         done_by = now if asked_at is None else asked_at
         fetches: list[Fetch] = []
@@ -1014,12 +948,7 @@ class Engine:
                 self._release_slot(flight)
             fetches.append(Fetch(flight, result, index))
         # Every slot of this answer is free before the first wait on the fetch queue.
-        self._fetches_out += len(fetches)
-        try:
-            for fetch in fetches:
-                await send(self._fetch_send, fetch)
-        except anyio.BrokenResourceError:
-            return  # the fetchers stopped: the run is ending with the collector's error
+        await self._collector.fetch(fetches)
 
     def _observe_latency(self, flight: Flight, done_by: float) -> None:
         """Learn when to first ask about a task from when this one was done: by
@@ -1082,138 +1011,11 @@ class Engine:
         log.warning("%s (%s)", error, flight.spec.key)
         self._leave_for_rerun(flight)
 
-    # -------------------------------------------------------- fetch and store
-
-    async def _fetcher(
-        self,
-        fetches: MemoryObjectReceiveStream[Fetch],
-        done: MemoryObjectSendStream[Downloaded | FetchFailed],
-    ) -> None:
-        """Download (or decode) result images; the collector writes them in batches.
-
-        If the collector has stopped (its write failed: the run is ending with that
-        error), a fetcher stops too instead of adding an error of its own.
-        """
-        assert self._client is not None
-        async with fetches, done:
-            while True:
-                try:
-                    job = await receive(fetches)
-                except anyio.EndOfStream:
-                    return
-                await self._urgent.wait_none_out(_DOWNLOAD_DEFER_MAX_S)
-                try:
-                    data = await self._client.fetch_image(job.result)
-                except DownloadError as exc:
-                    item: Downloaded | FetchFailed = FetchFailed(
-                        job.flight, job.result, str(exc)
-                    )
-                else:
-                    item = Downloaded(job, data)
-                self._fetches_out -= 1
-                try:
-                    await send(done, item)
-                except anyio.BrokenResourceError:
-                    return
-
-    def _image_path(self, job: Fetch, data: bytes) -> str:
-        spec = job.flight.spec
-        wanted = _EXT_BY_FORMAT.get(str(spec.params.get("outputFormat", "JPG")), "jpg")
-        ext = detect_ext(data) or wanted
-        return image_relpath(
-            spec.reference_id, spec.variant_id, spec.axes, job.index, ext
-        )
-
-    def _sidecar(self, job: Fetch, relpath: str) -> dict[str, Any]:
-        spec = job.flight.spec
-        result = job.result
-        return {
-            "key": spec.key,
-            "reference": spec.reference_id,
-            "variant": spec.variant_id,
-            "axes": dict(spec.axes),
-            "index": job.index,
-            "prompt": spec.params.get("positivePrompt"),
-            "negative_prompt": spec.params.get("negativePrompt"),
-            "params": job.flight.wire or dict(spec.params),
-            "task_uuid": job.flight.task_uuid,
-            "image_uuid": result.image_uuid,
-            "seed": result.seed,
-            "cost_usd": result.cost,
-            "nsfw_content": result.nsfw_content,
-            "path": relpath,
-        }
-
-    async def _collector(
-        self, done: MemoryObjectReceiveStream[Downloaded | FetchFailed]
-    ) -> None:
-        """The single writer of images, completions, the summary and progress.
-
-        Images are written in batches: one worker-thread hop for the files, one
-        fsync'd journal append for their ``completed`` events. A batch takes what
-        has arrived and, while downloads are still out, what arrives within
-        _STORE_GATHER_S.
-        """
-        async with done:
-            async for first in done:
-                batch = await gather_batch(
-                    first, done, more_coming=lambda: self._fetches_out > 0
-                )
-                downloaded = [i for i in batch if isinstance(i, Downloaded)]
-                for stored in await self._store(downloaded):
-                    self._record(stored)
-                for item in batch:
-                    if isinstance(item, FetchFailed):
-                        self._fetch_failed(item)
-                self._report_progress()
-
-    async def _store(self, items: list[Downloaded]) -> list[Stored]:
-        """Images and sidecars durably on disk, then their completions journaled."""
-        if not items:
-            return []
-        files: list[tuple[str, bytes]] = []
-        relpaths: list[str] = []
-        for item in items:
-            relpath = self._image_path(item.job, item.data)
-            relpaths.append(relpath)
-            path = self._run_dir_prefix + relpath
-            meta = encode_sidecar(self._sidecar(item.job, relpath))
-            files += [(path, item.data), (sidecar_path(path), meta)]
-        digests = await write_atomic_many(files)
-        stored = [
-            Stored(i.job.flight, i.job.result, i.job.index, rel, sha, len(i.data))
-            for i, rel, sha in zip(items, relpaths, digests[::2], strict=True)
-        ]
-        wall = utc_now()  # stored together, journaled together
-        await self._append(
-            *(
-                CompletedEvent(
-                    ts=wall,
-                    key=s.flight.spec.key,
-                    task_uuid=s.flight.task_uuid,
-                    image_uuid=s.result.image_uuid,
-                    index=s.index,
-                    seed=s.result.seed,
-                    cost_usd=s.result.cost,
-                    path=s.relpath,
-                    sha256=s.sha256,
-                    bytes=s.size,
-                    submitted_at=s.flight.submitted_wall,
-                )
-                for s in stored
-            )
-        )
-        return stored
+    # ------------------------------------------------ the collector reports
 
     def _fetch_failed(self, item: FetchFailed) -> None:
         """Billed but not downloaded: left pending, so a rerun polls and fetches it."""
         flight = item.flight
-        log.warning(
-            "image %s of %s not downloaded (%s); rerun to fetch it",
-            item.result.image_uuid,
-            flight.spec.key,
-            item.error,
-        )
         if not flight.finished:
             self._leave_for_rerun(flight)
 
@@ -1235,14 +1037,6 @@ class Engine:
         flight.stored += 1
         self.summary.images_done += 1
         self.summary.images_new += 1
-        log.info(
-            "done %s image %d/%d seed=%s cost=%s",
-            flight.spec.key,
-            item.index + 1,
-            flight.spec.images,
-            result.seed,
-            result.cost,
-        )
         if flight.stored >= flight.spec.images and not flight.finished:
             self._finish(flight)
             self._adaptive.succeeded()

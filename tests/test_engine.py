@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from pipeline import engine as engine_module
+from pipeline import collector as collector_module
 from pipeline import gc_tuning
 from pipeline.errors import StorageError
 from pipeline.journal import (
@@ -701,7 +701,7 @@ async def test_a_failing_write_with_downloads_queued_stops_with_that_error_alone
         await anyio.sleep(0.3)  # meanwhile the download queue and its buffer fill
         raise StorageError("cannot write image: the disk is full")
 
-    monkeypatch.setattr(engine_module, "write_atomic_many", disk_full)
+    monkeypatch.setattr(collector_module, "write_atomic_many", disk_full)
     summary = await run_manifest(
         job,
         tmp_path / "run",
