@@ -205,19 +205,19 @@ class CallTimer:
 
             self._saved.append((owner, attr, original))
             setattr(owner, attr, wrap(original))
-        from pipeline import engine
+        from pipeline import poller
 
-        observe = getattr(engine.Engine, "_observe_latency", None)
+        observe = getattr(poller.Poller, "observe_latency", None)
         if observe is not None:
             estimates = self.latency_estimates
 
-            def observed(eng: Any, *args: Any) -> None:
-                observe(eng, *args)
-                estimates.append(eng._latency.value or 0.0)
+            def observed(timing: Any, *args: Any) -> None:
+                observe(timing, *args)
+                estimates.append(timing.latency.value or 0.0)
 
-            self._saved.append((engine.Engine, "_observe_latency", observe))
+            self._saved.append((poller.Poller, "observe_latency", observe))
             # setattr: a diagnostic patch that mypy must not type-check.
-            setattr(engine.Engine, "_observe_latency", observed)  # noqa: B010
+            setattr(poller.Poller, "observe_latency", observed)  # noqa: B010
         return self
 
     def __exit__(self, *exc: object) -> None:

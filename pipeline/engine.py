@@ -34,7 +34,7 @@ from typing import Any, Final
 import anyio
 from anyio.abc import TaskGroup
 
-from pipeline.client import PollOutcome, RunwareClient, SubmitOutcome
+from pipeline.client import RunwareClient, SubmitOutcome
 from pipeline.collector import Collector
 from pipeline.config import Settings
 from pipeline.errors import (
@@ -48,11 +48,9 @@ from pipeline.errors import (
 from pipeline.expand import TaskSpec, shard_of
 from pipeline.flow import (
     Queue,
-    Signal,
     SlotGate,
     UploadsAhead,
     UrgentRequests,
-    cancel_at,
 )
 from pipeline.journal import (
     Event,
@@ -63,8 +61,8 @@ from pipeline.journal import (
     SubmittedEvent,
     UploadedEvent,
 )
-from pipeline.latency import LatencyEstimate
 from pipeline.limits import AccountPacer, AdaptiveLimit, Budget, RateMeter
+from pipeline.poller import Poller
 from pipeline.progress import NullProgress, Progress
 from pipeline.records import (
     EngineOptions,
@@ -86,31 +84,6 @@ _SUBMITTERS: Final = 2
 """Two submits may be in flight: slots freed while one waits for its answer go out
 with the other (0.80-0.87 -> 0.87 efficiency at C=256, L=0.5 s in
 bench/throughput.py)."""
-_FIRST_ONLY_LIMIT: Final = 3
-"""Batched polls answered for their first task only, in a row, before unbatching."""
-_REASK_AGE_SHARE: Final = 0.02
-"""A task still processing is asked again within this share of its age: before the
-latency is learnt, a gap growing 1.5x from 10 ms overshoots (asked at 0.5 s, then ...
-4.4 s, 6.4 s: a 5 s first round seen 1.4 s late, with every slot idle meanwhile).
-At 5% the first round of a 5 s API was still seen 160-220 ms late, at 2% 20-68 ms,
-for ~60 more polls per 1,000 tasks in bench/throughput.py (0.12 -> 0.18 requests
-per image at 2,560 tasks)."""
-_REASK_AGE_SHARE_IDLE: Final = 0.10
-"""The same share while no task waits for a slot (a job that fits in one round, or
-its last round): a result seen sooner then frees a slot nobody takes, so precision
-only shortens the wait for the job's last images, by at most this share of their
-age. At 2% a 10-task job at a 5 s latency made 112 polls (11.6 requests per image,
-twice the SDK's); at 10% it makes 30 (3.4 requests per image), seen ~0.3 s later."""
-_RIDE_ALONG_SHARE: Final = 0.5
-"""A question going out anyway also carries, in its request's spare room, the tasks
-still processing whose next question is at least this share of its wait away from
-their last one (see Engine._riders). When the latency varies, slots free and tasks
-are sent a few at a time, so each task's questions kept a clock of their own: at
-4-6 s, 2,560 tasks at C = 256 made 2,507 polls (12 per task asked ~12 at a time) and
-1,060 submits, 1.4 requests per image; with riders 881-934 polls and 630-663
-submits (0.59-0.62), results seen 73 ms after done instead of 135 (p90 138 ms
-instead of 388), efficiency 0.914 -> 0.915-0.924. Riding costs no request, only a
-question asked sooner (~19 per task instead of 12)."""
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -163,19 +136,15 @@ class Engine:
         # Tasks whose ``submitted`` line is durable, waiting for a slot: kept topped
         # up, so the fsync before a submit is paid while no slot waits.
         self._ready = Queue[Flight](bound=max(limits.submit_batch, top // 4))
-        self._polling: dict[str, Flight] = {}
-        self._poll_wakeup = Signal()
-        self._poll_floor = math.inf
-        """At or below every task's next question time (inf: being asked, or none):
-        lowered by each _ask_at, set exactly by the poller's scans. While now is
-        short of it nothing can be due, and a wake-up (one per answer and submit)
-        skips the scan of all tasks in flight (at a varying latency ~3,400 scans
-        of 256 tasks per 2,560 images, most finding nothing due)."""
+        self._poller = Poller(
+            settings=settings,
+            clock=clock,
+            rate=self._rate,
+            ask=self._ask_about,
+            tasks_waiting=self._tasks_waiting,
+        )
         self._urgent = UrgentRequests()
-        self._latency = LatencyEstimate()
         self._polls_failing_since: float | None = None
-        self._poll_batch = settings.limits.poll_batch
-        self._first_only_streak = 0
         self._max_price_seen = Decimal(0)
         self._outstanding = 0
         self._feeding_done = False
@@ -227,7 +196,7 @@ class Engine:
         finally:
             self.summary.wall_s = self._clock() - started
             self.summary.max_in_flight = self._gate.peak
-            self.summary.latency_s = self._latency.value
+            self.summary.latency_s = self._poller.latency.value
             self._drop_backlog()
             # Journaled, never sent: marked so, a rerun sends them without first
             # asking the API about them (which takes not_found_grace_s).
@@ -288,7 +257,7 @@ class Engine:
                             tg.start_soon(self._journaler)
                             for _ in range(_SUBMITTERS):
                                 tg.start_soon(self._submitter)
-                            tg.start_soon(self._poller)
+                            tg.start_soon(self._poller.run)
                             collector.start(tg)
                             await self._all_done.wait()
                             tg.cancel_scope.cancel()
@@ -436,12 +405,11 @@ class Engine:
                 taken=set(stored),
                 stored=len(stored),
             )
-            self._poll_floor = min(self._poll_floor, now)
             self._outstanding += 1
             self.summary.resumed += 1
             self._gate.force_acquire()
-            self._polling[flight.task_uuid] = flight
-        self._wake_poller()
+            self._poller.track(flight)
+        self._poller.wake()
 
     # --------------------------------------------------------------- submitter
 
@@ -516,7 +484,7 @@ class Engine:
             submitted_wall=wall,
             reserved_per_image=self._price_per_image(item.spec),
             next_poll_at=math.inf,
-            backoff_s=self._poll_gap(),
+            backoff_s=self._poller.gap(),
             inherited_uploads=self._inherited_uploads(item.request),
             replaces=item.replaces,
             holds_slot=False,
@@ -561,14 +529,11 @@ class Engine:
         assert self._client is not None
         now = self._clock()
         wall = utc_now()
-        first_at, gap = now + self._first_poll_delay(), self._poll_gap()
         for flight in flights:
             flight.holds_slot = True
             flight.submitted_at = now
             flight.submitted_wall = wall
-            self._ask_at(flight, first_at)
-            flight.backoff_s = gap
-            self._polling[flight.task_uuid] = flight
+        self._poller.schedule_first(flights, now)
         self.summary.submitted += len(flights)
         self.summary.resubmitted += sum(1 for f in flights if f.replaces)
         self.summary.submit_requests += 1
@@ -588,7 +553,7 @@ class Engine:
         for flight in flights:
             flight.request = None  # sent: only its wire form is kept, for sidecars
         await self._handle_submit(flights, outcome)
-        self._wake_poller()
+        self._poller.wake()
 
     def _inherited_uploads(self, request: ImageInferenceRequest) -> tuple[str, ...]:
         if self._uploader is None:
@@ -608,10 +573,10 @@ class Engine:
         for task_uuid in outcome.ambiguous:
             if (flight := by_uuid.get(task_uuid)) is not None:
                 flight.ambiguous = True
-                self._ask_at(
+                self._poller.ask_at(
                     flight,
                     self._clock()
-                    + min(self._first_poll_delay(), self._settings.poll.interval_s),
+                    + min(self._poller.first_delay(), self._settings.poll.interval_s),
                 )
         for task_uuid, error in outcome.failed.items():
             if (flight := by_uuid.get(task_uuid)) is not None:
@@ -619,168 +584,6 @@ class Engine:
         await self._take_results(outcome.results, by_uuid)
 
     # ------------------------------------------------------------------ poller
-
-    def _first_poll_delay(self) -> float:
-        """Ask first when the task is expected to be done."""
-        first = self._latency.first_question()
-        return self._settings.poll.interval_s if first is None else first
-
-    def _poll_gap(self) -> float:
-        poll = self._settings.poll
-        gap = self._latency.gap(poll.min_interval_s)
-        if gap is None:  # nothing learnt yet
-            gap = max(poll.min_interval_s, LatencyEstimate.GAP_SHARE * poll.interval_s)
-        return min(poll.max_interval_s, gap)
-
-    def _ask_at(self, flight: Flight, at: float) -> None:
-        """Time ``flight``'s next question. Every finite time is set here: it keeps
-        the poller's floor (see _poller) at or below all of them."""
-        flight.next_poll_at = at
-        if at < self._poll_floor:
-            self._poll_floor = at
-
-    def _wake_poller(self) -> None:
-        self._poll_wakeup.notify()
-
-    async def _poller(self) -> None:
-        """Ask about every due task, without waiting for earlier questions' answers.
-
-        A task being asked about has ``next_poll_at`` = inf until its answer sets
-        the next one, so it is never in two questions at once; a cohort coming due
-        while another's answer is on its way is asked on time.
-        """
-        async with anyio.create_task_group() as asking:
-            while True:
-                batch = self._poll_batch
-                now = self._clock()
-                coalesce = self._poll_gap()
-                due_by = now + coalesce / 2
-                if due_by < self._poll_floor:
-                    due = []
-                else:
-                    due = [
-                        f
-                        for f in self._polling.values()
-                        if not f.finished and f.next_poll_at <= due_by
-                    ]
-                    if not due:
-                        self._poll_floor = min(
-                            (
-                                f.next_poll_at
-                                for f in self._polling.values()
-                                if not f.finished
-                            ),
-                            default=math.inf,
-                        )
-                if not due:
-                    # No await since the scan: a wake-up now finds us waiting.
-                    wait_s = max(self._poll_floor - now, 0.0)
-                    with cancel_at(anyio.current_time() + wait_s):
-                        await self._poll_wakeup.wait()
-                    continue
-                if not self._rate.ready():
-                    # Requests are scarce: ask once one may start, about all that is
-                    # due by then, rather than queue a question per tick.
-                    await self._rate.wait_ready()
-                    continue
-                if self._latency.value is None:
-                    due = self._sample_while_learning(due, now)
-                else:
-                    due += self._riders(len(due), now, due_by, batch)
-                for flight in due:
-                    flight.next_poll_at = math.inf
-                for start in range(0, len(due), batch):
-                    asking.start_soon(self._poll_chunk, due[start : start + batch])
-
-    def _riders(
-        self, due_count: int, now: float, due_by: float, batch: int
-    ) -> list[Flight]:
-        """Tasks not due by ``due_by`` that fit in the last request of the
-        ``due_count`` due ones (never one more request).
-
-        A task seen processing rides at least _RIDE_ALONG_SHARE of the way from its
-        last question to its next. One not yet asked rides within a re-ask gap of
-        its first question (asked now, its next question comes about when the first
-        would have: first questions of tasks sent a few at a time each took a
-        request of their own), or within the latency's spread of it: first
-        questions lead the estimate by one spread (LatencyEstimate.SPREAD_LEAD),
-        and a task done early in the spread waited for its question. Not within a
-        share of its age: at a steady 5 s latency that was 100 ms early for a gap of
-        10 ms, so tasks met "processing" and then re-asks growing 1.5x (results seen
-        15.6-16.1 ms after done, p90 29-32; now 9.8-11.2, p90 15-17; efficiency
-        0.971 -> 0.972 at N = 5,000); a varying latency's gap is that share anyway.
-        Re-asks go first, the furthest on their way; then first questions, the
-        nearest due.
-        """
-        room = -due_count % batch
-        if not room:
-            return []
-        first_within = self._poll_gap()
-        ready: list[tuple[float, Flight]] = []
-        for flight in self._polling.values():
-            at = flight.next_poll_at
-            if flight.finished or at <= due_by or at == math.inf:
-                continue  # done, due, or being asked
-            busy_at = flight.last_processing_at
-            if busy_at is not None:
-                part = (now - busy_at) / (at - busy_at)
-                if part >= _RIDE_ALONG_SHARE:
-                    ready.append((part, flight))
-            elif flight.acked and not flight.ambiguous and not flight.asks:
-                early = at - now
-                if early <= max(first_within, self._latency.spread):
-                    ready.append((-early, flight))
-        if len(ready) > room:
-            ready.sort(key=lambda pair: pair[0], reverse=True)
-        return [flight for _, flight in ready[:room]]
-
-    def _sample_while_learning(self, due: list[Flight], now: float) -> list[Flight]:
-        """Before anything has finished, ask only about one request's worth of the
-        tasks sent first; the rest wait until the latency is learnt
-        (_observe_latency then asks about them by the estimate).
-
-        They are all in the same state, and those sent later finish later: a first
-        round of C = 256 was asked about every 2% of its age in ceil(C / 100)
-        requests each time (~115 times at a 5 s latency; 1,000 tasks at C = 256
-        made 324 polls).
-        """
-        learners = [
-            f for f in self._polling.values() if f.teaches_latency and not f.finished
-        ]
-        if len(learners) <= self._poll_batch:
-            return due
-        learners.sort(key=lambda f: f.submitted_at)  # stable: send order within one
-        sample = {id(f) for f in learners[: self._poll_batch]}
-        gap = self._poll_gap()
-        asked: list[Flight] = []
-        for flight in due:
-            if not flight.teaches_latency or id(flight) in sample:
-                asked.append(flight)
-            else:  # comes due again only to be put off, until the latency is known
-                self._ask_at(
-                    flight,
-                    now + max(gap, _REASK_AGE_SHARE * (now - flight.submitted_at)),
-                )
-        return asked
-
-    def _ask_by_estimate(self, wanted: Callable[[Flight], bool]) -> None:
-        """Bring the next question about each ``wanted`` task (not being asked about
-        now) forward to when the latency estimate says it is done; past: at once."""
-        first = self._latency.first_question()
-        if first is None:
-            return
-        for flight in self._polling.values():
-            if flight.next_poll_at != math.inf and wanted(flight):
-                self._ask_at(
-                    flight, min(flight.next_poll_at, flight.submitted_at + first)
-                )
-        self._wake_poller()
-
-    async def _poll_chunk(self, flights: list[Flight]) -> None:
-        try:
-            await self._ask_about(flights)
-        finally:
-            self._wake_poller()  # their next questions are due at new times
 
     async def _ask_about(self, flights: list[Flight]) -> None:
         """One getResponse for ``flights``; each gets its next question's time."""
@@ -800,9 +603,9 @@ class Engine:
             self._poll_failed(flights, exc)
             return
         self._polls_failing_since = None
-        self._check_batch_answers(list(by_uuid), outcome)
+        self._poller.check_batch_answers(list(by_uuid), outcome)
         now = self._clock()
-        self._judge_first_questions(flights, outcome, asked_at)
+        self._poller.judge_first_questions(flights, outcome, asked_at)
         await self._take_results(outcome.results, by_uuid, asked_at)
         for task_uuid, error in outcome.failed.items():
             if (failed := by_uuid.get(task_uuid)) is not None and not failed.finished:
@@ -815,8 +618,7 @@ class Engine:
                 busy.acked = True
                 busy.seen_processing = True
                 busy.last_processing_at = asked_at
-        share = self._reask_age_share()
-        gap, longest = self._poll_gap(), self._settings.poll.max_interval_s
+        again: list[Flight] = []
         for flight in flights:
             if flight.finished or flight.assigned >= flight.spec.images:
                 continue
@@ -825,61 +627,12 @@ class Engine:
                 continue
             if flight.task_uuid in outcome.not_found:
                 continue  # _not_found scheduled its next question
-            self._ask_at(flight, now + flight.backoff_s)
-            flight.backoff_s = min(
-                flight.backoff_s * 1.5,
-                longest,
-                max(gap, share * (now - flight.submitted_at)),
-            )
-
-    def _reask_age_share(self) -> float:
-        """Within which share of its age a task still processing is asked again."""
-        return _REASK_AGE_SHARE if self._tasks_waiting() else _REASK_AGE_SHARE_IDLE
+            again.append(flight)
+        self._poller.ask_again(again, now)
 
     def _tasks_waiting(self) -> bool:
         """Whether a slot freed now would be taken: tasks not yet sent remain."""
         return not self._feeding_done or bool(len(self._backlog) or len(self._ready))
-
-    def _judge_first_questions(
-        self, flights: list[Flight], outcome: PollOutcome, asked_at: float
-    ) -> None:
-        """Tell the latency estimate whether a first question came too late."""
-        firsts = [f for f in flights if f.asks == 0 and f.teaches_latency]
-        for flight in flights:
-            flight.asks += 1
-        if not firsts:
-            return
-        done = {r.task_uuid for r in outcome.results}
-        asked_after = asked_at - max(f.submitted_at for f in firsts)
-        if any(f.task_uuid in outcome.processing for f in firsts):
-            self._latency.first_questions(all_done=False, asked_after=asked_after)
-        elif all(f.task_uuid in done for f in firsts) and self._latency.first_questions(
-            all_done=True, asked_after=asked_after
-        ):
-            # The cut is put to the test now, not a latency later: first questions
-            # not yet asked go when the new estimate says.
-            self._ask_by_estimate(lambda f: f.asks == 0)
-
-    def _check_batch_answers(self, asked: list[str], outcome: PollOutcome) -> None:
-        """Fall back to one getResponse per request if batches are half-ignored.
-
-        Several getResponse objects in one request is undocumented. An API that
-        answers only the first of them would leave every other task "processing"
-        until its deadline, so three such replies in a row switch batching off.
-        """
-        if len(asked) < 2 or self._poll_batch == 1:
-            return
-        answered = set(asked) - outcome.unanswered
-        if answered == {asked[0]}:
-            self._first_only_streak += 1
-        else:
-            self._first_only_streak = 0
-        if self._first_only_streak >= _FIRST_ONLY_LIMIT:
-            self._poll_batch = 1
-            log.warning(
-                "the API answers only the first getResponse of a batch; polling "
-                "one task per request from now on (set limits.poll_batch = 1)"
-            )
 
     def _poll_failed(self, flights: list[Flight], exc: PipelineError) -> None:
         """Retries ran out for one poll: ask again later, unless the API is down.
@@ -908,7 +661,7 @@ class Engine:
             if now - flight.submitted_at > self._settings.poll.deadline_s:
                 self._time_out(flight, now)
             else:
-                self._ask_at(flight, now + self._settings.poll.max_interval_s)
+                self._poller.ask_at(flight, now + self._settings.poll.max_interval_s)
 
     async def _take_results(
         self,
@@ -926,13 +679,11 @@ class Engine:
         done_by = now if asked_at is None else asked_at
         fetches: list[Fetch] = []
         for result in results:
-            flight = by_uuid.get(result.task_uuid) or self._polling.get(
-                result.task_uuid
-            )
+            flight = by_uuid.get(result.task_uuid) or self._poller.get(result.task_uuid)
             if flight is None or flight.finished or result.image_uuid in flight.seen:
                 continue
             if not flight.seen:
-                self._observe_latency(flight, done_by)
+                self._poller.observe_latency(flight, done_by)
             flight.acked = True
             flight.seen.add(result.image_uuid)
             # 0-based, as the journal and paths count; after a crash the stored
@@ -944,29 +695,11 @@ class Engine:
             if flight.assigned >= flight.spec.images:
                 # The API is done with it: its slot goes to the next task while
                 # the images download (the fetch queue's bound holds memory).
-                self._polling.pop(flight.task_uuid, None)
+                self._poller.forget(flight)
                 self._release_slot(flight)
             fetches.append(Fetch(flight, result, index))
         # Every slot of this answer is free before the first wait on the fetch queue.
         await self._collector.fetch(fetches)
-
-    def _observe_latency(self, flight: Flight, done_by: float) -> None:
-        """Learn when to first ask about a task from when this one was done: by
-        ``done_by``, after the last question that found it processing."""
-        if not flight.teaches_latency:
-            return
-        busy_at = flight.last_processing_at
-        learnt = self._latency.value is not None
-        self._latency.observe(
-            done_by=done_by - flight.submitted_at,
-            busy_at=None if busy_at is None else busy_at - flight.submitted_at,
-        )
-        if not learnt:
-            # The tasks put off while learning (_sample_while_learning); one not
-            # found yet waits to be visible, not to be done, and keeps its timing.
-            self._ask_by_estimate(
-                lambda f: f.teaches_latency and not f.finished and not f.not_found
-            )
 
     async def _not_found(self, flight: Flight, now: float) -> None:
         """The server does not know this taskUUID (yet, or any more)."""
@@ -984,7 +717,7 @@ class Engine:
             return
         grace = self._settings.poll.not_found_grace_s
         if flight.not_found < 2 or now - flight.submitted_at < grace:
-            self._ask_at(flight, now + max(self._poll_gap(), grace / 2))
+            self._poller.ask_at(flight, now + max(self._poller.gap(), grace / 2))
             return
         # Twice unknown after the grace period: it never arrived, so it was not billed.
         self._retire(flight)
@@ -1048,7 +781,7 @@ class Engine:
 
     def _retire(self, flight: Flight) -> None:
         """This taskUUID needs no more questions, no slot and no reservation."""
-        self._polling.pop(flight.task_uuid, None)
+        self._poller.forget(flight)
         self._finish(flight)
         self._budget.release(
             flight.reserved_per_image * (flight.spec.images - flight.stored)
@@ -1103,7 +836,7 @@ class Engine:
         self, flight: Flight, error: ErrorItem, *, retryable: bool = False
     ) -> None:
         if flight.finished:
-            self._polling.pop(flight.task_uuid, None)
+            self._poller.forget(flight)
             return
         if await self._refused_stale_upload(flight, error):
             return
