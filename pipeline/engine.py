@@ -24,7 +24,6 @@ import math
 import signal
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
@@ -45,11 +44,11 @@ from pipeline.errors import (
     StorageError,
     TaskTimeoutError,
 )
-from pipeline.expand import TaskSpec, shard_of
+from pipeline.expand import TaskSpec
+from pipeline.feed import UploadsAhead, selected, to_send, window
 from pipeline.flow import (
     Queue,
     SlotGate,
-    UploadsAhead,
     UrgentRequests,
 )
 from pipeline.journal import (
@@ -320,27 +319,23 @@ class Engine:
 
     # ------------------------------------------------------------------ feeder
 
-    def _selected(self) -> Iterator[TaskSpec]:
-        shard = self._options.shard
-        if shard is None:
-            yield from self._specs()
-            return
-        index, count = shard
-        for spec in self._specs():
-            if shard_of(spec.key, count) == index:
-                yield spec
-
     async def _feeder(self, uploader: ReferenceUploader) -> None:
-        state = self._state
+        state, limits = self._state, self._settings.limits
         try:
             if state.pending:
                 # Resume: ask about every task a previous run sent before sending more.
-                for spec in self._selected():
+                for spec in selected(self._specs, self._options.shard):
                     if spec.key in state.pending and not state.is_complete(spec.key):
                         self._resume_flights(spec)
             async with anyio.create_task_group() as uploads:
                 ahead = UploadsAhead(uploads, uploader)
-                for spec in self._window(self._to_send(), ahead):
+                fresh = to_send(
+                    selected(self._specs, self._options.shard),
+                    state,
+                    retry_failed=self._options.retry_failed,
+                )
+                size = 2 * max(1, self._options.concurrency) + limits.submit_batch
+                for spec in window(fresh, ahead, size):
                     if self._draining.is_set():
                         break
                     request = await self._prepare(spec, uploader)
@@ -350,35 +345,6 @@ class Engine:
         finally:
             self._feeding_done = True
             self._check_done()
-
-    def _to_send(self) -> Iterator[TaskSpec]:
-        state = self._state
-        for spec in self._selected():
-            key = spec.key
-            if state.is_complete(key) or key in state.pending:
-                continue
-            if key in state.failed and not self._options.retry_failed:
-                continue
-            yield spec
-
-    def _window(
-        self, specs: Iterator[TaskSpec], ahead: UploadsAhead
-    ) -> Iterator[TaskSpec]:
-        """The tasks in order, with the references of the next ones uploading.
-
-        Uploading a new reference takes a round trip (and a big file much longer);
-        done one at a time when a task first needs it, every new reference would
-        stall the submits behind it and leave slots idle.
-        """
-        window: deque[TaskSpec] = deque()
-        limits = self._settings.limits
-        size = 2 * max(1, self._options.concurrency) + limits.submit_batch
-        for spec in specs:
-            ahead.start(spec.local_files)
-            window.append(spec)
-            if len(window) >= size:
-                yield window.popleft()
-        yield from window
 
     async def _prepare(
         self, spec: TaskSpec, uploader: ReferenceUploader

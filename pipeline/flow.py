@@ -7,19 +7,12 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import Final, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import anyio
-from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.references import ReferenceUploader
-
 T = TypeVar("T")
-
-_UPLOADS_AHEAD: Final = 8
-"""Reference uploads that may run at once ahead of the tasks that need them."""
 
 
 class Signal:
@@ -227,23 +220,3 @@ class Queue(Generic[T]):
 
     def drain(self) -> list[T]:
         return self.take(len(self._items))
-
-
-class UploadsAhead:
-    """Starts the upload of each new local reference once, a few at a time."""
-
-    def __init__(self, group: TaskGroup, uploader: ReferenceUploader) -> None:
-        self._group = group
-        self._uploader = uploader
-        self._started: set[Path] = set()
-        self._limiter = anyio.CapacityLimiter(_UPLOADS_AHEAD)
-
-    def start(self, paths: Iterable[Path]) -> None:
-        for path in paths:
-            if path not in self._started:
-                self._started.add(path)
-                self._group.start_soon(self._upload, path)
-
-    async def _upload(self, path: Path) -> None:
-        async with self._limiter:
-            await self._uploader.resolve(path)
