@@ -40,10 +40,9 @@ _STORE_BATCH: Final = 128
 """Most images written (and journaled) in one go by the collector."""
 _STORE_GATHER_S: Final = 0.02
 """How long the collector waits for more images while downloads are still out,
-before writing what it has. A batch costs two worker-thread hops (~80 us of CPU
-each here) whatever its size, and results that trickle in (a varying latency) made
-batches of one or two: ~2 hops per image. Storing is off the slots' path (a slot is
-free once its result is seen), so waiting only delays the write, never a submit."""
+before writing what it has: a batch costs two worker-thread hops whatever its size,
+and results that trickle in made batches of one or two. Storing is off the slots'
+path, so waiting only delays the write, never a submit."""
 
 
 async def gather_batch(

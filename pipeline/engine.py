@@ -81,8 +81,7 @@ log = logging.getLogger(__name__)
 
 _SUBMITTERS: Final = 2
 """Two submits may be in flight: slots freed while one waits for its answer go out
-with the other (0.80-0.87 -> 0.87 efficiency at C=256, L=0.5 s in
-bench/throughput.py)."""
+with the other."""
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:

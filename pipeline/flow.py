@@ -42,8 +42,7 @@ def on_ms_grid(deadline: float) -> float:
     uvloop's clock and timers count whole milliseconds and round a delay to the
     nearest one, so a timer for a deadline between two ticks fired up to 0.5 ms
     early; anyio found the deadline not yet reached and re-armed the timer, which
-    fired again at once, until the clock ticked over: ~140 wake-ups per timed-out
-    wait (300 waits: 44,029 re-arms and 135 ms of CPU; on the grid 600 and 64 ms).
+    fired again at once, until the clock ticked over.
     """
     return deadline if math.isinf(deadline) else math.ceil(deadline * 1000) / 1000
 
@@ -79,12 +78,9 @@ class UrgentRequests:
     polls); downloads wait until none is out, for a bounded time.
 
     When a cohort finishes, its downloads, the next submit and the other cohorts'
-    polls all go at once, and both event loops (ours, and the API's on one machine
-    in the benchmarks) work through them in arrival order. Downloading first cost
-    every slot of the next submit ~10 ms (L = 5 s, 2,560 tasks: 10-13 ms from a
-    submit's send until the API accepted it, 5-6 with downloads deferred; poll lag
-    22-23 -> 13-18 ms; L = 0.5 s, 5,000 tasks: efficiency 0.90-0.91 -> 0.91-0.92);
-    a download a few ms later costs nothing.
+    polls all go at once, and the event loops work through them in arrival order:
+    downloads first delayed every slot of the next submit, while a download a few ms
+    later costs nothing.
     """
 
     __slots__ = ("_none_out", "_timed", "count")
@@ -151,14 +147,9 @@ class SlotGate:
         self._notify()
 
     async def acquire(self, want: int) -> int:
-        """Take between 1 and ``want`` slots, as many as are free once one is.
-
-        No waiting for more to share a submit: a window (2% of the latency) for
-        them left freed slots idle 8-12 ms a round at L = 5 s. Without it,
-        efficiency at L = 0.5 s went 0.918-0.930 -> 0.928-0.933, with a jittered
-        latency 0.895-0.903 -> 0.908-0.911, for ~20% more submits; a cohort's slots
-        free together anyway, with the poll answer that frees them. Returns 0 once
-        interrupted.
+        """Take between 1 and ``want`` slots, as many as are free once one is (no
+        waiting for more to share a submit: a cohort's slots free together anyway,
+        with the poll answer that frees them). Returns 0 once interrupted.
         """
         while self.free == 0:
             if self._interrupted:

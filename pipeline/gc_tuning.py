@@ -21,10 +21,8 @@ def sparing_collector() -> Iterator[None]:
 
     Almost all a run allocates (requests, answers, coroutines, journal lines) is
     freed by reference counting, yet at the default threshold the collector ran
-    ~420 times per 5,000 images and its full passes scanned every object the
-    process holds: 0.33-0.45 s of a ~3.2 s run's CPU in bench/throughput.py, ~0.01 s
-    with this threshold. Overlapping blocks share one setting; the last one out
-    restores what was there before.
+    often and its full passes scanned every object the process holds. Overlapping
+    blocks share one setting; the last one out restores what was there before.
     """
     global _gc_users, _gc_saved
     if _gc_users == 0:

@@ -24,27 +24,18 @@ _FIRST_ONLY_LIMIT: Final = 3
 """Batched polls answered for their first task only, in a row, before unbatching."""
 _REASK_AGE_SHARE: Final = 0.02
 """A task still processing is asked again within this share of its age: before the
-latency is learnt, a gap growing 1.5x from 10 ms overshoots (asked at 0.5 s, then ...
-4.4 s, 6.4 s: a 5 s first round seen 1.4 s late, with every slot idle meanwhile).
-At 5% the first round of a 5 s API was still seen 160-220 ms late, at 2% 20-68 ms,
-for ~60 more polls per 1,000 tasks in bench/throughput.py (0.12 -> 0.18 requests
-per image at 2,560 tasks)."""
+latency is learnt, a gap growing 1.5x from 10 ms overshoots a slow first round."""
 _REASK_AGE_SHARE_IDLE: Final = 0.10
 """The same share while no task waits for a slot (a job that fits in one round, or
 its last round): a result seen sooner then frees a slot nobody takes, so precision
 only shortens the wait for the job's last images, by at most this share of their
-age. At 2% a 10-task job at a 5 s latency made 112 polls (11.6 requests per image,
-twice the SDK's); at 10% it makes 30 (3.4 requests per image), seen ~0.3 s later."""
+age."""
 _RIDE_ALONG_SHARE: Final = 0.5
 """A question going out anyway also carries, in its request's spare room, the tasks
 still processing whose next question is at least this share of its wait away from
-their last one (see Poller._riders). When the latency varies, slots free and tasks
-are sent a few at a time, so each task's questions kept a clock of their own: at
-4-6 s, 2,560 tasks at C = 256 made 2,507 polls (12 per task asked ~12 at a time) and
-1,060 submits, 1.4 requests per image; with riders 881-934 polls and 630-663
-submits (0.59-0.62), results seen 73 ms after done instead of 135 (p90 138 ms
-instead of 388), efficiency 0.914 -> 0.915-0.924. Riding costs no request, only a
-question asked sooner (~19 per task instead of 12)."""
+their last one (see Poller._riders): tasks sent a few at a time then share requests
+instead of each keeping a clock of its own. Riding costs no request, only a question
+asked sooner."""
 
 
 class Poller:
@@ -77,8 +68,7 @@ class Poller:
         """At or below every task's next question time (inf: being asked, or none):
         lowered by each ask_at, set exactly by the loop's scans. While now is
         short of it nothing can be due, and a wake-up (one per answer and submit)
-        skips the scan of all tasks in flight (at a varying latency ~3,400 scans
-        of 256 tasks per 2,560 images, most finding nothing due)."""
+        skips the scan of all tasks in flight (most scans found nothing due)."""
         self._batch = settings.limits.poll_batch
         self._first_only_streak = 0
 
@@ -272,12 +262,10 @@ class Poller:
         request of their own), or within the latency's spread of it: first
         questions lead the estimate by one spread (LatencyEstimate.SPREAD_LEAD),
         and a task done early in the spread waited for its question. Not within a
-        share of its age: at a steady 5 s latency that was 100 ms early for a gap of
-        10 ms, so tasks met "processing" and then re-asks growing 1.5x (results seen
-        15.6-16.1 ms after done, p90 29-32; now 9.8-11.2, p90 15-17; efficiency
-        0.971 -> 0.972 at N = 5,000); a varying latency's gap is that share anyway.
-        Re-asks go first, the furthest on their way; then first questions, the
-        nearest due.
+        share of its age: at a steady latency that is far earlier than a re-ask gap,
+        so riders met "processing" and then re-asks growing 1.5x; a varying
+        latency's gap is that share anyway. Re-asks go first, the furthest on their
+        way; then first questions, the nearest due.
         """
         room = -due_count % batch
         if not room:
@@ -306,10 +294,9 @@ class Poller:
         tasks sent first; the rest wait until the latency is learnt
         (observe_latency then asks about them by the estimate).
 
-        They are all in the same state, and those sent later finish later: a first
-        round of C = 256 was asked about every 2% of its age in ceil(C / 100)
-        requests each time (~115 times at a 5 s latency; 1,000 tasks at C = 256
-        made 324 polls).
+        They are all in the same state, and those sent later finish later: asking
+        about all of them every 2% of their age made many requests that told
+        nothing new.
         """
         learners = [
             f for f in self._polling.values() if f.teaches_latency and not f.finished
