@@ -15,6 +15,10 @@ Why this shape:
 - *The budget is a hard cap.* Each task's estimated cost is reserved before its submit.
 - *One writer per resource.* Only the collector changes the summary and progress; the
   journal is appended under one lock so the ``submitted``-before-send order holds.
+
+Here: the stages' wiring, what each answer means, and the run's accounting. Beside
+it: what to send (feed), when to ask (poller), fetch and store (collector), the
+records they pass (records) and the primitives they pass them through (flow).
 """
 
 from __future__ import annotations
@@ -548,7 +552,7 @@ class Engine:
                 await self._fail(flight, error)
         await self._take_results(outcome.results, by_uuid)
 
-    # ------------------------------------------------------------------ poller
+    # ----------------------------------------------------------------- answers
 
     async def _ask_about(self, flights: list[Flight]) -> None:
         """One getResponse for ``flights``; each gets its next question's time."""
@@ -709,7 +713,7 @@ class Engine:
         log.warning("%s (%s)", error, flight.spec.key)
         self._leave_for_rerun(flight)
 
-    # ------------------------------------------------ the collector reports
+    # ---------------------------------------------------------- stored images
 
     def _fetch_failed(self, item: FetchFailed) -> None:
         """Billed but not downloaded: left pending, so a rerun polls and fetches it."""
