@@ -63,6 +63,7 @@ from pipeline.journal import (
     RunEndedEvent,
     SubmittedEvent,
     UploadedEvent,
+    utc_now,
 )
 from pipeline.limits import AccountPacer, AdaptiveLimit, Budget, RateMeter
 from pipeline.poller import Poller
@@ -76,7 +77,6 @@ from pipeline.records import (
     RunSummary,
     Stored,
     lost_event,
-    utc_now,
 )
 from pipeline.references import ReferenceUploader
 from pipeline.wire import ErrorItem, ImageInferenceRequest, ImageResult

@@ -4,17 +4,13 @@ its way to disk) and what a run takes and reports: one home for what they share.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from pipeline.expand import TaskSpec
-from pipeline.journal import LostEvent
+from pipeline.journal import LostEvent, utc_now
 from pipeline.wire import ImageInferenceRequest, ImageResult
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def lost_event(flight: Flight) -> LostEvent:

@@ -17,10 +17,16 @@ from pipeline.config import Settings
 from pipeline.engine import Engine
 from pipeline.expand import check_manifest, expand, shard_of
 from pipeline.gc_tuning import sparing_collector
-from pipeline.journal import JOURNAL_NAME, JournalWriter, RunStartedEvent, load_state
+from pipeline.journal import (
+    JOURNAL_NAME,
+    JournalWriter,
+    RunStartedEvent,
+    load_state,
+    utc_now,
+)
 from pipeline.manifest import Manifest
 from pipeline.progress import Progress
-from pipeline.records import EngineOptions, RunSummary, utc_now
+from pipeline.records import EngineOptions, RunSummary
 from pipeline.rundir import open_run_dir
 
 
