@@ -98,8 +98,9 @@ async def _remix_run(
 ) -> Any:
     """What ``remix run MANIFEST --concurrency C`` does after parsing its flags."""
     from pipeline.config import load_settings
-    from pipeline.engine import EngineOptions, run_manifest
     from pipeline.progress import NullProgress
+    from pipeline.records import EngineOptions
+    from pipeline.runner import run_manifest
 
     settings = load_settings(
         empty_config(run_dir.parent),
@@ -132,7 +133,7 @@ class CallTimer:
         ("pipeline.client", "RunwareClient", "upload_image"),
         ("pipeline.journal", "JournalWriter", "append"),
         ("pipeline.limits", "AccountPacer", "before_request"),
-        ("pipeline.engine", "", "write_atomic_many"),
+        ("pipeline.collector", "", "write_atomic_many"),
     )
 
     def __init__(self) -> None:
@@ -204,19 +205,19 @@ class CallTimer:
 
             self._saved.append((owner, attr, original))
             setattr(owner, attr, wrap(original))
-        from pipeline import engine
+        from pipeline import poller
 
-        observe = getattr(engine.Engine, "_observe_latency", None)
+        observe = getattr(poller.Poller, "observe_latency", None)
         if observe is not None:
             estimates = self.latency_estimates
 
-            def observed(eng: Any, *args: Any) -> None:
-                observe(eng, *args)
-                estimates.append(eng._latency.value or 0.0)
+            def observed(timing: Any, *args: Any) -> None:
+                observe(timing, *args)
+                estimates.append(timing.latency.value or 0.0)
 
-            self._saved.append((engine.Engine, "_observe_latency", observe))
+            self._saved.append((poller.Poller, "observe_latency", observe))
             # setattr: a diagnostic patch that mypy must not type-check.
-            setattr(engine.Engine, "_observe_latency", observed)  # noqa: B010
+            setattr(poller.Poller, "observe_latency", observed)  # noqa: B010
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -382,9 +383,9 @@ class SlotMeter:
             self.idle_gaps.append(now - self._freed.popleft())
 
     def __enter__(self) -> SlotMeter:
-        from pipeline import engine
+        from pipeline import flow
 
-        gate: Any = getattr(engine, "_SlotGate", None)
+        gate: Any = getattr(flow, "SlotGate", None)
         if gate is None:
             return self
         meter = self
@@ -403,10 +404,10 @@ class SlotMeter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from pipeline import engine
+        from pipeline import flow
 
         for attr, original in self._saved:
-            setattr(engine._SlotGate, attr, original)
+            setattr(flow.SlotGate, attr, original)
 
     def figures(self, concurrency: int, tasks_sent: int) -> JsonObject:
         """Per task sent: a slot taken and handed back unused holds ~0 seconds."""

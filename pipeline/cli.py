@@ -21,14 +21,15 @@ import anyio
 from pydantic import SecretStr
 
 from pipeline.config import ENV_API_KEY, Settings, load_settings, loop_options
-from pipeline.engine import EngineOptions, JobTotals, RunSummary, run_job
 from pipeline.errors import ConfigError, ManifestError, PipelineError
 from pipeline.expand import check_manifest
 from pipeline.gallery import write_gallery
 from pipeline.manifest import Manifest
 from pipeline.progress import NullProgress, Progress, TqdmProgress
+from pipeline.records import EngineOptions, RunSummary
 from pipeline.report import print_report, print_status, write_ledger
 from pipeline.rundir import open_run_dir
+from pipeline.runner import JobTotals, run_job
 
 log = logging.getLogger("pipeline")
 

@@ -15,692 +15,83 @@ Why this shape:
 - *The budget is a hard cap.* Each task's estimated cost is reserved before its submit.
 - *One writer per resource.* Only the collector changes the summary and progress; the
   journal is appended under one lock so the ``submitted``-before-send order holds.
+
+Here: the stages' wiring, what each answer means, and the run's accounting. Beside
+it: what to send (feed), when to ask (poller), fetch and store (collector), the
+records they pass (records) and the primitives they pass them through (flow).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import gc
-import hashlib
 import logging
 import math
-import os
 import signal
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pipeline.client import PollOutcome, RunwareClient, SubmitOutcome
+from pipeline.client import RunwareClient, SubmitOutcome
+from pipeline.collector import Collector
 from pipeline.config import Settings
 from pipeline.errors import (
     ApiError,
     AuthError,
-    DownloadError,
     InsufficientCreditError,
     PipelineError,
     StorageError,
     TaskTimeoutError,
 )
-from pipeline.expand import TaskSpec, check_manifest, expand, shard_of
+from pipeline.expand import TaskSpec
+from pipeline.feed import UploadsAhead, selected, to_send, window
+from pipeline.flow import (
+    Queue,
+    SlotGate,
+    UrgentRequests,
+)
 from pipeline.journal import (
-    JOURNAL_NAME,
-    CompletedEvent,
     Event,
     FailedEvent,
     JournalWriter,
-    LostEvent,
     ResumeState,
     RunEndedEvent,
-    RunStartedEvent,
     SubmittedEvent,
     UploadedEvent,
-    load_state,
+    utc_now,
 )
 from pipeline.limits import AccountPacer, AdaptiveLimit, Budget, RateMeter
-from pipeline.manifest import Manifest
+from pipeline.poller import Poller
 from pipeline.progress import NullProgress, Progress
-from pipeline.references import ReferenceUploader
-from pipeline.rundir import open_run_dir
-from pipeline.storage import (
-    detect_ext,
-    encode_sidecar,
-    image_relpath,
-    sidecar_path,
-    write_atomic_many,
+from pipeline.records import (
+    EngineOptions,
+    Fetch,
+    FetchFailed,
+    Flight,
+    Prepared,
+    RunSummary,
+    Stored,
+    lost_event,
 )
+from pipeline.references import ReferenceUploader
 from pipeline.wire import ErrorItem, ImageInferenceRequest, ImageResult
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-_EXT_BY_FORMAT: Final = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SUBMITTERS: Final = 2
 """Two submits may be in flight: slots freed while one waits for its answer go out
-with the other (0.80-0.87 -> 0.87 efficiency at C=256, L=0.5 s in
-bench/throughput.py)."""
-_UPLOADS_AHEAD: Final = 8
-"""Reference uploads that may run at once ahead of the tasks that need them."""
-_FIRST_ONLY_LIMIT: Final = 3
-"""Batched polls answered for their first task only, in a row, before unbatching."""
-_REASK_AGE_SHARE: Final = 0.02
-"""A task still processing is asked again within this share of its age: before the
-latency is learnt, a gap growing 1.5x from 10 ms overshoots (asked at 0.5 s, then ...
-4.4 s, 6.4 s: a 5 s first round seen 1.4 s late, with every slot idle meanwhile).
-At 5% the first round of a 5 s API was still seen 160-220 ms late, at 2% 20-68 ms,
-for ~60 more polls per 1,000 tasks in bench/throughput.py (0.12 -> 0.18 requests
-per image at 2,560 tasks)."""
-_REASK_AGE_SHARE_IDLE: Final = 0.10
-"""The same share while no task waits for a slot (a job that fits in one round, or
-its last round): a result seen sooner then frees a slot nobody takes, so precision
-only shortens the wait for the job's last images, by at most this share of their
-age. At 2% a 10-task job at a 5 s latency made 112 polls (11.6 requests per image,
-twice the SDK's); at 10% it makes 30 (3.4 requests per image), seen ~0.3 s later."""
-_RIDE_ALONG_SHARE: Final = 0.5
-"""A question going out anyway also carries, in its request's spare room, the tasks
-still processing whose next question is at least this share of its wait away from
-their last one (see Engine._riders). When the latency varies, slots free and tasks
-are sent a few at a time, so each task's questions kept a clock of their own: at
-4-6 s, 2,560 tasks at C = 256 made 2,507 polls (12 per task asked ~12 at a time) and
-1,060 submits, 1.4 requests per image; with riders 881-934 polls and 630-663
-submits (0.59-0.62), results seen 73 ms after done instead of 135 (p90 138 ms
-instead of 388), efficiency 0.914 -> 0.915-0.924. Riding costs no request, only a
-question asked sooner (~19 per task instead of 12)."""
-_DOWNLOAD_DEFER_MAX_S: Final = 0.05
-"""Longest a download waits for the submits and polls on their way (see
-_UrgentRequests): long enough to let a cohort's requests through, short enough that
-results still go to disk at once."""
-_STORE_BATCH: Final = 128
-"""Most images written (and journaled) in one go by the collector."""
-_STORE_GATHER_S: Final = 0.02
-"""How long the collector waits for more images while downloads are still out,
-before writing what it has. A batch costs two worker-thread hops (~80 us of CPU
-each here) whatever its size, and results that trickle in (a varying latency) made
-batches of one or two: ~2 hops per image. Storing is off the slots' path (a slot is
-free once its result is seen), so waiting only delays the write, never a submit."""
-
-
-_GC_YOUNG_THRESHOLD: Final = 10_000
-"""Allocations (net of frees) between two collections of the youngest generation
-while the engine runs, instead of Python's 700 (see `sparing_collector`)."""
-_gc_users = 0
-_gc_saved: tuple[int, int, int] | None = None
-
-
-@contextlib.contextmanager
-def sparing_collector() -> Iterator[None]:
-    """Run the cyclic garbage collector rarely inside this block.
-
-    Almost all a run allocates (requests, answers, coroutines, journal lines) is
-    freed by reference counting, yet at the default threshold the collector ran
-    ~420 times per 5,000 images and its full passes scanned every object the
-    process holds: 0.33-0.45 s of a ~3.2 s run's CPU in bench/throughput.py, ~0.01 s
-    with this threshold. Overlapping blocks share one setting; the last one out
-    restores what was there before.
-    """
-    global _gc_users, _gc_saved
-    if _gc_users == 0:
-        _gc_saved = gc.get_threshold()
-        young, *older = _gc_saved
-        gc.set_threshold(max(young, _GC_YOUNG_THRESHOLD), *older)
-    _gc_users += 1
-    try:
-        yield
-    finally:
-        _gc_users -= 1
-        if _gc_users == 0 and _gc_saved is not None:
-            gc.set_threshold(*_gc_saved)
-            _gc_saved = None
+with the other."""
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     """The first real exception in a (possibly nested) group from task groups."""
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _lost(flight: _Flight) -> LostEvent:
-    """The journal line for a taskUUID that never reached the API (or was refused
-    outright): a rerun submits its task afresh instead of asking about it."""
-    return LostEvent(ts=_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
-
-
-@dataclass
-class RunSummary:
-    """Public counters of one run (also what tests assert on)."""
-
-    tasks_total: int = 0
-    images_total: int = 0
-    tasks_done: int = 0
-    images_done: int = 0
-    images_new: int = 0
-    tasks_failed: int = 0
-    tasks_skipped_failed: int = 0
-    tasks_unfinished: int = 0
-    tasks_unsubmitted: int = 0
-    submitted: int = 0
-    resubmitted: int = 0
-    resumed: int = 0
-    lost: int = 0
-    submit_requests: int = 0
-    poll_requests: int = 0
-    uploads: int = 0
-    max_in_flight: int = 0
-    adaptive_floor: int = 0
-    """The lowest the concurrency limit went after 429/503/504 answers (AIMD)."""
-    latency_s: float | None = None
-    """The API's latency per task as learnt in this run (None: no task finished)."""
-    spent_usd: Decimal = Decimal(0)
-    spent_this_run_usd: Decimal = Decimal(0)
-    missing_cost_images: int = 0
-    stop_reason: str | None = None
-    stop_message: str | None = None
-    wall_s: float = 0.0
-    failures: list[tuple[str, str, str]] = field(default_factory=list)
-
-    @property
-    def api_requests(self) -> int:
-        """Submits + polls + uploads (downloads excluded)."""
-        return self.submit_requests + self.poll_requests + self.uploads
-
-    @property
-    def exit_code(self) -> int:
-        """0 all done; 1 some tasks failed for good; 3 stopped early, resumable."""
-        if (
-            self.stop_reason is not None
-            or self.tasks_unfinished
-            or (self.tasks_unsubmitted)
-        ):
-            return 3
-        if self.tasks_failed or self.tasks_skipped_failed:
-            return 1
-        return 0
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    concurrency: int
-    budget_usd: Decimal | None = None
-    retry_failed: bool = False
-    shard: tuple[int, int] | None = None
-    handle_signals: bool = False
-    """Install SIGINT/SIGTERM handlers (the CLI does; tests stop it directly)."""
-
-
-@dataclass(eq=False)
-class _Prepared:
-    spec: TaskSpec
-    request: ImageInferenceRequest
-    replaces: str | None = None
-
-
-@dataclass(eq=False)
-class _Flight:
-    """One taskUUID the API may be working on."""
-
-    spec: TaskSpec
-    task_uuid: str
-    wire: dict[str, Any]
-    submitted_at: float
-    """When it was sent (clock); when a resumed run took it over, for old ones."""
-    submitted_wall: datetime | None
-    reserved_per_image: Decimal
-    next_poll_at: float
-    backoff_s: float
-    acked: bool = False
-    ambiguous: bool = False
-    seen_processing: bool = False
-    asks: int = 0
-    """getResponse questions about it so far (answered or not)."""
-    teaches_latency: bool = True
-    """Its ``submitted_at`` is when it was really sent (not a resume of an earlier
-    run), so when it is found done says something about the latency. Ambiguous
-    submits count: an API that acks with an empty ``data`` makes every submit one."""
-    not_found: int = 0
-    last_processing_at: float | None = None
-    seen: set[str] = field(default_factory=set)
-    taken: set[int] = field(default_factory=set)
-    """Image indices stored or being fetched: a new result takes the lowest free."""
-    stored: int = 0
-    holds_slot: bool = True
-    inherited_uploads: tuple[str, ...] = ()
-    """Image UUIDs in the request that an earlier run uploaded (they may expire)."""
-    finished: bool = False
-    request: ImageInferenceRequest | None = None
-    """Until it is sent; afterwards ``wire`` is all that is kept."""
-    replaces: str | None = None
-
-    @property
-    def assigned(self) -> int:
-        """Images stored or on their way to disk."""
-        return len(self.taken)
-
-
-@dataclass(eq=False)
-class _Fetch:
-    flight: _Flight
-    result: ImageResult
-    index: int
-
-
-@dataclass(eq=False)
-class _Stored:
-    flight: _Flight
-    result: ImageResult
-    index: int
-    relpath: str
-    sha256: str
-    size: int
-
-
-@dataclass(eq=False)
-class _Downloaded:
-    job: _Fetch
-    data: bytes
-
-
-@dataclass(eq=False)
-class _FetchFailed:
-    flight: _Flight
-    result: ImageResult
-    error: str
-
-
-class LatencyEstimate:
-    """When to first ask about a task: the API's latency, learnt from finished ones.
-
-    A task that was still processing when asked, then done at the next question,
-    finished between the two: a tight sample. One done at the first question
-    finished at most then, maybe well before: its sample is a little earlier than
-    that question, so an estimate that is too late keeps moving down until first
-    questions start to meet unfinished tasks again (an estimate fed only "done by
-    then" would ratchet later and later). Samples are absolute times, not
-    corrections of the current estimate, so the large cohorts of one submit (all
-    asked at once) cannot make it overshoot.
-    """
-
-    ALPHA: Final = 0.05
-    """Weight of one sample in the running estimate."""
-    STEP: Final = 0.01
-    """The finest timing that answers can resolve (the engine's shortest re-ask gap by
-    default), s. Corrections are steps of the spread of the tight samples, at least
-    this: in absolute time, not in shares of the latency, so a 5 s latency is timed
-    as finely as a 0.5 s one (5% of 5 s was a 250 ms swing of the first questions)."""
-    LATE_STREAK: Final = 3
-    LATE_CUT: Final = 0.1
-    LATE_GROWTH: Final = 4.0
-    """After LATE_STREAK questions in a row found every task they first asked about
-    done, each further one cuts the estimate by a step that grows LATE_GROWTH-fold
-    with the streak, at most LATE_CUT of it. Samples alone bring a far too late
-    estimate down slowly (a slow first cohort that sets it at 3x the latency took
-    ~20 rounds to forget); near the right value a streak ends at its first cuts of
-    10-40 ms (a flat 10% was 500 ms at a 5 s latency)."""
-    SPREAD_LEAD: Final = 1.0
-    """First questions go this many mean deviations before the estimate: when the
-    latency varies, the tasks of one submit finish spread out, and those done early
-    would otherwise wait for a question timed for the middle. The deviation comes
-    from the tight samples only (a first-time "done" is biased early on purpose)."""
-    GAP_SHARE: Final = 0.02
-    GAP_SPREADS: Final = 2.0
-    """Re-ask after "processing" within GAP_SPREADS deviations, at most GAP_SHARE of
-    the latency: a steady API is re-asked at the finest step, a varying one less
-    often (its tasks finish across a wide span anyway). 2%, the share a task's re-asks
-    grow to (_REASK_AGE_SHARE), not 1%: at 4-6 s the questions riding together came
-    every ~55 ms; at ~100 ms, 2,560 tasks at C = 256 made 589 polls and 424 submits
-    instead of 908 and 659 (0.40 requests per image instead of 0.62, remix CPU 1,007
-    instead of ~1,450 us per image) at the same efficiency (0.921), results seen 83 ms
-    after done instead of 73. A steady latency is unaffected (its spread is small)."""
-
-    def __init__(self) -> None:
-        self.value: float | None = None
-        self.spread = 0.0
-        """Mean deviation of the tight samples from the estimate."""
-        self._late_streak = 0
-        self._seen_busy = False
-        """Whether any task was ever found processing. Until then every sample is
-        "done by then" and the estimate only an upper bound: a late verdict halves
-        it (an API 10x faster than the first guess was found in a few rounds, not
-        ~20 of 10% cuts)."""
-
-    @property
-    def step(self) -> float:
-        """How far apart two timings must be to tell them apart, s."""
-        return max(self.spread, self.STEP)
-
-    def first_question(self) -> float | None:
-        """How long after a submit to ask about its tasks first (None: no idea)."""
-        if self.value is None:
-            return None
-        return max(0.5 * self.value, self.value - self.SPREAD_LEAD * self.spread)
-
-    def gap(self, floor_s: float) -> float | None:
-        """How long to wait before asking again about a task still processing."""
-        if self.value is None:
-            return None
-        return max(
-            floor_s, min(self.GAP_SHARE * self.value, self.GAP_SPREADS * self.spread)
-        )
-
-    def first_questions(self, *, all_done: bool, asked_after: float) -> bool:
-        """One question's verdict on the tasks it asked about for the first time:
-        all done already (it may have come late), or some still processing.
-        Returns whether it cut the estimate: the caller then re-times the first
-        questions not yet asked, so the cut is put to the test at once.
-
-        ``asked_after``: the least time from a task's submit to this question. One
-        asked later than the estimate now says (timed before a cut) tells nothing
-        new, so cuts do not pile up while their effect is still on its way (a
-        question comes a whole latency after its timing).
-        """
-        if not all_done:
-            self._late_streak = 0
-            self._seen_busy = True
-            return False
-        now_first = self.first_question()
-        if now_first is not None and asked_after > now_first + self.STEP:
-            return False
-        if self.value is not None and not self._seen_busy:
-            self.value = max(self.STEP, self.value / 2)
-            return True
-        self._late_streak += 1
-        if self.value is None or self._late_streak < self.LATE_STREAK:
-            return False
-        growth = self.LATE_GROWTH ** min(self._late_streak - self.LATE_STREAK, 20)
-        self.value -= min(self.LATE_CUT * self.value, self.step * growth)
-        return True
-
-    def observe(self, *, done_by: float, busy_at: float | None) -> None:
-        """One finished task: seen done ``done_by`` seconds after it was sent, and
-        last seen processing at ``busy_at`` (None: done at its first question)."""
-        if busy_at is None:
-            # Done by then, maybe long before: it can say "earlier", never "later".
-            sample = max(0.5 * done_by, done_by - self.step)
-            if self.value is not None:
-                sample = min(sample, self.value)
-        else:
-            self._seen_busy = True
-            sample = (busy_at + done_by) / 2
-            if self.value is not None:
-                deviation = abs(sample - self.value)
-                self.spread += self.ALPHA * (deviation - self.spread)
-        if self.value is None:
-            self.value = sample
-        else:
-            self.value += self.ALPHA * (sample - self.value)
-
-
-class _Signal:
-    """A reusable wake-up for "something changed": waiters share one event, made
-    only when someone waits (``anyio.Event()`` costs a backend lookup, and most
-    changes, one per task or image, find nobody waiting)."""
-
-    __slots__ = ("_event",)
-
-    def __init__(self) -> None:
-        self._event: anyio.Event | None = None
-
-    def notify(self) -> None:
-        if self._event is not None:
-            self._event.set()
-            self._event = None
-
-    async def wait(self) -> None:
-        if self._event is None:
-            self._event = anyio.Event()
-        await self._event.wait()
-
-
-def _on_ms_grid(deadline: float) -> float:
-    """``deadline`` rounded up to a whole millisecond (infinity stays infinite).
-
-    uvloop's clock and timers count whole milliseconds and round a delay to the
-    nearest one, so a timer for a deadline between two ticks fired up to 0.5 ms
-    early; anyio found the deadline not yet reached and re-armed the timer, which
-    fired again at once, until the clock ticked over: ~140 wake-ups per timed-out
-    wait (300 waits: 44,029 re-arms and 135 ms of CPU; on the grid 600 and 64 ms).
-    """
-    return deadline if math.isinf(deadline) else math.ceil(deadline * 1000) / 1000
-
-
-def _cancel_at(deadline: float) -> anyio.CancelScope:
-    """A scope that ends at ``deadline`` (``anyio.current_time()``), on the grid."""
-    return anyio.CancelScope(deadline=_on_ms_grid(deadline))
-
-
-async def _send(stream: MemoryObjectSendStream[T], item: T) -> None:
-    """Send, yielding to the loop only when the stream is full (``send`` always
-    checkpoints first: one extra loop turn per image at each stage)."""
-    try:
-        stream.send_nowait(item)
-    except anyio.WouldBlock:
-        await stream.send(item)
-
-
-async def _receive(stream: MemoryObjectReceiveStream[T]) -> T:
-    """Receive, yielding to the loop only when nothing is queued.
-
-    Raises:
-        anyio.EndOfStream: the stream is closed and empty.
-    """
-    try:
-        return stream.receive_nowait()
-    except anyio.WouldBlock:
-        return await stream.receive()
-
-
-async def gather_batch(
-    first: T,
-    stream: MemoryObjectReceiveStream[T],
-    *,
-    more_coming: Callable[[], bool],
-    most: int = _STORE_BATCH,
-    window_s: float = _STORE_GATHER_S,
-) -> list[T]:
-    """``first`` and what follows it: all that is queued and, while ``more_coming()``,
-    what arrives within ``window_s`` of the call; at most ``most`` items."""
-    batch = [first]
-    deadline = anyio.current_time() + window_s
-    while len(batch) < most:
-        try:
-            batch.append(stream.receive_nowait())
-            continue
-        except anyio.WouldBlock:
-            pass
-        except anyio.EndOfStream:
-            break
-        if not more_coming():
-            break
-        with _cancel_at(deadline):
-            try:
-                batch.append(await stream.receive())
-            except anyio.EndOfStream:
-                break
-            continue
-        break  # the window is over
-    return batch
-
-
-class _UrgentRequests:
-    """Counts the requests that hold concurrency slots idle until answered (submits,
-    polls); downloads wait until none is out, for a bounded time.
-
-    When a cohort finishes, its downloads, the next submit and the other cohorts'
-    polls all go at once, and both event loops (ours, and the API's on one machine
-    in the benchmarks) work through them in arrival order. Downloading first cost
-    every slot of the next submit ~10 ms (L = 5 s, 2,560 tasks: 10-13 ms from a
-    submit's send until the API accepted it, 5-6 with downloads deferred; poll lag
-    22-23 -> 13-18 ms; L = 0.5 s, 5,000 tasks: efficiency 0.90-0.91 -> 0.91-0.92);
-    a download a few ms later costs nothing.
-    """
-
-    __slots__ = ("_none_out", "_timed", "count")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._none_out = _Signal()
-        self._timed = False
-        """A waiter is timing the bound for all that wait with it."""
-
-    @contextlib.contextmanager
-    def out(self) -> Iterator[None]:
-        """Around one urgent request, from its send to its answer."""
-        self.count += 1
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if not self.count:
-                self._none_out.notify()
-
-    async def wait_none_out(self, at_most_s: float) -> None:
-        """Return at a moment when no urgent request is out, or after ``at_most_s``.
-
-        Woken waiters go without looking again: a new request sent before they run
-        would otherwise wake and re-park every waiting download, once per request.
-        The first waiter times the bound and wakes the others when it is up: one
-        timer for a cohort's downloads, not one each.
-        """
-        if not self.count:
-            return
-        if self._timed:
-            await self._none_out.wait()
-            return
-        self._timed = True
-        try:
-            with _cancel_at(anyio.current_time() + at_most_s):
-                await self._none_out.wait()
-        finally:
-            self._timed = False
-            self._none_out.notify()
-
-
-class _SlotGate:
-    """Counts tasks in flight against a limit that AIMD may move."""
-
-    def __init__(self, limit: Callable[[], int]) -> None:
-        self._limit = limit
-        self.in_flight = 0
-        self.peak = 0
-        self._changed = _Signal()
-        self._interrupted = False
-
-    def _notify(self) -> None:
-        self._changed.notify()
-
-    @property
-    def free(self) -> int:
-        return max(0, self._limit() - self.in_flight)
-
-    def interrupt(self) -> None:
-        """From now on ``acquire`` returns 0 instead of waiting (a stop)."""
-        self._interrupted = True
-        self._notify()
-
-    async def acquire(self, want: int) -> int:
-        """Take between 1 and ``want`` slots, as many as are free once one is.
-
-        No waiting for more to share a submit: a window (2% of the latency) for
-        them left freed slots idle 8-12 ms a round at L = 5 s. Without it,
-        efficiency at L = 0.5 s went 0.918-0.930 -> 0.928-0.933, with a jittered
-        latency 0.895-0.903 -> 0.908-0.911, for ~20% more submits; a cohort's slots
-        free together anyway, with the poll answer that frees them. Returns 0 once
-        interrupted.
-        """
-        while self.free == 0:
-            if self._interrupted:
-                return 0
-            await self._changed.wait()
-        take = min(want, self.free)
-        self.force_acquire(take)
-        return take
-
-    def force_acquire(self, n: int = 1) -> None:
-        self.in_flight += n
-        self.peak = max(self.peak, self.in_flight)
-
-    def release(self, n: int = 1) -> None:
-        self.in_flight -= n
-        self._notify()
-
-
-class _Queue(Generic[T]):
-    """A FIFO between stages: ``put`` waits while ``bound`` items are queued;
-    ``put_urgent`` and ``extend`` never wait."""
-
-    def __init__(self, bound: int) -> None:
-        self._items: deque[T] = deque()
-        self._bound = bound
-        self._changed = _Signal()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def _notify(self) -> None:
-        self._changed.notify()
-
-    async def wait_for_room(self) -> None:
-        while len(self._items) >= self._bound:
-            await self._changed.wait()
-
-    async def wait_for_any(self) -> None:
-        while not self._items:
-            await self._changed.wait()
-
-    async def put(self, item: T) -> None:
-        await self.wait_for_room()
-        self._items.append(item)
-        self._notify()
-
-    def put_urgent(self, item: T) -> None:
-        self._items.appendleft(item)
-        self._notify()
-
-    def extend(self, items: Iterable[T]) -> None:
-        self._items.extend(items)
-        self._notify()
-
-    def take(self, most: int) -> list[T]:
-        out = [self._items.popleft() for _ in range(min(most, len(self._items)))]
-        self._notify()
-        return out
-
-    def drain(self) -> list[T]:
-        return self.take(len(self._items))
-
-
-class _UploadsAhead:
-    """Starts the upload of each new local reference once, a few at a time."""
-
-    def __init__(self, group: TaskGroup, uploader: ReferenceUploader) -> None:
-        self._group = group
-        self._uploader = uploader
-        self._started: set[Path] = set()
-        self._limiter = anyio.CapacityLimiter(_UPLOADS_AHEAD)
-
-    def start(self, paths: Iterable[Path]) -> None:
-        for path in paths:
-            if path not in self._started:
-                self._started.add(path)
-                self._group.start_soon(self._upload, path)
-
-    async def _upload(self, path: Path) -> None:
-        async with self._limiter:
-            await self._uploader.resolve(path)
 
 
 class Engine:
@@ -721,9 +112,6 @@ class Engine:
     ) -> None:
         self._specs = specs
         self._run_dir = run_dir
-        self._run_dir_prefix = os.path.join(run_dir, "")
-        """The run dir as a string ending in a separator: image paths are built by
-        concatenation, not pathlib (its parsing was a tenth of a stored image's CPU)."""
         self._settings = settings
         self._options = options
         self._state = state
@@ -737,7 +125,7 @@ class Engine:
         self._adaptive = AdaptiveLimit(
             initial=top, minimum=min(limits.min_concurrency, top), maximum=top
         )
-        self._gate = _SlotGate(lambda: self._adaptive.value)
+        self._gate = SlotGate(lambda: self._adaptive.value)
         self.summary.adaptive_floor = top
         self._rate = RateMeter(limits.requests_per_s, limits.burst, clock=clock)
         self._pacer = AccountPacer(self._rate, self._adaptive)
@@ -746,23 +134,19 @@ class Engine:
         # Prepared tasks for the journaler. Bounded for the feeder; a resubmission
         # goes first and never waits, or the poller making it could block the very
         # completions that free room (a deadlock).
-        self._backlog = _Queue[_Prepared](bound=max(2 * limits.submit_batch, 8))
+        self._backlog = Queue[Prepared](bound=max(2 * limits.submit_batch, 8))
         # Tasks whose ``submitted`` line is durable, waiting for a slot: kept topped
         # up, so the fsync before a submit is paid while no slot waits.
-        self._ready = _Queue[_Flight](bound=max(limits.submit_batch, top // 4))
-        self._polling: dict[str, _Flight] = {}
-        self._poll_wakeup = _Signal()
-        self._poll_floor = math.inf
-        """At or below every task's next question time (inf: being asked, or none):
-        lowered by each _ask_at, set exactly by the poller's scans. While now is
-        short of it nothing can be due, and a wake-up (one per answer and submit)
-        skips the scan of all tasks in flight (at a varying latency ~3,400 scans
-        of 256 tasks per 2,560 images, most finding nothing due)."""
-        self._urgent = _UrgentRequests()
-        self._latency = LatencyEstimate()
+        self._ready = Queue[Flight](bound=max(limits.submit_batch, top // 4))
+        self._poller = Poller(
+            settings=settings,
+            clock=clock,
+            rate=self._rate,
+            ask=self._ask_about,
+            tasks_waiting=self._tasks_waiting,
+        )
+        self._urgent = UrgentRequests()
         self._polls_failing_since: float | None = None
-        self._poll_batch = settings.limits.poll_batch
-        self._first_only_streak = 0
         self._max_price_seen = Decimal(0)
         self._outstanding = 0
         self._feeding_done = False
@@ -771,10 +155,7 @@ class Engine:
         self._work_scope: anyio.CancelScope | None = None
         self._client: RunwareClient | None = None
         self._uploader: ReferenceUploader | None = None
-        self._fetch_send: MemoryObjectSendStream[_Fetch] | None = None
-        self._fetches_out = 0
-        """Images queued for download or downloading, not yet handed to the
-        collector."""
+        self._collector: Collector | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -817,7 +198,7 @@ class Engine:
         finally:
             self.summary.wall_s = self._clock() - started
             self.summary.max_in_flight = self._gate.peak
-            self.summary.latency_s = self._latency.value
+            self.summary.latency_s = self._poller.latency.value
             self._drop_backlog()
             # Journaled, never sent: marked so, a rerun sends them without first
             # asking the API about them (which takes not_found_grace_s).
@@ -829,9 +210,9 @@ class Engine:
             self._progress.close()
             with anyio.CancelScope(shield=True):
                 await self._append(
-                    *(_lost(f) for f in unsent),
+                    *(lost_event(f) for f in unsent),
                     RunEndedEvent(
-                        ts=_now(),
+                        ts=utc_now(),
                         reason=self.summary.stop_reason or "finished",
                         done=self.summary.tasks_done,
                         failed=self.summary.tasks_failed,
@@ -854,13 +235,18 @@ class Engine:
         return self.summary
 
     async def _run_stages(self, uploader: ReferenceUploader) -> None:
-        fetch_send, fetch_recv = anyio.create_memory_object_stream[_Fetch](
-            max_buffer_size=max(16, 2 * self._settings.limits.download_concurrency)
+        assert self._client is not None
+        collector = Collector(
+            client=self._client,
+            urgent=self._urgent,
+            run_dir=self._run_dir,
+            downloads=self._settings.limits.download_concurrency,
+            append=self._append,
+            on_stored=self._record,
+            on_fetch_failed=self._fetch_failed,
+            on_batch=self._report_progress,
         )
-        done_send, done_recv = anyio.create_memory_object_stream[
-            _Downloaded | _FetchFailed
-        ](max_buffer_size=_STORE_BATCH)
-        self._fetch_send = fetch_send
+        self._collector = collector
         try:
             async with anyio.create_task_group() as outer:
                 if self._options.handle_signals:
@@ -873,14 +259,8 @@ class Engine:
                             tg.start_soon(self._journaler)
                             for _ in range(_SUBMITTERS):
                                 tg.start_soon(self._submitter)
-                            tg.start_soon(self._poller)
-                            for _ in range(self._settings.limits.download_concurrency):
-                                tg.start_soon(
-                                    self._fetcher, fetch_recv.clone(), done_send.clone()
-                                )
-                            tg.start_soon(self._collector, done_recv)
-                            fetch_recv.close()
-                            done_send.close()
+                            tg.start_soon(self._poller.run)
+                            collector.start(tg)
                             await self._all_done.wait()
                             tg.cancel_scope.cancel()
                     except* (AuthError, InsufficientCreditError) as group:
@@ -904,7 +284,7 @@ class Engine:
                         log.error("%s", self.summary.stop_message)
                 outer.cancel_scope.cancel()
         finally:
-            fetch_send.close()
+            collector.close()
 
     async def _signal_watcher(self, scope_owner: TaskGroup) -> None:
         """First signal: drain with a grace period; second: stop at once."""
@@ -936,71 +316,38 @@ class Engine:
     async def _journal_upload(self, digest: str, image_uuid: str, path: Path) -> None:
         await self._append(
             UploadedEvent(
-                ts=_now(), sha256=digest, image_uuid=image_uuid, source=str(path)
+                ts=utc_now(), sha256=digest, image_uuid=image_uuid, source=str(path)
             )
         )
 
     # ------------------------------------------------------------------ feeder
 
-    def _selected(self) -> Iterator[TaskSpec]:
-        shard = self._options.shard
-        if shard is None:
-            yield from self._specs()
-            return
-        index, count = shard
-        for spec in self._specs():
-            if shard_of(spec.key, count) == index:
-                yield spec
-
     async def _feeder(self, uploader: ReferenceUploader) -> None:
-        state = self._state
+        state, limits = self._state, self._settings.limits
         try:
             if state.pending:
                 # Resume: ask about every task a previous run sent before sending more.
-                for spec in self._selected():
+                for spec in selected(self._specs, self._options.shard):
                     if spec.key in state.pending and not state.is_complete(spec.key):
                         self._resume_flights(spec)
             async with anyio.create_task_group() as uploads:
-                ahead = _UploadsAhead(uploads, uploader)
-                for spec in self._window(self._to_send(), ahead):
+                ahead = UploadsAhead(uploads, uploader)
+                fresh = to_send(
+                    selected(self._specs, self._options.shard),
+                    state,
+                    retry_failed=self._options.retry_failed,
+                )
+                size = 2 * max(1, self._options.concurrency) + limits.submit_batch
+                for spec in window(fresh, ahead, size):
                     if self._draining.is_set():
                         break
                     request = await self._prepare(spec, uploader)
                     self._outstanding += 1
-                    await self._backlog.put(_Prepared(spec, request))
+                    await self._backlog.put(Prepared(spec, request))
                 uploads.cancel_scope.cancel()  # a stop: what is left is not needed
         finally:
             self._feeding_done = True
             self._check_done()
-
-    def _to_send(self) -> Iterator[TaskSpec]:
-        state = self._state
-        for spec in self._selected():
-            key = spec.key
-            if state.is_complete(key) or key in state.pending:
-                continue
-            if key in state.failed and not self._options.retry_failed:
-                continue
-            yield spec
-
-    def _window(
-        self, specs: Iterator[TaskSpec], ahead: _UploadsAhead
-    ) -> Iterator[TaskSpec]:
-        """The tasks in order, with the references of the next ones uploading.
-
-        Uploading a new reference takes a round trip (and a big file much longer);
-        done one at a time when a task first needs it, every new reference would
-        stall the submits behind it and leave slots idle.
-        """
-        window: deque[TaskSpec] = deque()
-        limits = self._settings.limits
-        size = 2 * max(1, self._options.concurrency) + limits.submit_batch
-        for spec in specs:
-            ahead.start(spec.local_files)
-            window.append(spec)
-            if len(window) >= size:
-                yield window.popleft()
-        yield from window
 
     async def _prepare(
         self, spec: TaskSpec, uploader: ReferenceUploader
@@ -1012,7 +359,7 @@ class Engine:
         now = self._clock()
         stored = self._state.completed_images.get(spec.key, {})
         for event in self._state.pending[spec.key]:
-            flight = _Flight(
+            flight = Flight(
                 spec=spec,
                 task_uuid=event.task_uuid,
                 wire={},
@@ -1027,12 +374,11 @@ class Engine:
                 taken=set(stored),
                 stored=len(stored),
             )
-            self._poll_floor = min(self._poll_floor, now)
             self._outstanding += 1
             self.summary.resumed += 1
             self._gate.force_acquire()
-            self._polling[flight.task_uuid] = flight
-        self._wake_poller()
+            self._poller.track(flight)
+        self._poller.wake()
 
     # --------------------------------------------------------------- submitter
 
@@ -1056,7 +402,7 @@ class Engine:
             if self._draining.is_set():
                 self._drop(items)
                 continue
-            batch: list[_Prepared] = []
+            batch: list[Prepared] = []
             for item in items:
                 reserve = self._price_per_image(item.spec) * item.spec.images
                 if self._draining.is_set():  # the budget ran out for an earlier one
@@ -1080,7 +426,7 @@ class Engine:
                 continue
             if not batch:
                 continue
-            wall = _now()  # one timestamp for the batch: one append, one moment
+            wall = utc_now()  # one timestamp for the batch: one append, one moment
             flights = [self._new_flight(item, wall) for item in batch]
             await self._append(  # durable BEFORE any of them is sent
                 *(
@@ -1097,8 +443,8 @@ class Engine:
             )
             self._ready.extend(flights)
 
-    def _new_flight(self, item: _Prepared, wall: datetime) -> _Flight:
-        return _Flight(
+    def _new_flight(self, item: Prepared, wall: datetime) -> Flight:
+        return Flight(
             spec=item.spec,
             task_uuid=str(item.request.task_uuid),
             request=item.request,
@@ -1107,7 +453,7 @@ class Engine:
             submitted_wall=wall,
             reserved_per_image=self._price_per_image(item.spec),
             next_poll_at=math.inf,
-            backoff_s=self._poll_gap(),
+            backoff_s=self._poller.gap(),
             inherited_uploads=self._inherited_uploads(item.request),
             replaces=item.replaces,
             holds_slot=False,
@@ -1137,9 +483,9 @@ class Engine:
                 continue
             await self._submit(flights)
 
-    async def _unsent(self, flights: list[_Flight]) -> None:
+    async def _unsent(self, flights: list[Flight]) -> None:
         """Journaled but never sent (a stop): a rerun submits them afresh."""
-        await self._append(*(_lost(f) for f in flights))
+        await self._append(*(lost_event(f) for f in flights))
         self._budget.release(
             sum((f.reserved_per_image * f.spec.images for f in flights), Decimal(0))
         )
@@ -1147,19 +493,16 @@ class Engine:
             flight.finished = True
         self._drop(flights)
 
-    async def _submit(self, flights: list[_Flight]) -> None:
+    async def _submit(self, flights: list[Flight]) -> None:
         """One submit request for flights that each hold a slot."""
         assert self._client is not None
         now = self._clock()
-        wall = _now()
-        first_at, gap = now + self._first_poll_delay(), self._poll_gap()
+        wall = utc_now()
         for flight in flights:
             flight.holds_slot = True
             flight.submitted_at = now
             flight.submitted_wall = wall
-            self._ask_at(flight, first_at)
-            flight.backoff_s = gap
-            self._polling[flight.task_uuid] = flight
+        self._poller.schedule_first(flights, now)
         self.summary.submitted += len(flights)
         self.summary.resubmitted += sum(1 for f in flights if f.replaces)
         self.summary.submit_requests += 1
@@ -1175,7 +518,7 @@ class Engine:
                 )
         except (AuthError, InsufficientCreditError):
             # A definite refusal: nothing was accepted, so nothing to poll later.
-            await self._append(*(_lost(f) for f in flights))
+            await self._append(*(lost_event(f) for f in flights))
             for flight in flights:
                 self._retire(flight)
                 self._outstanding -= 1
@@ -1184,7 +527,7 @@ class Engine:
         for flight in flights:
             flight.request = None  # sent: only its wire form is kept, for sidecars
         await self._handle_submit(flights, outcome)
-        self._wake_poller()
+        self._poller.wake()
 
     def _inherited_uploads(self, request: ImageInferenceRequest) -> tuple[str, ...]:
         if self._uploader is None:
@@ -1195,7 +538,7 @@ class Engine:
         return tuple(self._uploader.inherited(used))
 
     async def _handle_submit(
-        self, flights: list[_Flight], outcome: SubmitOutcome
+        self, flights: list[Flight], outcome: SubmitOutcome
     ) -> None:
         by_uuid = {f.task_uuid: f for f in flights}
         for task_uuid in outcome.accepted:
@@ -1204,181 +547,19 @@ class Engine:
         for task_uuid in outcome.ambiguous:
             if (flight := by_uuid.get(task_uuid)) is not None:
                 flight.ambiguous = True
-                self._ask_at(
+                self._poller.ask_at(
                     flight,
                     self._clock()
-                    + min(self._first_poll_delay(), self._settings.poll.interval_s),
+                    + min(self._poller.first_delay(), self._settings.poll.interval_s),
                 )
         for task_uuid, error in outcome.failed.items():
             if (flight := by_uuid.get(task_uuid)) is not None:
                 await self._fail(flight, error)
         await self._take_results(outcome.results, by_uuid)
 
-    # ------------------------------------------------------------------ poller
+    # ----------------------------------------------------------------- answers
 
-    def _first_poll_delay(self) -> float:
-        """Ask first when the task is expected to be done."""
-        first = self._latency.first_question()
-        return self._settings.poll.interval_s if first is None else first
-
-    def _poll_gap(self) -> float:
-        poll = self._settings.poll
-        gap = self._latency.gap(poll.min_interval_s)
-        if gap is None:  # nothing learnt yet
-            gap = max(poll.min_interval_s, LatencyEstimate.GAP_SHARE * poll.interval_s)
-        return min(poll.max_interval_s, gap)
-
-    def _ask_at(self, flight: _Flight, at: float) -> None:
-        """Time ``flight``'s next question. Every finite time is set here: it keeps
-        the poller's floor (see _poller) at or below all of them."""
-        flight.next_poll_at = at
-        if at < self._poll_floor:
-            self._poll_floor = at
-
-    def _wake_poller(self) -> None:
-        self._poll_wakeup.notify()
-
-    async def _poller(self) -> None:
-        """Ask about every due task, without waiting for earlier questions' answers.
-
-        A task being asked about has ``next_poll_at`` = inf until its answer sets
-        the next one, so it is never in two questions at once; a cohort coming due
-        while another's answer is on its way is asked on time.
-        """
-        async with anyio.create_task_group() as asking:
-            while True:
-                batch = self._poll_batch
-                now = self._clock()
-                coalesce = self._poll_gap()
-                due_by = now + coalesce / 2
-                if due_by < self._poll_floor:
-                    due = []
-                else:
-                    due = [
-                        f
-                        for f in self._polling.values()
-                        if not f.finished and f.next_poll_at <= due_by
-                    ]
-                    if not due:
-                        self._poll_floor = min(
-                            (
-                                f.next_poll_at
-                                for f in self._polling.values()
-                                if not f.finished
-                            ),
-                            default=math.inf,
-                        )
-                if not due:
-                    # No await since the scan: a wake-up now finds us waiting.
-                    wait_s = max(self._poll_floor - now, 0.0)
-                    with _cancel_at(anyio.current_time() + wait_s):
-                        await self._poll_wakeup.wait()
-                    continue
-                if not self._rate.ready():
-                    # Requests are scarce: ask once one may start, about all that is
-                    # due by then, rather than queue a question per tick.
-                    await self._rate.wait_ready()
-                    continue
-                if self._latency.value is None:
-                    due = self._sample_while_learning(due, now)
-                else:
-                    due += self._riders(len(due), now, due_by, batch)
-                for flight in due:
-                    flight.next_poll_at = math.inf
-                for start in range(0, len(due), batch):
-                    asking.start_soon(self._poll_chunk, due[start : start + batch])
-
-    def _riders(
-        self, due_count: int, now: float, due_by: float, batch: int
-    ) -> list[_Flight]:
-        """Tasks not due by ``due_by`` that fit in the last request of the
-        ``due_count`` due ones (never one more request).
-
-        A task seen processing rides at least _RIDE_ALONG_SHARE of the way from its
-        last question to its next. One not yet asked rides within a re-ask gap of
-        its first question (asked now, its next question comes about when the first
-        would have: first questions of tasks sent a few at a time each took a
-        request of their own), or within the latency's spread of it: first
-        questions lead the estimate by one spread (LatencyEstimate.SPREAD_LEAD),
-        and a task done early in the spread waited for its question. Not within a
-        share of its age: at a steady 5 s latency that was 100 ms early for a gap of
-        10 ms, so tasks met "processing" and then re-asks growing 1.5x (results seen
-        15.6-16.1 ms after done, p90 29-32; now 9.8-11.2, p90 15-17; efficiency
-        0.971 -> 0.972 at N = 5,000); a varying latency's gap is that share anyway.
-        Re-asks go first, the furthest on their way; then first questions, the
-        nearest due.
-        """
-        room = -due_count % batch
-        if not room:
-            return []
-        first_within = self._poll_gap()
-        ready: list[tuple[float, _Flight]] = []
-        for flight in self._polling.values():
-            at = flight.next_poll_at
-            if flight.finished or at <= due_by or at == math.inf:
-                continue  # done, due, or being asked
-            busy_at = flight.last_processing_at
-            if busy_at is not None:
-                part = (now - busy_at) / (at - busy_at)
-                if part >= _RIDE_ALONG_SHARE:
-                    ready.append((part, flight))
-            elif flight.acked and not flight.ambiguous and not flight.asks:
-                early = at - now
-                if early <= max(first_within, self._latency.spread):
-                    ready.append((-early, flight))
-        if len(ready) > room:
-            ready.sort(key=lambda pair: pair[0], reverse=True)
-        return [flight for _, flight in ready[:room]]
-
-    def _sample_while_learning(self, due: list[_Flight], now: float) -> list[_Flight]:
-        """Before anything has finished, ask only about one request's worth of the
-        tasks sent first; the rest wait until the latency is learnt
-        (_observe_latency then asks about them by the estimate).
-
-        They are all in the same state, and those sent later finish later: a first
-        round of C = 256 was asked about every 2% of its age in ceil(C / 100)
-        requests each time (~115 times at a 5 s latency; 1,000 tasks at C = 256
-        made 324 polls).
-        """
-        learners = [
-            f for f in self._polling.values() if f.teaches_latency and not f.finished
-        ]
-        if len(learners) <= self._poll_batch:
-            return due
-        learners.sort(key=lambda f: f.submitted_at)  # stable: send order within one
-        sample = {id(f) for f in learners[: self._poll_batch]}
-        gap = self._poll_gap()
-        asked: list[_Flight] = []
-        for flight in due:
-            if not flight.teaches_latency or id(flight) in sample:
-                asked.append(flight)
-            else:  # comes due again only to be put off, until the latency is known
-                self._ask_at(
-                    flight,
-                    now + max(gap, _REASK_AGE_SHARE * (now - flight.submitted_at)),
-                )
-        return asked
-
-    def _ask_by_estimate(self, wanted: Callable[[_Flight], bool]) -> None:
-        """Bring the next question about each ``wanted`` task (not being asked about
-        now) forward to when the latency estimate says it is done; past: at once."""
-        first = self._latency.first_question()
-        if first is None:
-            return
-        for flight in self._polling.values():
-            if flight.next_poll_at != math.inf and wanted(flight):
-                self._ask_at(
-                    flight, min(flight.next_poll_at, flight.submitted_at + first)
-                )
-        self._wake_poller()
-
-    async def _poll_chunk(self, flights: list[_Flight]) -> None:
-        try:
-            await self._ask_about(flights)
-        finally:
-            self._wake_poller()  # their next questions are due at new times
-
-    async def _ask_about(self, flights: list[_Flight]) -> None:
+    async def _ask_about(self, flights: list[Flight]) -> None:
         """One getResponse for ``flights``; each gets its next question's time."""
         assert self._client is not None
         by_uuid = {f.task_uuid: f for f in flights}
@@ -1396,9 +577,9 @@ class Engine:
             self._poll_failed(flights, exc)
             return
         self._polls_failing_since = None
-        self._check_batch_answers(list(by_uuid), outcome)
+        self._poller.check_batch_answers(list(by_uuid), outcome)
         now = self._clock()
-        self._judge_first_questions(flights, outcome, asked_at)
+        self._poller.judge_first_questions(flights, outcome, asked_at)
         await self._take_results(outcome.results, by_uuid, asked_at)
         for task_uuid, error in outcome.failed.items():
             if (failed := by_uuid.get(task_uuid)) is not None and not failed.finished:
@@ -1411,8 +592,7 @@ class Engine:
                 busy.acked = True
                 busy.seen_processing = True
                 busy.last_processing_at = asked_at
-        share = self._reask_age_share()
-        gap, longest = self._poll_gap(), self._settings.poll.max_interval_s
+        again: list[Flight] = []
         for flight in flights:
             if flight.finished or flight.assigned >= flight.spec.images:
                 continue
@@ -1421,69 +601,14 @@ class Engine:
                 continue
             if flight.task_uuid in outcome.not_found:
                 continue  # _not_found scheduled its next question
-            self._ask_at(flight, now + flight.backoff_s)
-            flight.backoff_s = min(
-                flight.backoff_s * 1.5,
-                longest,
-                max(gap, share * (now - flight.submitted_at)),
-            )
-
-    def _reask_age_share(self) -> float:
-        """Within which share of its age a task still processing is asked again."""
-        return _REASK_AGE_SHARE if self._tasks_waiting() else _REASK_AGE_SHARE_IDLE
+            again.append(flight)
+        self._poller.ask_again(again, now)
 
     def _tasks_waiting(self) -> bool:
         """Whether a slot freed now would be taken: tasks not yet sent remain."""
         return not self._feeding_done or bool(len(self._backlog) or len(self._ready))
 
-    def _judge_first_questions(
-        self, flights: list[_Flight], outcome: PollOutcome, asked_at: float
-    ) -> None:
-        """Tell the latency estimate whether a first question came too late."""
-        firsts = [f for f in flights if f.asks == 0 and f.teaches_latency]
-        for flight in flights:
-            flight.asks += 1
-        if not firsts:
-            return
-        done = {r.task_uuid for r in outcome.results}
-        asked_after = asked_at - max(f.submitted_at for f in firsts)
-        if any(f.task_uuid in outcome.processing for f in firsts):
-            self._latency.first_questions(all_done=False, asked_after=asked_after)
-        elif all(f.task_uuid in done for f in firsts) and self._latency.first_questions(
-            all_done=True, asked_after=asked_after
-        ):
-            # The cut is put to the test now, not a latency later: first questions
-            # not yet asked go when the new estimate says.
-            self._ask_by_estimate(lambda f: f.asks == 0)
-
-    def _check_batch_answers(self, asked: list[str], outcome: PollOutcome) -> None:
-        """Fall back to one getResponse per request if batches are half-ignored.
-
-        Several getResponse objects in one request is undocumented. An API that
-        answers only the first of them would leave every other task "processing"
-        until its deadline, so three such replies in a row switch batching off.
-        """
-        if len(asked) < 2 or self._poll_batch == 1:
-            return
-        if outcome.batch_refused:  # interim, until the batching policy lands
-            self._poll_batch = 1
-            for flight in self._polling.values():
-                if flight.task_uuid in asked:
-                    self._ask_at(flight, self._clock())
-            return
-        answered = set(asked) - outcome.unanswered
-        if answered == {asked[0]}:
-            self._first_only_streak += 1
-        else:
-            self._first_only_streak = 0
-        if self._first_only_streak >= _FIRST_ONLY_LIMIT:
-            self._poll_batch = 1
-            log.warning(
-                "the API answers only the first getResponse of a batch; polling "
-                "one task per request from now on (set limits.poll_batch = 1)"
-            )
-
-    def _poll_failed(self, flights: list[_Flight], exc: PipelineError) -> None:
+    def _poll_failed(self, flights: list[Flight], exc: PipelineError) -> None:
         """Retries ran out for one poll: ask again later, unless the API is down.
 
         Tasks past the deadline are left for a rerun. When every poll has failed for
@@ -1510,12 +635,12 @@ class Engine:
             if now - flight.submitted_at > self._settings.poll.deadline_s:
                 self._time_out(flight, now)
             else:
-                self._ask_at(flight, now + self._settings.poll.max_interval_s)
+                self._poller.ask_at(flight, now + self._settings.poll.max_interval_s)
 
     async def _take_results(
         self,
         results: list[ImageResult],
-        by_uuid: dict[str, _Flight],
+        by_uuid: dict[str, Flight],
         asked_at: float | None = None,
     ) -> None:
         """Free the slots of finished tasks and queue their images for download.
@@ -1523,18 +648,16 @@ class Engine:
         ``asked_at``: when the question these results answer was sent (None: they
         came with the submit's answer).
         """
-        assert self._fetch_send is not None
+        assert self._collector is not None
         now = self._clock()
         done_by = now if asked_at is None else asked_at
-        fetches: list[_Fetch] = []
+        fetches: list[Fetch] = []
         for result in results:
-            flight = by_uuid.get(result.task_uuid) or self._polling.get(
-                result.task_uuid
-            )
+            flight = by_uuid.get(result.task_uuid) or self._poller.get(result.task_uuid)
             if flight is None or flight.finished or result.image_uuid in flight.seen:
                 continue
             if not flight.seen:
-                self._observe_latency(flight, done_by)
+                self._poller.observe_latency(flight, done_by)
             flight.acked = True
             flight.seen.add(result.image_uuid)
             # 0-based, as the journal and paths count; after a crash the stored
@@ -1546,36 +669,13 @@ class Engine:
             if flight.assigned >= flight.spec.images:
                 # The API is done with it: its slot goes to the next task while
                 # the images download (the fetch queue's bound holds memory).
-                self._polling.pop(flight.task_uuid, None)
+                self._poller.forget(flight)
                 self._release_slot(flight)
-            fetches.append(_Fetch(flight, result, index))
+            fetches.append(Fetch(flight, result, index))
         # Every slot of this answer is free before the first wait on the fetch queue.
-        self._fetches_out += len(fetches)
-        try:
-            for fetch in fetches:
-                await _send(self._fetch_send, fetch)
-        except anyio.BrokenResourceError:
-            return  # the fetchers stopped: the run is ending with the collector's error
+        await self._collector.fetch(fetches)
 
-    def _observe_latency(self, flight: _Flight, done_by: float) -> None:
-        """Learn when to first ask about a task from when this one was done: by
-        ``done_by``, after the last question that found it processing."""
-        if not flight.teaches_latency:
-            return
-        busy_at = flight.last_processing_at
-        learnt = self._latency.value is not None
-        self._latency.observe(
-            done_by=done_by - flight.submitted_at,
-            busy_at=None if busy_at is None else busy_at - flight.submitted_at,
-        )
-        if not learnt:
-            # The tasks put off while learning (_sample_while_learning); one not
-            # found yet waits to be visible, not to be done, and keeps its timing.
-            self._ask_by_estimate(
-                lambda f: f.teaches_latency and not f.finished and not f.not_found
-            )
-
-    async def _not_found(self, flight: _Flight, now: float) -> None:
+    async def _not_found(self, flight: Flight, now: float) -> None:
         """The server does not know this taskUUID (yet, or any more)."""
         flight.not_found += 1
         if flight.acked and flight.seen_processing:
@@ -1591,12 +691,12 @@ class Engine:
             return
         grace = self._settings.poll.not_found_grace_s
         if flight.not_found < 2 or now - flight.submitted_at < grace:
-            self._ask_at(flight, now + max(self._poll_gap(), grace / 2))
+            self._poller.ask_at(flight, now + max(self._poller.gap(), grace / 2))
             return
         # Twice unknown after the grace period: it never arrived, so it was not billed.
         self._retire(flight)
         self.summary.lost += 1
-        await self._append(_lost(flight))
+        await self._append(lost_event(flight))
         if self._draining.is_set():
             self._outstanding -= 1
             self.summary.tasks_unsubmitted += 1
@@ -1610,150 +710,23 @@ class Engine:
         assert self._uploader is not None
         request = await self._prepare(flight.spec, self._uploader)
         self._backlog.put_urgent(
-            _Prepared(flight.spec, request, replaces=flight.task_uuid)
+            Prepared(flight.spec, request, replaces=flight.task_uuid)
         )
 
-    def _time_out(self, flight: _Flight, now: float) -> None:
+    def _time_out(self, flight: Flight, now: float) -> None:
         error = TaskTimeoutError(flight.task_uuid, now - flight.submitted_at)
         log.warning("%s (%s)", error, flight.spec.key)
         self._leave_for_rerun(flight)
 
-    # -------------------------------------------------------- fetch and store
+    # ---------------------------------------------------------- stored images
 
-    async def _fetcher(
-        self,
-        fetches: MemoryObjectReceiveStream[_Fetch],
-        done: MemoryObjectSendStream[_Downloaded | _FetchFailed],
-    ) -> None:
-        """Download (or decode) result images; the collector writes them in batches.
-
-        If the collector has stopped (its write failed: the run is ending with that
-        error), a fetcher stops too instead of adding an error of its own.
-        """
-        assert self._client is not None
-        async with fetches, done:
-            while True:
-                try:
-                    job = await _receive(fetches)
-                except anyio.EndOfStream:
-                    return
-                await self._urgent.wait_none_out(_DOWNLOAD_DEFER_MAX_S)
-                try:
-                    data = await self._client.fetch_image(job.result)
-                except DownloadError as exc:
-                    item: _Downloaded | _FetchFailed = _FetchFailed(
-                        job.flight, job.result, str(exc)
-                    )
-                else:
-                    item = _Downloaded(job, data)
-                self._fetches_out -= 1
-                try:
-                    await _send(done, item)
-                except anyio.BrokenResourceError:
-                    return
-
-    def _image_path(self, job: _Fetch, data: bytes) -> str:
-        spec = job.flight.spec
-        wanted = _EXT_BY_FORMAT.get(str(spec.params.get("outputFormat", "JPG")), "jpg")
-        ext = detect_ext(data) or wanted
-        return image_relpath(
-            spec.reference_id, spec.variant_id, spec.axes, job.index, ext
-        )
-
-    def _sidecar(self, job: _Fetch, relpath: str) -> dict[str, Any]:
-        spec = job.flight.spec
-        result = job.result
-        return {
-            "key": spec.key,
-            "reference": spec.reference_id,
-            "variant": spec.variant_id,
-            "axes": dict(spec.axes),
-            "index": job.index,
-            "prompt": spec.params.get("positivePrompt"),
-            "negative_prompt": spec.params.get("negativePrompt"),
-            "params": job.flight.wire or dict(spec.params),
-            "task_uuid": job.flight.task_uuid,
-            "image_uuid": result.image_uuid,
-            "seed": result.seed,
-            "cost_usd": result.cost,
-            "nsfw_content": result.nsfw_content,
-            "path": relpath,
-        }
-
-    async def _collector(
-        self, done: MemoryObjectReceiveStream[_Downloaded | _FetchFailed]
-    ) -> None:
-        """The single writer of images, completions, the summary and progress.
-
-        Images are written in batches: one worker-thread hop for the files, one
-        fsync'd journal append for their ``completed`` events. A batch takes what
-        has arrived and, while downloads are still out, what arrives within
-        _STORE_GATHER_S.
-        """
-        async with done:
-            async for first in done:
-                batch = await gather_batch(
-                    first, done, more_coming=lambda: self._fetches_out > 0
-                )
-                downloaded = [i for i in batch if isinstance(i, _Downloaded)]
-                for stored in await self._store(downloaded):
-                    self._record(stored)
-                for item in batch:
-                    if isinstance(item, _FetchFailed):
-                        self._fetch_failed(item)
-                self._report_progress()
-
-    async def _store(self, items: list[_Downloaded]) -> list[_Stored]:
-        """Images and sidecars durably on disk, then their completions journaled."""
-        if not items:
-            return []
-        files: list[tuple[str, bytes]] = []
-        relpaths: list[str] = []
-        for item in items:
-            relpath = self._image_path(item.job, item.data)
-            relpaths.append(relpath)
-            path = self._run_dir_prefix + relpath
-            meta = encode_sidecar(self._sidecar(item.job, relpath))
-            files += [(path, item.data), (sidecar_path(path), meta)]
-        digests = await write_atomic_many(files)
-        stored = [
-            _Stored(i.job.flight, i.job.result, i.job.index, rel, sha, len(i.data))
-            for i, rel, sha in zip(items, relpaths, digests[::2], strict=True)
-        ]
-        wall = _now()  # stored together, journaled together
-        await self._append(
-            *(
-                CompletedEvent(
-                    ts=wall,
-                    key=s.flight.spec.key,
-                    task_uuid=s.flight.task_uuid,
-                    image_uuid=s.result.image_uuid,
-                    index=s.index,
-                    seed=s.result.seed,
-                    cost_usd=s.result.cost,
-                    path=s.relpath,
-                    sha256=s.sha256,
-                    bytes=s.size,
-                    submitted_at=s.flight.submitted_wall,
-                )
-                for s in stored
-            )
-        )
-        return stored
-
-    def _fetch_failed(self, item: _FetchFailed) -> None:
+    def _fetch_failed(self, item: FetchFailed) -> None:
         """Billed but not downloaded: left pending, so a rerun polls and fetches it."""
         flight = item.flight
-        log.warning(
-            "image %s of %s not downloaded (%s); rerun to fetch it",
-            item.result.image_uuid,
-            flight.spec.key,
-            item.error,
-        )
         if not flight.finished:
             self._leave_for_rerun(flight)
 
-    def _record(self, item: _Stored) -> None:
+    def _record(self, item: Stored) -> None:
         """Account for one stored image (its completion is already journaled)."""
         flight = item.flight
         result = item.result
@@ -1771,14 +744,6 @@ class Engine:
         flight.stored += 1
         self.summary.images_done += 1
         self.summary.images_new += 1
-        log.info(
-            "done %s image %d/%d seed=%s cost=%s",
-            flight.spec.key,
-            item.index + 1,
-            flight.spec.images,
-            result.seed,
-            result.cost,
-        )
         if flight.stored >= flight.spec.images and not flight.finished:
             self._finish(flight)
             self._adaptive.succeeded()
@@ -1788,15 +753,15 @@ class Engine:
 
     # ---------------------------------------------------------------- endings
 
-    def _retire(self, flight: _Flight) -> None:
+    def _retire(self, flight: Flight) -> None:
         """This taskUUID needs no more questions, no slot and no reservation."""
-        self._polling.pop(flight.task_uuid, None)
+        self._poller.forget(flight)
         self._finish(flight)
         self._budget.release(
             flight.reserved_per_image * (flight.spec.images - flight.stored)
         )
 
-    def _leave_for_rerun(self, flight: _Flight) -> None:
+    def _leave_for_rerun(self, flight: Flight) -> None:
         """Unfinished here (deadline, download): the journal keeps it pending, so a
         rerun asks about it again instead of paying for it again."""
         self._retire(flight)
@@ -1804,16 +769,16 @@ class Engine:
         self._outstanding -= 1
         self._check_done()
 
-    def _finish(self, flight: _Flight) -> None:
+    def _finish(self, flight: Flight) -> None:
         flight.finished = True
         self._release_slot(flight)
 
-    def _release_slot(self, flight: _Flight) -> None:
+    def _release_slot(self, flight: Flight) -> None:
         if flight.holds_slot:
             flight.holds_slot = False
             self._gate.release(1)
 
-    async def _refused_stale_upload(self, flight: _Flight, error: ErrorItem) -> bool:
+    async def _refused_stale_upload(self, flight: Flight, error: ErrorItem) -> bool:
         """A reference uploaded by an earlier run was refused: upload it again.
 
         The refusal is a definite answer (nothing was billed), so the task goes
@@ -1834,25 +799,25 @@ class Engine:
             flight.spec.key,
         )
         self._retire(flight)
-        await self._append(_lost(flight))
+        await self._append(lost_event(flight))
         request = await self._prepare(flight.spec, self._uploader)
         self._backlog.put_urgent(
-            _Prepared(flight.spec, request, replaces=flight.task_uuid)
+            Prepared(flight.spec, request, replaces=flight.task_uuid)
         )
         return True
 
     async def _fail(
-        self, flight: _Flight, error: ErrorItem, *, retryable: bool = False
+        self, flight: Flight, error: ErrorItem, *, retryable: bool = False
     ) -> None:
         if flight.finished:
-            self._polling.pop(flight.task_uuid, None)
+            self._poller.forget(flight)
             return
         if await self._refused_stale_upload(flight, error):
             return
         self._retire(flight)
         await self._append(
             FailedEvent(
-                ts=_now(),
+                ts=utc_now(),
                 key=flight.spec.key,
                 task_uuid=flight.task_uuid,
                 code=error.code,
@@ -1888,123 +853,4 @@ class Engine:
             failed=self.summary.tasks_failed,
             in_flight=self._gate.in_flight,
             spent_usd=self.summary.spent_usd,
-        )
-
-
-@dataclass(frozen=True)
-class JobTotals:
-    """The plan's numbers for the whole manifest."""
-
-    tasks: int
-    images: int
-    estimate_usd: Decimal
-
-
-async def run_job(
-    *,
-    manifest: Manifest,
-    manifest_path: Path,
-    totals: JobTotals,
-    run_dir: Path,
-    settings: Settings,
-    options: EngineOptions,
-    progress: Progress | None = None,
-    on_engine: Callable[[Engine], None] | None = None,
-) -> RunSummary:
-    """Run (or resume) a validated job into an opened, locked run dir.
-
-    Args:
-        on_engine: called with the engine before it starts (tests use it to stop it).
-    """
-    journal_path = run_dir / JOURNAL_NAME
-    state = load_state(journal_path)
-    tasks, images = totals.tasks, totals.images
-    if options.shard is not None:
-        index, count = options.shard
-        tasks = images = 0
-        for spec in expand(manifest):  # counted, never held: a shard may be 100k
-            if shard_of(spec.key, count) == index:
-                tasks += 1
-                images += spec.images
-    summary = RunSummary(
-        tasks_total=tasks,
-        images_total=images,
-        images_done=state.images_done,
-        spent_usd=state.spent_usd,
-        tasks_skipped_failed=0
-        if options.retry_failed
-        else len([k for k in state.failed if not state.is_complete(k)]),
-    )
-    manifest_sha = hashlib.sha256(await anyio.Path(manifest_path).read_bytes())
-    async with JournalWriter.open(journal_path) as journal:
-        await journal.append(
-            RunStartedEvent(
-                ts=_now(),
-                run_id=run_dir.name,
-                manifest_sha256=manifest_sha.hexdigest(),
-                tasks=tasks,
-                images=images,
-                estimate_usd=totals.estimate_usd,
-                shard=None
-                if options.shard is None
-                else f"{options.shard[0]}/{options.shard[1]}",
-            )
-        )
-        engine = Engine(
-            specs=lambda: expand(manifest),
-            run_dir=run_dir,
-            settings=settings,
-            options=options,
-            state=state,
-            journal=journal,
-            summary=summary,
-            progress=progress,
-        )
-        if on_engine is not None:
-            on_engine(engine)
-        with logging_redirect_tqdm(), sparing_collector():
-            return await engine.run()
-
-
-async def run_manifest(
-    manifest_path: Path,
-    run_dir: Path,
-    settings: Settings,
-    options: EngineOptions,
-    *,
-    progress: Progress | None = None,
-    on_engine: Callable[[Engine], None] | None = None,
-) -> RunSummary:
-    """``remix run`` as a library call: validate, lock the run dir, run or resume.
-
-    ``options.budget_usd`` of None falls back to the manifest's ``budget_usd``.
-
-    Raises:
-        ManifestError: the manifest is invalid (nothing was sent).
-        ConfigError: the run dir holds another manifest or another run.
-    """
-    manifest, report = check_manifest(manifest_path)
-    totals = JobTotals(
-        tasks=report.tasks,
-        images=report.images,
-        estimate_usd=report.estimated_cost_usd(settings.prices_usd),
-    )
-    if options.budget_usd is None and manifest.job.budget_usd is not None:
-        options = dataclasses.replace(options, budget_usd=manifest.job.budget_usd)
-    shard = None if options.shard is None else f"{options.shard[0]}/{options.shard[1]}"
-    with open_run_dir(
-        run_dir,
-        manifest_path=manifest_path,
-        settings_public=settings.public_dict(),
-        shard=shard,
-    ):
-        return await run_job(
-            manifest=manifest,
-            manifest_path=manifest_path,
-            totals=totals,
-            run_dir=run_dir,
-            settings=settings,
-            options=options,
-            progress=progress,
-            on_engine=on_engine,
         )

@@ -15,10 +15,11 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 from PIL import Image, ImageDraw
 
-from pipeline import engine
+from pipeline import runner
 from pipeline.config import Settings, load_settings
-from pipeline.engine import Engine, EngineOptions, RunSummary
+from pipeline.engine import Engine
 from pipeline.progress import Progress
+from pipeline.records import EngineOptions, RunSummary
 
 SANDBOX_KEY = "sandbox"
 
@@ -148,7 +149,7 @@ async def run_manifest(
     options = EngineOptions(
         concurrency=concurrency, budget_usd=budget_usd, retry_failed=retry_failed
     )
-    return await engine.run_manifest(
+    return await runner.run_manifest(
         manifest_path,
         run_dir,
         settings,

@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from pipeline import engine as engine_module
+from pipeline import collector as collector_module
+from pipeline import gc_tuning
 from pipeline.errors import StorageError
 from pipeline.journal import (
     CompletedEvent,
@@ -626,7 +627,7 @@ async def test_a_varying_latency_is_asked_about_in_shared_requests(
 ) -> None:
     """With latencies of 0.4-0.8 s, slots free and tasks go out a few at a time, so
     each task's questions keep a clock of their own. A question going out anyway
-    carries the tasks about due (Engine._riders): fewer requests, and no task seen
+    carries the tasks about due (Poller._riders): fewer requests, and no task seen
     later for it. 96 tasks at C = 48: 49-54 polls measured, 76-82 with no riders
     (the slowest task's turnaround 0.82-0.86 s both ways)."""
     server = await make_sandbox(
@@ -700,7 +701,7 @@ async def test_a_failing_write_with_downloads_queued_stops_with_that_error_alone
         await anyio.sleep(0.3)  # meanwhile the download queue and its buffer fill
         raise StorageError("cannot write image: the disk is full")
 
-    monkeypatch.setattr(engine_module, "write_atomic_many", disk_full)
+    monkeypatch.setattr(collector_module, "write_atomic_many", disk_full)
     summary = await run_manifest(
         job,
         tmp_path / "run",
@@ -717,8 +718,8 @@ def test_the_sparing_collector_restores_the_threshold_after_overlaps() -> None:
     """Two runs in one process may start and end in any order: the threshold stays
     raised until the last ends, then is what it was, also after an error."""
     before = gc.get_threshold()
-    first = engine_module.sparing_collector()
-    second = engine_module.sparing_collector()
+    first = gc_tuning.sparing_collector()
+    second = gc_tuning.sparing_collector()
     first.__enter__()
     assert gc.get_threshold()[0] >= 10_000
     assert gc.get_threshold()[1:] == before[1:]
@@ -727,7 +728,7 @@ def test_the_sparing_collector_restores_the_threshold_after_overlaps() -> None:
     assert gc.get_threshold()[0] >= 10_000
     second.__exit__(None, None, None)
     assert gc.get_threshold() == before
-    with pytest.raises(RuntimeError), engine_module.sparing_collector():
+    with pytest.raises(RuntimeError), gc_tuning.sparing_collector():
         raise RuntimeError("boom")
     assert gc.get_threshold() == before
 

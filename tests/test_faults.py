@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestServer
 from aiohttp.typedefs import Handler
 
 from pipeline.config import Settings
-from pipeline.engine import RunSummary
+from pipeline.records import RunSummary
 from pipeline.sandbox import STATE, Fault, SandboxConfig, create_app
 from pipeline.sandbox.app import SANDBOX
 from tests.conftest import SandboxFactory

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.engine import LatencyEstimate
+from pipeline.latency import LatencyEstimate
 
 STEP = LatencyEstimate.STEP
 

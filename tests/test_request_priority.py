@@ -1,4 +1,4 @@
-"""Downloads give way to submits and polls (engine._UrgentRequests).
+"""Downloads give way to submits and polls (flow.UrgentRequests).
 
 A submit or poll keeps concurrency slots idle until its answer; a download delayed a
 few ms costs nothing. These tests pin the gate's contract with real event-loop
@@ -12,7 +12,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from pipeline.engine import _UrgentRequests
+from pipeline.flow import UrgentRequests
 
 
 async def _spin(turns: int = 20) -> None:
@@ -22,13 +22,13 @@ async def _spin(turns: int = 20) -> None:
 
 
 async def test_nothing_out_means_no_wait() -> None:
-    urgent = _UrgentRequests()
+    urgent = UrgentRequests()
     with anyio.fail_after(1):
         await urgent.wait_none_out(at_most_s=3600)
 
 
 async def test_a_download_waits_until_the_last_urgent_request_is_answered() -> None:
-    urgent = _UrgentRequests()
+    urgent = UrgentRequests()
     went: list[str] = []
 
     async def download() -> None:
@@ -52,7 +52,7 @@ async def test_a_download_waits_until_the_last_urgent_request_is_answered() -> N
 
 
 async def test_an_urgent_request_that_fails_still_lets_downloads_go() -> None:
-    urgent = _UrgentRequests()
+    urgent = UrgentRequests()
     with pytest.raises(RuntimeError), urgent.out():
         raise RuntimeError("the submit failed")
     assert urgent.count == 0
@@ -61,7 +61,7 @@ async def test_an_urgent_request_that_fails_still_lets_downloads_go() -> None:
 
 
 async def test_the_wait_is_bounded_when_urgent_requests_never_stop() -> None:
-    urgent = _UrgentRequests()
+    urgent = UrgentRequests()
     with urgent.out():
         started = anyio.current_time()
         with anyio.fail_after(5):
@@ -72,7 +72,7 @@ async def test_the_wait_is_bounded_when_urgent_requests_never_stop() -> None:
 
 async def test_the_bound_releases_every_waiter_not_only_the_first() -> None:
     """One waiter times the bound for all: when it is up, all of them go."""
-    urgent = _UrgentRequests()
+    urgent = UrgentRequests()
     went: list[int] = []
 
     async def download(n: int) -> None:

@@ -1,4 +1,4 @@
-"""The collector's batches (engine.gather_batch).
+"""The collector's batches (collector.gather_batch).
 
 Each batch of images costs two worker-thread hops whatever its size, so images that
 trickle in are gathered for a short window while downloads are still out; once none
@@ -10,7 +10,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from pipeline.engine import gather_batch
+from pipeline.collector import gather_batch
 
 WINDOW_S = 0.2
 """Long against the few ms the senders below wait, short for a test."""

@@ -1,4 +1,4 @@
-"""Timed waits in the engine (engine._cancel_at) on uvloop's millisecond clock.
+"""Timed waits in the engine (flow.cancel_at) on uvloop's millisecond clock.
 
 uvloop's clock and timers count whole milliseconds and round a delay to the nearest
 one; anyio re-arms a deadline's timer whenever it fires before ``current_time()``
@@ -18,18 +18,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.engine import _cancel_at, _on_ms_grid
+from pipeline.flow import cancel_at, on_ms_grid
 
 
 @given(st.floats(0.0, 1e7, allow_nan=False))
 def test_a_deadline_goes_up_to_the_next_whole_millisecond(deadline: float) -> None:
-    rounded = _on_ms_grid(deadline)
+    rounded = on_ms_grid(deadline)
     assert deadline <= rounded < deadline + 0.001 + 1e-9
     assert math.isclose(rounded * 1000, round(rounded * 1000), abs_tol=1e-6)
 
 
 def test_no_deadline_stays_no_deadline() -> None:
-    assert _on_ms_grid(math.inf) == math.inf
+    assert on_ms_grid(math.inf) == math.inf
 
 
 def _rearms_per_wait(make_scope: Callable[[float], anyio.CancelScope]) -> float:
@@ -64,7 +64,7 @@ def _rearms_per_wait(make_scope: Callable[[float], anyio.CancelScope]) -> float:
 
 
 def test_a_timed_wait_on_the_grid_does_not_spin_the_loop() -> None:
-    on_grid = _rearms_per_wait(lambda s: _cancel_at(anyio.current_time() + s))
+    on_grid = _rearms_per_wait(lambda s: cancel_at(anyio.current_time() + s))
     assert on_grid <= 3
     # what it replaced: the same waits off the grid re-armed many times each
     off_grid = _rearms_per_wait(anyio.move_on_after)

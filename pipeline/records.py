@@ -1,0 +1,160 @@
+"""The records the engine's stages pass between them (a task in flight, an image on
+its way to disk) and what a run takes and reports: one home for what they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from pipeline.expand import TaskSpec
+from pipeline.journal import LostEvent, utc_now
+from pipeline.wire import ImageInferenceRequest, ImageResult
+
+
+def lost_event(flight: Flight) -> LostEvent:
+    """The journal line for a taskUUID that never reached the API (or was refused
+    outright): a rerun submits its task afresh instead of asking about it."""
+    return LostEvent(ts=utc_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
+
+
+@dataclass
+class RunSummary:
+    """Public counters of one run (also what tests assert on)."""
+
+    tasks_total: int = 0
+    images_total: int = 0
+    tasks_done: int = 0
+    images_done: int = 0
+    images_new: int = 0
+    tasks_failed: int = 0
+    tasks_skipped_failed: int = 0
+    tasks_unfinished: int = 0
+    tasks_unsubmitted: int = 0
+    submitted: int = 0
+    resubmitted: int = 0
+    resumed: int = 0
+    lost: int = 0
+    submit_requests: int = 0
+    poll_requests: int = 0
+    uploads: int = 0
+    max_in_flight: int = 0
+    adaptive_floor: int = 0
+    """The lowest the concurrency limit went after 429/503/504 answers (AIMD)."""
+    latency_s: float | None = None
+    """The API's latency per task as learnt in this run (None: no task finished)."""
+    spent_usd: Decimal = Decimal(0)
+    spent_this_run_usd: Decimal = Decimal(0)
+    missing_cost_images: int = 0
+    stop_reason: str | None = None
+    stop_message: str | None = None
+    wall_s: float = 0.0
+    failures: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def api_requests(self) -> int:
+        """Submits + polls + uploads (downloads excluded)."""
+        return self.submit_requests + self.poll_requests + self.uploads
+
+    @property
+    def exit_code(self) -> int:
+        """0 all done; 1 some tasks failed for good; 3 stopped early, resumable."""
+        if (
+            self.stop_reason is not None
+            or self.tasks_unfinished
+            or (self.tasks_unsubmitted)
+        ):
+            return 3
+        if self.tasks_failed or self.tasks_skipped_failed:
+            return 1
+        return 0
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    concurrency: int
+    budget_usd: Decimal | None = None
+    retry_failed: bool = False
+    shard: tuple[int, int] | None = None
+    handle_signals: bool = False
+    """Install SIGINT/SIGTERM handlers (the CLI does; tests stop it directly)."""
+
+
+@dataclass(eq=False)
+class Prepared:
+    spec: TaskSpec
+    request: ImageInferenceRequest
+    replaces: str | None = None
+
+
+@dataclass(eq=False)
+class Flight:
+    """One taskUUID the API may be working on."""
+
+    spec: TaskSpec
+    task_uuid: str
+    wire: dict[str, Any]
+    submitted_at: float
+    """When it was sent (clock); when a resumed run took it over, for old ones."""
+    submitted_wall: datetime | None
+    reserved_per_image: Decimal
+    next_poll_at: float
+    backoff_s: float
+    acked: bool = False
+    ambiguous: bool = False
+    seen_processing: bool = False
+    asks: int = 0
+    """getResponse questions about it so far (answered or not)."""
+    teaches_latency: bool = True
+    """Its ``submitted_at`` is when it was really sent (not a resume of an earlier
+    run), so when it is found done says something about the latency. Ambiguous
+    submits count: an API that acks with an empty ``data`` makes every submit one."""
+    not_found: int = 0
+    last_processing_at: float | None = None
+    seen: set[str] = field(default_factory=set)
+    taken: set[int] = field(default_factory=set)
+    """Image indices stored or being fetched: a new result takes the lowest free."""
+    stored: int = 0
+    holds_slot: bool = True
+    inherited_uploads: tuple[str, ...] = ()
+    """Image UUIDs in the request that an earlier run uploaded (they may expire)."""
+    finished: bool = False
+    request: ImageInferenceRequest | None = None
+    """Until it is sent; afterwards ``wire`` is all that is kept."""
+    replaces: str | None = None
+
+    @property
+    def assigned(self) -> int:
+        """Images stored or on their way to disk."""
+        return len(self.taken)
+
+
+@dataclass(eq=False)
+class Fetch:
+    flight: Flight
+    result: ImageResult
+    index: int
+
+
+@dataclass(eq=False)
+class Stored:
+    flight: Flight
+    result: ImageResult
+    index: int
+    relpath: str
+    sha256: str
+    size: int
+
+
+@dataclass(eq=False)
+class Downloaded:
+    job: Fetch
+    data: bytes
+
+
+@dataclass(eq=False)
+class FetchFailed:
+    flight: Flight
+    result: ImageResult
+    error: str
