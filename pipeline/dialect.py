@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.answers import PollOutcome
 from pipeline.errors import StorageError
 from pipeline.storage import write_atomic_sync
 
@@ -43,6 +44,7 @@ __all__ = [
     "cache_path",
     "load_dialect",
     "save_dialect",
+    "unknown_task_answer",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,17 @@ class Dialect(BaseModel):
     def processing_proves_acceptance(self) -> bool:
         """Whether "processing" can only be said of a task the API accepted."""
         return self.unknown_task in (UnknownTask.NOT_FOUND, UnknownTask.SILENT)
+
+
+def unknown_task_answer(outcome: PollOutcome) -> UnknownTask:
+    """What a getResponse about a taskUUID nobody sent says of unknown tasks."""
+    if outcome.not_found:
+        return UnknownTask.NOT_FOUND
+    if outcome.processing:
+        return UnknownTask.PROCESSING
+    if outcome.unanswered and not outcome.batch_refused and not outcome.failed:
+        return UnknownTask.SILENT
+    return UnknownTask.UNKNOWN
 
 
 def cache_path(base_url: str, env: Mapping[str, str] | None = None) -> Path:

@@ -10,8 +10,13 @@ Why this shape:
   every due taskUUID in batched getResponse requests. Each task is polled first when it
   is expected to be done (from the latency observed so far), then less and less often.
 - *Never pay twice.* A ``submitted`` event is fsync'd before the request leaves. A
-  submit whose outcome is unknown is polled; only a task the server twice says it does
-  not know (after a grace period) is sent again, under a new taskUUID linked to the old.
+  submit whose outcome is unknown is settled by ``settle``'s rule: polled first, then
+  sent again under the SAME taskUUID, which the API refuses if it has it.
+- *Survive every dialect.* What an answer means is ``answers``'; whether getResponse
+  may be batched, and what "processing" proves, is learnt (``dialect``) and kept in
+  the run dir.
+- *Credit running out stops submitting, not collecting.* Refused tasks wait for the
+  next run; everything the API accepted is still polled, stored and billed.
 - *The budget is a hard cap.* Each task's estimated cost is reserved before its submit.
 - *One writer per resource.* Only the collector changes the summary and progress; the
   journal is appended under one lock so the ``submitted``-before-send order holds.
@@ -37,9 +42,17 @@ from typing import Any, Final
 import anyio
 from anyio.abc import TaskGroup
 
-from pipeline.client import RunwareClient, SubmitOutcome
+from pipeline.answers import SubmitOutcome
+from pipeline.client import CREDIT_HINT, PollOutcome, RunwareClient
 from pipeline.collector import Collector
 from pipeline.config import Settings
+from pipeline.dialect import (
+    DIALECT_NAME,
+    Dialect,
+    UnknownTask,
+    save_dialect,
+    unknown_task_answer,
+)
 from pipeline.errors import (
     ApiError,
     AuthError,
@@ -79,6 +92,7 @@ from pipeline.records import (
     lost_event,
 )
 from pipeline.references import ReferenceUploader
+from pipeline.settle import Answer, Settling, Step
 from pipeline.wire import ErrorItem, ImageInferenceRequest, ImageResult
 
 log = logging.getLogger(__name__)
@@ -86,6 +100,13 @@ log = logging.getLogger(__name__)
 _SUBMITTERS: Final = 2
 """Two submits may be in flight: slots freed while one waits for its answer go out
 with the other."""
+
+
+_EXPIRED: Final = ErrorItem(
+    code="taskFailedOrNotFound",
+    message="the API no longer knows this task (expired?); "
+    "rerun with --retry-failed to submit it again",
+)
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -109,6 +130,7 @@ class Engine:
         summary: RunSummary,
         progress: Progress | None = None,
         clock: Callable[[], float] = time.monotonic,
+        dialect: Dialect | None = None,
     ) -> None:
         self._specs = specs
         self._run_dir = run_dir
@@ -138,12 +160,16 @@ class Engine:
         # Tasks whose ``submitted`` line is durable, waiting for a slot: kept topped
         # up, so the fsync before a submit is paid while no slot waits.
         self._ready = Queue[Flight](bound=max(limits.submit_batch, top // 4))
+        self._dialect = dialect or Dialect()
+        self._settling = self._settling_for(self._dialect)
+        self._probed = False
         self._poller = Poller(
             settings=settings,
             clock=clock,
             rate=self._rate,
             ask=self._ask_about,
             tasks_waiting=self._tasks_waiting,
+            poll_mode=self._dialect.poll_mode,
         )
         self._urgent = UrgentRequests()
         self._polls_failing_since: float | None = None
@@ -202,7 +228,9 @@ class Engine:
             self._drop_backlog()
             # Journaled, never sent: marked so, a rerun sends them without first
             # asking the API about them (which takes not_found_grace_s).
-            unsent = self._ready.drain()
+            # (A task waiting to be sent again under its taskUUID was sent before:
+            # it stays outstanding, and a rerun asks about it again.)
+            unsent = [f for f in self._ready.drain() if not f.resend]
             self._drop(unsent)
             # Whatever is still outstanding was sent but not finished: a rerun polls it.
             self.summary.tasks_unfinished += max(0, self._outstanding)
@@ -356,9 +384,10 @@ class Engine:
         return spec.request(uuid.uuid4(), uploaded)
 
     def _resume_flights(self, spec: TaskSpec) -> None:
-        now = self._clock()
+        now, wall = self._clock(), utc_now()
         stored = self._state.completed_images.get(spec.key, {})
         for event in self._state.pending[spec.key]:
+            age_s = max(0.0, (wall - event.ts).total_seconds())
             flight = Flight(
                 spec=spec,
                 task_uuid=event.task_uuid,
@@ -373,6 +402,7 @@ class Engine:
                 seen={c.image_uuid for c in stored.values()},
                 taken=set(stored),
                 stored=len(stored),
+                last_sent_at=now - age_s,
             )
             self._outstanding += 1
             self.summary.resumed += 1
@@ -484,7 +514,12 @@ class Engine:
             await self._submit(flights)
 
     async def _unsent(self, flights: list[Flight]) -> None:
-        """Journaled but never sent (a stop): a rerun submits them afresh."""
+        """Journaled but never sent (a stop): a rerun submits them afresh. One
+        waiting to be sent again was sent before: a rerun asks about it again."""
+        for flight in flights:
+            if flight.resend:
+                self._leave_for_rerun(flight)
+        flights = [f for f in flights if not f.resend]
         await self._append(*(lost_event(f) for f in flights))
         self._budget.release(
             sum((f.reserved_per_image * f.spec.images for f in flights), Decimal(0))
@@ -498,28 +533,29 @@ class Engine:
         assert self._client is not None
         now = self._clock()
         wall = utc_now()
+        resent = sum(f.resend for f in flights)
         for flight in flights:
             flight.holds_slot = True
             flight.submitted_at = now
             flight.submitted_wall = wall
+            if flight.resend:
+                flight.last_sent_at = now
         self._poller.schedule_first(flights, now)
-        self.summary.submitted += len(flights)
+        self.summary.submitted += len(flights) - resent
+        self.summary.resent += resent
         self.summary.resubmitted += sum(1 for f in flights if f.replaces)
         self.summary.submit_requests += 1
         try:
             with self._urgent.out():
-                outcome = await self._client.submit(
-                    [f.request for f in flights if f.request is not None]
-                )
-            if outcome.credit_refused:  # interim: as before, until the drain lands
-                raise InsufficientCreditError(
-                    f"the account has insufficient credit ({outcome.credit_message})"
-                    ": top up the account, then rerun the same command to resume"
-                )
-        except (AuthError, InsufficientCreditError):
-            # A definite refusal: nothing was accepted, so nothing to poll later.
-            await self._append(*(lost_event(f) for f in flights))
+                outcome = await self._client.submit_wire([f.wire for f in flights])
+        except AuthError:
+            # A definite refusal: nothing was accepted now, so nothing to poll later
+            # (a task sent before is asked about again by a rerun).
+            await self._append(*(lost_event(f) for f in flights if not f.resend))
             for flight in flights:
+                if flight.resend:
+                    self._leave_for_rerun(flight)
+                    continue
                 self._retire(flight)
                 self._outstanding -= 1
                 self.summary.tasks_unsubmitted += 1
@@ -541,9 +577,16 @@ class Engine:
         self, flights: list[Flight], outcome: SubmitOutcome
     ) -> None:
         by_uuid = {f.task_uuid: f for f in flights}
-        for task_uuid in outcome.accepted:
+        for sent in flights:
+            sent.resend = False
+        for task_uuid in [*outcome.accepted, *outcome.already_accepted]:
             if (flight := by_uuid.get(task_uuid)) is not None:
-                flight.acked = True
+                flight.acked, flight.ambiguous, flight.not_found = True, False, 0
+        for task_uuid in outcome.accepted:  # accepted now, sent again or not
+            by_uuid[task_uuid].teaches_latency = True
+        for task_uuid in outcome.already_accepted:
+            # Accepted earlier (a resend, or a retried first send): maybe done.
+            self._poller.ask_at(by_uuid[task_uuid], self._clock() + self._poller.gap())
         for task_uuid in outcome.ambiguous:
             if (flight := by_uuid.get(task_uuid)) is not None:
                 flight.ambiguous = True
@@ -555,7 +598,104 @@ class Engine:
         for task_uuid, error in outcome.failed.items():
             if (flight := by_uuid.get(task_uuid)) is not None:
                 await self._fail(flight, error)
+        if outcome.credit_refused:
+            refused = [by_uuid[u] for u in outcome.credit_refused if u in by_uuid]
+            # Not accepted now; one sent before may have been then: a rerun asks.
+            for flight in refused:
+                if flight.last_sent_at is not None:
+                    self._leave_for_rerun(flight)
+            refused = [f for f in refused if f.last_sent_at is None]
+            # Definitely not accepted: a rerun sends them afresh.
+            await self._append(*(lost_event(f) for f in refused))
+            for flight in refused:
+                self._retire(flight)
+                self._outstanding -= 1
+                self.summary.tasks_unsubmitted += 1
+                self.summary.lost += 1
+            self._stop_for_credit(outcome)
         await self._take_results(outcome.results, by_uuid)
+
+    def _stop_for_credit(self, outcome: SubmitOutcome) -> None:
+        """No more submits; what the API accepted is still collected (exit 3)."""
+        self.request_stop(
+            "credit",
+            f"the account has insufficient credit ({outcome.credit_message}): "
+            f"{CREDIT_HINT}",
+        )
+
+    # ------------------------------------------------------------------ settling
+
+    def _settling_for(self, dialect: Dialect) -> Settling:
+        return Settling(
+            grace_s=self._settings.poll.not_found_grace_s,
+            processing_proves=dialect.processing_proves_acceptance,
+        )
+
+    async def _learn(self, **found: Any) -> None:
+        """Record what an answer showed of the API's dialect in the run dir, where a
+        resume starts from it."""
+        self._dialect = self._dialect.model_copy(
+            update={**found, "source": "run", "checked_at": utc_now()}
+        )
+        self._settling = self._settling_for(self._dialect)
+        path = self._run_dir / DIALECT_NAME
+        await anyio.to_thread.run_sync(save_dialect, path, self._dialect)
+
+    async def _probe_unknown_tasks(self) -> None:
+        """Once, and only when it matters: ask about a taskUUID nobody sent (free),
+        to learn whether "processing" proves an ambiguous submit was accepted."""
+        assert self._client is not None
+        if self._probed or self._dialect.unknown_task is not UnknownTask.UNKNOWN:
+            return
+        self._probed = True
+        self.summary.poll_requests += 1
+        try:
+            outcome = await self._client.poll([str(uuid.uuid4())])
+        except PipelineError as exc:
+            if exc.run_fatal:
+                raise
+            return  # settling by the same taskUUID works without knowing
+        if (found := unknown_task_answer(outcome)) is not UnknownTask.UNKNOWN:
+            await self._learn(unknown_task=found)
+
+    def _settle_step(self, flight: Flight, outcome: PollOutcome, now: float) -> Step:
+        """What ``settle`` says to do about an unfinished task after this answer."""
+        task_uuid = flight.task_uuid
+        if task_uuid in outcome.not_found:
+            flight.not_found += 1
+            answer = Answer.NOT_FOUND
+        elif task_uuid in outcome.processing:
+            answer = Answer.PROCESSING
+        elif task_uuid in outcome.unanswered and not outcome.batch_refused:
+            answer = Answer.SILENT
+        else:
+            return Step.WAIT
+        sent_at = flight.last_sent_at
+        return self._settling.step(
+            answer,
+            proven=flight.acked or bool(flight.seen),
+            seen_working=flight.seen_processing or bool(flight.seen),
+            since_sent_s=now - (flight.submitted_at if sent_at is None else sent_at),
+        )
+
+    async def _send_again(self, flight: Flight) -> None:
+        """Queue ``flight`` to go again under its own taskUUID (``Step.RESEND``),
+        first in line for a slot like any submit: the API does not hold it (or may
+        not), so it holds no slot meanwhile."""
+        assert self._uploader is not None
+        if not flight.wire:  # taken over from an earlier run: rebuilt alike
+            uploaded = await self._uploader.resolve_all(flight.spec.local_files)
+            request = flight.spec.request(uuid.UUID(flight.task_uuid), uploaded)
+            flight.wire = request.wire
+            flight.inherited_uploads = self._inherited_uploads(request)
+        log.info(
+            "%s: sending %s again under its taskUUID", flight.spec.key, flight.task_uuid
+        )
+        flight.resend = True
+        flight.teaches_latency = False
+        flight.next_poll_at = math.inf  # asked about again once sent
+        self._release_slot(flight)
+        self._ready.put_urgent(flight)
 
     # ----------------------------------------------------------------- answers
 
@@ -577,31 +717,47 @@ class Engine:
             self._poll_failed(flights, exc)
             return
         self._polls_failing_since = None
-        self._poller.check_batch_answers(list(by_uuid), outcome)
+        if self._poller.judge_batch(flights, outcome):
+            await self._learn(poll_mode=self._poller.batching.mode)
+        if outcome.not_found and self._dialect.unknown_task is UnknownTask.UNKNOWN:
+            await self._learn(unknown_task=UnknownTask.NOT_FOUND)
         now = self._clock()
         self._poller.judge_first_questions(flights, outcome, asked_at)
         await self._take_results(outcome.results, by_uuid, asked_at)
         for task_uuid, error in outcome.failed.items():
             if (failed := by_uuid.get(task_uuid)) is not None and not failed.finished:
                 await self._fail(failed, error)
-        for task_uuid in outcome.not_found:
-            if (unknown := by_uuid.get(task_uuid)) is not None and not unknown.finished:
-                await self._not_found(unknown, now)
+        if any(not (by_uuid[u].acked or by_uuid[u].seen) for u in outcome.processing):
+            await self._probe_unknown_tasks()
         for task_uuid in outcome.processing:
-            if (busy := by_uuid.get(task_uuid)) is not None:
+            busy = by_uuid[task_uuid]
+            if self._settling.proven(
+                acked=busy.acked, answered=bool(busy.seen), seen_processing=True
+            ):
                 busy.acked = True
                 busy.seen_processing = True
                 busy.last_processing_at = asked_at
         again: list[Flight] = []
+        grace = self._settings.poll.not_found_grace_s
         for flight in flights:
             if flight.finished or flight.assigned >= flight.spec.images:
                 continue
             if now - flight.submitted_at > self._settings.poll.deadline_s:
                 self._time_out(flight, now)
                 continue
-            if flight.task_uuid in outcome.not_found:
-                continue  # _not_found scheduled its next question
-            again.append(flight)
+            match self._settle_step(flight, outcome, now):
+                case Step.RESEND:
+                    await self._send_again(flight)
+                case Step.EXPIRED:
+                    await self._fail(flight, _EXPIRED, retryable=True)
+                case Step.WAIT if (
+                    flight.acked or flight.task_uuid in outcome.processing
+                ):
+                    again.append(flight)
+                case Step.WAIT:  # unknown to the API for now: visible soon, or resent
+                    self._poller.ask_at(
+                        flight, now + max(self._poller.gap(), grace / 2)
+                    )
         self._poller.ask_again(again, now)
 
     def _tasks_waiting(self) -> bool:
@@ -674,44 +830,6 @@ class Engine:
             fetches.append(Fetch(flight, result, index))
         # Every slot of this answer is free before the first wait on the fetch queue.
         await self._collector.fetch(fetches)
-
-    async def _not_found(self, flight: Flight, now: float) -> None:
-        """The server does not know this taskUUID (yet, or any more)."""
-        flight.not_found += 1
-        if flight.acked and flight.seen_processing:
-            await self._fail(
-                flight,
-                ErrorItem(
-                    code="taskFailedOrNotFound",
-                    message="the API no longer knows this task (expired?); "
-                    "rerun with --retry-failed to submit it again",
-                ),
-                retryable=True,
-            )
-            return
-        grace = self._settings.poll.not_found_grace_s
-        if flight.not_found < 2 or now - flight.submitted_at < grace:
-            self._poller.ask_at(flight, now + max(self._poller.gap(), grace / 2))
-            return
-        # Twice unknown after the grace period: it never arrived, so it was not billed.
-        self._retire(flight)
-        self.summary.lost += 1
-        await self._append(lost_event(flight))
-        if self._draining.is_set():
-            self._outstanding -= 1
-            self.summary.tasks_unsubmitted += 1
-            self._check_done()
-            return
-        log.info(
-            "task %s (%s) never reached the API; sending it again",
-            flight.task_uuid,
-            flight.spec.key,
-        )
-        assert self._uploader is not None
-        request = await self._prepare(flight.spec, self._uploader)
-        self._backlog.put_urgent(
-            Prepared(flight.spec, request, replaces=flight.task_uuid)
-        )
 
     def _time_out(self, flight: Flight, now: float) -> None:
         error = TaskTimeoutError(flight.task_uuid, now - flight.submitted_at)

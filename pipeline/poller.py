@@ -13,6 +13,7 @@ import anyio
 
 from pipeline.client import PollOutcome
 from pipeline.config import Settings
+from pipeline.dialect import PollBatching, PollMode
 from pipeline.flow import Signal, cancel_at
 from pipeline.latency import LatencyEstimate
 from pipeline.limits import RateMeter
@@ -20,8 +21,6 @@ from pipeline.records import Flight
 
 log = logging.getLogger(__name__)
 
-_FIRST_ONLY_LIMIT: Final = 3
-"""Batched polls answered for their first task only, in a row, before unbatching."""
 _REASK_AGE_SHARE: Final = 0.02
 """A task still processing is asked again within this share of its age: before the
 latency is learnt, a gap growing 1.5x from 10 ms overshoots a slow first round."""
@@ -55,6 +54,7 @@ class Poller:
         rate: RateMeter,
         ask: Callable[[list[Flight]], Awaitable[None]],
         tasks_waiting: Callable[[], bool],
+        poll_mode: PollMode = PollMode.UNKNOWN,
     ) -> None:
         self._settings = settings
         self._clock = clock
@@ -69,15 +69,16 @@ class Poller:
         lowered by each ask_at, set exactly by the loop's scans. While now is
         short of it nothing can be due, and a wake-up (one per answer and submit)
         skips the scan of all tasks in flight (most scans found nothing due)."""
-        self._batch = settings.limits.poll_batch
-        self._first_only_streak = 0
+        self.batching = PollBatching(poll_mode, settings.limits.poll_batch)
 
     # ------------------------------------------------------------- the engine's
 
     def first_delay(self) -> float:
-        """Ask first when the task is expected to be done."""
+        """Ask first when the task is expected to be done, never sooner than
+        ``poll.first_after_s``."""
+        poll = self._settings.poll
         first = self.latency.first_question()
-        return self._settings.poll.interval_s if first is None else first
+        return max(poll.first_after_s, poll.interval_s if first is None else first)
 
     def gap(self) -> float:
         poll = self._settings.poll
@@ -170,29 +171,14 @@ class Poller:
             # not yet asked go when the new estimate says.
             self._ask_by_estimate(lambda f: f.asks == 0)
 
-    def check_batch_answers(self, asked: list[str], outcome: PollOutcome) -> None:
-        """Fall back to one getResponse per request if batches are half-ignored.
-
-        Several getResponse objects in one request is undocumented. An API that
-        answers only the first of them would leave every other task "processing"
-        until its deadline, so three such replies in a row switch batching off.
-        """
-        if len(asked) < 2 or self._batch == 1:
-            return
-        if outcome.batch_refused:  # interim, until the batching policy lands
-            self._batch = 1
-            return
-        answered = set(asked) - outcome.unanswered
-        if answered == {asked[0]}:
-            self._first_only_streak += 1
-        else:
-            self._first_only_streak = 0
-        if self._first_only_streak >= _FIRST_ONLY_LIMIT:
-            self._batch = 1
-            log.warning(
-                "the API answers only the first getResponse of a batch; polling "
-                "one task per request from now on (set limits.poll_batch = 1)"
-            )
+    def judge_batch(self, flights: list[Flight], outcome: PollOutcome) -> bool:
+        """Let one answer judge batched getResponse (``dialect.PollBatching``) on the
+        tasks the API is known to hold; returns whether the mode changed."""
+        known = {f.task_uuid for f in flights if f.acked or f.seen}
+        asked = [f.task_uuid for f in flights]
+        return self.batching.judge(
+            asked, outcome.answered, known, refused=outcome.batch_refused
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -205,7 +191,7 @@ class Poller:
         """
         async with anyio.create_task_group() as asking:
             while True:
-                batch = self._batch
+                batch = self.batching.size
                 now = self._clock()
                 coalesce = self.gap()
                 due_by = now + coalesce / 2
@@ -304,10 +290,10 @@ class Poller:
         learners = [
             f for f in self._polling.values() if f.teaches_latency and not f.finished
         ]
-        if len(learners) <= self._batch:
+        if len(learners) <= self.batching.size:
             return due
         learners.sort(key=lambda f: f.submitted_at)  # stable: send order within one
-        sample = {id(f) for f in learners[: self._batch]}
+        sample = {id(f) for f in learners[: self.batching.size]}
         gap = self.gap()
         asked: list[Flight] = []
         for flight in due:

@@ -34,6 +34,8 @@ class RunSummary:
     tasks_unsubmitted: int = 0
     submitted: int = 0
     resubmitted: int = 0
+    resent: int = 0
+    """Tasks sent again under the same taskUUID to settle an ambiguous submit."""
     resumed: int = 0
     lost: int = 0
     submit_requests: int = 0
@@ -111,6 +113,10 @@ class Flight:
     run), so when it is found done says something about the latency. Ambiguous
     submits count: an API that acks with an empty ``data`` makes every submit one."""
     not_found: int = 0
+    last_sent_at: float | None = None
+    """When it was last sent again under its taskUUID (settling), clock time."""
+    resend: bool = False
+    """Waiting to go again under its taskUUID (it was sent before)."""
     last_processing_at: float | None = None
     seen: set[str] = field(default_factory=set)
     taken: set[int] = field(default_factory=set)

@@ -14,6 +14,7 @@ import anyio
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.config import Settings
+from pipeline.dialect import load_dialect
 from pipeline.engine import Engine
 from pipeline.expand import check_manifest, expand, shard_of
 from pipeline.gc_tuning import sparing_collector
@@ -98,6 +99,7 @@ async def run_job(
             journal=journal,
             summary=summary,
             progress=progress,
+            dialect=load_dialect(run_dir, settings.api.base_url),
         )
         if on_engine is not None:
             on_engine(engine)

@@ -24,7 +24,7 @@ import anyio
 import pytest
 
 from pipeline.journal import JOURNAL_NAME
-from pipeline.sandbox import STATE, SandboxConfig, create_app
+from pipeline.sandbox import STATE, SandboxConfig, SandboxState, create_app
 from tests.faultkit import (
     CRASH_ENV,
     billed_digests,
@@ -91,24 +91,37 @@ def _image_count(run_dir: Path) -> int:
     return len(image_files(run_dir)) if (run_dir / "images").is_dir() else 0
 
 
+def _sent(state: SandboxState) -> int:
+    """imageInference tasks the API has received."""
+    return state.requests["imageInference"]
+
+
 @dataclass(frozen=True)
 class _Before:
-    """The run dir when a run starts: kills count what is new since."""
+    """The run dir (and the API) when a run starts: kills count what is new since."""
 
     submitted: int
     images: int
     parts: frozenset[Path]
+    state: SandboxState
+    sent: int
 
     @classmethod
-    def of(cls, run_dir: Path) -> _Before:
+    def of(cls, run_dir: Path, state: SandboxState) -> _Before:
         parts = frozenset(part_files(run_dir)) if run_dir.is_dir() else frozenset()
-        return cls(_submitted_lines(run_dir), _image_count(run_dir), parts)
+        return cls(
+            _submitted_lines(run_dir), _image_count(run_dir), parts, state, _sent(state)
+        )
 
 
 def _fired(kill: Kill, run_dir: Path, started: float, before: _Before) -> bool:
     match kill.kind:
         case "submitted":
-            return _submitted_lines(run_dir) - before.submitted >= kill.count
+            # New submits: journaled afresh, or sent again under their taskUUIDs.
+            return (
+                _submitted_lines(run_dir) - before.submitted >= kill.count
+                or _sent(before.state) - before.sent >= kill.count
+            )
         case "image":
             if (run_dir / "images").is_dir() and any(
                 p not in before.parts for p in part_files(run_dir / "images")
@@ -122,13 +135,18 @@ def _fired(kill: Kill, run_dir: Path, started: float, before: _Before) -> bool:
 
 
 async def _run_once(
-    cmd: list[str], env: dict[str, str], run_dir: Path, kill: Kill | None, log: Path
+    cmd: list[str],
+    env: dict[str, str],
+    run_dir: Path,
+    kill: Kill | None,
+    log: Path,
+    state: SandboxState,
 ) -> int:
     """One ``remix run``; SIGKILLed when ``kill`` fires. Returns the exit status."""
     if kill is not None and kill.kind.startswith("replace-"):
         env = {**env, CRASH_ENV: f"{kill.kind.removeprefix('replace-')}:{kill.count}"}
         cmd = [sys.executable, "-m", "tests.faultkit", *cmd[3:]]
-    before = _Before.of(run_dir)
+    before = _Before.of(run_dir, state)
     with log.open("ab") as out, anyio.fail_after(60):
         process = await anyio.open_process(
             cmd, env=env, cwd=REPO, stdout=out, stderr=out
@@ -166,12 +184,12 @@ async def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
         cmd += ["--run-dir", str(run_dir), "--config", str(config)]
         killed: list[str] = []
         for kill in _schedule(rng):
-            status = await _run_once(cmd, env, run_dir, kill, log)
+            status = await _run_once(cmd, env, run_dir, kill, log, app[STATE])
             if status == 0:
                 break  # finished before this kill fired
             assert status == -signal.SIGKILL, log.read_text()[-3000:]
             killed.append(kill.kind)
-        final = await _run_once(cmd, env, run_dir, None, log)
+        final = await _run_once(cmd, env, run_dir, None, log, app[STATE])
     state = app[STATE]
     assert final == 0, log.read_text()[-3000:]
     assert len(killed) >= 10, killed
