@@ -3,10 +3,13 @@
 One POST endpoint (``/v1``) takes arrays of imageInference, getResponse, imageUpload and
 authentication tasks, validates each with the shared ``wire`` models (by alias only, so
 snake_case fails), and answers ``{"data": [...]}`` / ``{"errors": [...]}`` with the
-documented statuses. Results are served under ``/images/``. Latency, limits and faults
-come from ``SandboxConfig``; task state is lazy on the injected clock. One background
-job per accepted task renders and bills its images at completion and fires its webhook
-and uploadEndpoint, so work is paid for even when nobody polls (as on the real API).
+documented statuses; ``answers.py`` words every item, in the dialect the config picks
+for the undocumented parts (runware-protocol.md §10). Results are served under
+``/images/``; ``/sandbox/credit`` reads and tops up the balance when the config sets
+one. Latency, limits and faults come from ``SandboxConfig``; task state is lazy on the
+injected clock. One background job per accepted task renders and bills its images at
+completion and fires its webhook and uploadEndpoint, so work is paid for even when
+nobody polls (as on the real API).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import aiohttp
 import anyio
@@ -37,9 +40,27 @@ import anyio.to_thread
 from aiohttp import web
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import ValidationError
-from pydantic.alias_generators import to_camel
 from yarl import URL
 
+from pipeline.sandbox.answers import (
+    Ack,
+    FailedAs,
+    Outcome,
+    PollBatch,
+    PollTaskType,
+    ReuseCode,
+    UnknownTask,
+    add_failure,
+    add_unknown_task,
+    credit_refusal,
+    error_item,
+    failure_error,
+    poll_batch_refusal,
+    processing_item,
+    retry_response,
+    reuse_refusal,
+    validation_error,
+)
 from pipeline.sandbox.faults import Fault, FaultInjector, FaultRates
 from pipeline.sandbox.render import (
     FORMATS,
@@ -130,22 +151,20 @@ class SandboxConfig:
     """Only requests holding one of these task types get request faults (None: all)."""
 
     # -- dialects: how the undocumented parts are answered (runware-protocol.md §10)
-    poll_task_type: Literal["imageInference", "getResponse"] = "imageInference"
+    poll_task_type: PollTaskType = "imageInference"
     """The taskType of every item of a getResponse answer."""
-    unknown_task: Literal[
-        "taskFailedOrNotFound", "taskNotFound", "taskExpired", "silent", "processing"
-    ] = "taskFailedOrNotFound"
+    unknown_task: UnknownTask = "taskFailedOrNotFound"
     """How getResponse answers a taskUUID it does not know: an error with that code,
     no item at all, or a "processing" item forever."""
-    poll_batch: Literal["all", "first", "reject", "empty"] = "all"
+    poll_batch: PollBatch = "all"
     """A request asking about several tasks: each answered, only the first, refused
     with 400, or answered 200 with nothing."""
-    failed_as: Literal["errors", "data"] = "errors"
+    failed_as: FailedAs = "errors"
     """A failed generation in a getResponse answer: an ``errors`` item, or a ``data``
     item with status "error" and a nested ``error``."""
-    reuse_code: Literal["conflictTaskUUID", "duplicateTaskUUID"] = "conflictTaskUUID"
+    reuse_code: ReuseCode = "conflictTaskUUID"
     """The code refusing an imageInference whose taskUUID was accepted before."""
-    ack: Literal["processing", "empty"] = "processing"
+    ack: Ack = "processing"
     """An accepted async task is acknowledged with a processing item, or not at all."""
     credit_usd: Decimal | None = None
     """The account's balance (None: unlimited). A task is charged when accepted; one
@@ -184,27 +203,6 @@ class _TaskError(Exception):
         self.parameter = parameter
 
 
-@dataclass
-class _Outcome:
-    data: list[JsonObject] = field(default_factory=list)
-    errors: list[JsonObject] = field(default_factory=list)
-    payment_required: bool = False
-    """Every task of the request was refused for credit: HTTP 402."""
-
-    def body(self) -> JsonObject:
-        if not self.errors:
-            return {"data": self.data}
-        if not self.data:
-            return {"errors": self.errors}
-        return {"data": self.data, "errors": self.errors}
-
-    @property
-    def status(self) -> int:
-        if self.payment_required:
-            return 402
-        return 400 if self.errors and not self.data else 200
-
-
 class Sandbox:
     """The app's runtime: config, state, faults, clock and the background job sink."""
 
@@ -230,7 +228,7 @@ class Sandbox:
 
     async def process(
         self, tasks: list[JsonObject], origin: str
-    ) -> _Outcome | web.Response:
+    ) -> Outcome | web.Response:
         """Answer every task of one request; a 429 response when over capacity."""
         now = self.clock()
         parsed: list[Any] = []
@@ -241,7 +239,7 @@ class Sandbox:
                     REQUEST_ADAPTER.validate_json(json.dumps(obj), by_name=False)
                 )
             except ValidationError as exc:
-                parsed.append(_validation_error(obj, exc))
+                parsed.append(validation_error(obj, exc))
 
         polls = [
             i for i, req in enumerate(parsed) if isinstance(req, GetResponseRequest)
@@ -250,14 +248,9 @@ class Sandbox:
         if len(polls) > 1 and self.config.poll_batch != "all":
             match self.config.poll_batch:
                 case "reject":
-                    return web.json_response(
-                        error_body(
-                            "invalidRequestBody", "one getResponse task per request"
-                        ),
-                        status=400,
-                    )
+                    return poll_batch_refusal()
                 case "empty":
-                    return _Outcome()
+                    return Outcome()
                 case "first":
                     answered_polls = {polls[0]}
 
@@ -278,14 +271,14 @@ class Sandbox:
             and accepting
             and self.state.in_flight(now) + accepting > limit
         ):
-            return _retry_response(
+            return retry_response(
                 429,
                 "rateLimitExceeded",
                 f"queue capacity of {limit} tasks exceeded; retry later",
                 self.config.retry_after_s,
             )
 
-        outcome = _Outcome()
+        outcome = Outcome()
         sync_tasks: list[SandboxTask] = []
         accepted: list[SandboxTask] = []
         credit_refused = 0
@@ -300,35 +293,20 @@ class Sandbox:
                     if i in conflicts:
                         self.state.duplicate_task_uuids += 1
                         outcome.errors.append(
-                            _error(
-                                self.config.reuse_code,
-                                f"taskUUID {raw_uuid} was already used; every task "
-                                "needs a new UUID (poll the old one with getResponse)",
-                                "taskUUID",
-                                "imageInference",
-                                raw_uuid,
-                            )
+                            reuse_refusal(self.config.reuse_code, raw_uuid)
                         )
                         continue
                     charge = self.config.price_for(_speed(req)) * req.images
-                    if not self.state.can_pay(charge):
+                    balance = self.state.credit_usd
+                    if balance is not None and charge > balance:
                         credit_refused += 1
-                        outcome.errors.append(
-                            _error(
-                                "insufficientCredits",
-                                f"the balance (${self.state.credit_usd}) does not "
-                                f"cover this task (${charge}); top up to continue",
-                                "taskUUID",
-                                "imageInference",
-                                raw_uuid,
-                            )
-                        )
+                        outcome.errors.append(credit_refusal(raw_uuid, balance, charge))
                         continue
                     try:
                         task = await self._accept(req, raw_uuid, origin, now)
                     except _TaskError as exc:
                         outcome.errors.append(
-                            _error(
+                            error_item(
                                 exc.code,
                                 exc.message,
                                 exc.parameter,
@@ -344,7 +322,7 @@ class Sandbox:
                     if req.delivery_method != "async":
                         sync_tasks.append(task)
                     elif self.config.ack == "processing":
-                        outcome.data.append(_processing(task.task_uuid))
+                        outcome.data.append(processing_item(task.task_uuid))
                 case GetResponseRequest():
                     if i in answered_polls:
                         await self._poll(str(obj.get("taskUUID")), outcome)
@@ -355,7 +333,7 @@ class Sandbox:
                         )
                     except _TaskError as exc:
                         outcome.errors.append(
-                            _error(
+                            error_item(
                                 exc.code,
                                 exc.message,
                                 exc.parameter,
@@ -365,7 +343,7 @@ class Sandbox:
                         )
                 case AuthenticationRequest():
                     outcome.errors.append(
-                        _error(
+                        error_item(
                             "invalidParameter",
                             "the authentication task must be the first of the array",
                             "taskType",
@@ -384,33 +362,20 @@ class Sandbox:
                 await self._task_items(task, self.clock(), outcome, processing=False)
         return outcome
 
-    async def _poll(self, task_uuid: str, outcome: _Outcome) -> None:
+    async def _poll(self, task_uuid: str, outcome: Outcome) -> None:
         task = self.state.task(task_uuid)
         if task is None:
-            match self.config.unknown_task:
-                case "silent":
-                    pass
-                case "processing":
-                    outcome.data.append(
-                        _processing(task_uuid, self.config.poll_task_type)
-                    )
-                case code:
-                    outcome.errors.append(
-                        _error(
-                            code,
-                            f"no task {task_uuid} is known: "
-                            "it was never accepted or has expired",
-                            "taskUUID",
-                            "getResponse",
-                            task_uuid,
-                            status="error",
-                        )
-                    )
+            add_unknown_task(
+                outcome,
+                task_uuid,
+                self.config.unknown_task,
+                self.config.poll_task_type,
+            )
             return
         await self._task_items(task, self.clock(), outcome, processing=True)
 
     async def _task_items(
-        self, task: SandboxTask, now: float, outcome: _Outcome, *, processing: bool
+        self, task: SandboxTask, now: float, outcome: Outcome, *, processing: bool
     ) -> None:
         """Success items for finished images, a processing item while any remain.
 
@@ -426,13 +391,13 @@ class Sandbox:
         if task.failed:
             if not task.is_done(now):
                 if processing:
-                    outcome.data.append(_processing(task.task_uuid, task_type))
-            elif processing and self.config.failed_as == "data":
-                outcome.data.append(_failure_item(task, task_type))
+                    outcome.data.append(processing_item(task.task_uuid, task_type))
+            elif processing:
+                add_failure(outcome, task, task_type, self.config.failed_as)
             else:
-                outcome.errors.append(_failure(task, task_type))
+                outcome.errors.append(failure_error(task))
         elif processing and len(finished) < len(task.images):
-            outcome.data.append(_processing(task.task_uuid, task_type))
+            outcome.data.append(processing_item(task.task_uuid, task_type))
 
     # -- tasks -----------------------------------------------------------------
 
@@ -657,7 +622,7 @@ class Sandbox:
         if task.failed and req.webhook_url is not None:
             await self._sleep_until(task.done_at)
             await self._send(
-                "POST", req.webhook_url, json_body={"errors": [_failure(task)]}
+                "POST", req.webhook_url, json_body={"errors": [failure_error(task)]}
             )
 
     async def _send(
@@ -791,27 +756,7 @@ def _placeholder_jpeg(key: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# Bodies
-
-
-def _error(
-    code: str,
-    message: str,
-    parameter: str | list[str] | None,
-    task_type: str | None,
-    task_uuid: str | None,
-    *,
-    status: str | None = None,
-) -> JsonObject:
-    item = ErrorItem(
-        code=code,
-        message=message,
-        parameter=parameter,
-        task_type=task_type,
-        task_uuid=task_uuid,
-        status=status,
-    )
-    return item.model_dump(mode="json", exclude_none=True)
+# Helpers
 
 
 def _render_slot(task: SandboxTask, slot: ImageSlot) -> bytes:
@@ -833,104 +778,6 @@ def _delivers(task: SandboxTask) -> bool:
 def _speed(req: ImageInferenceRequest) -> str | None:
     ideogram = req.provider_settings.ideogram if req.provider_settings else None
     return ideogram.rendering_speed if ideogram else None
-
-
-def _processing(task_uuid: str, task_type: str = "imageInference") -> JsonObject:
-    # Never imageUUID or *URL keys here: SDKs read those as a finished result.
-    return {"taskType": task_type, "taskUUID": task_uuid, "status": "processing"}
-
-
-_FAILURE_MESSAGE: Final = "the provider failed to generate the image"
-
-
-def _failure(task: SandboxTask, task_type: str = "imageInference") -> JsonObject:
-    return _error(
-        "inferenceError",
-        task.failure or _FAILURE_MESSAGE,
-        None,
-        task_type,
-        task.task_uuid,
-        status="error",
-    )
-
-
-def _failure_item(task: SandboxTask, task_type: str) -> JsonObject:
-    """A failure as a data item, the shape both new SDKs also read."""
-    return {
-        "taskType": task_type,
-        "taskUUID": task.task_uuid,
-        "status": "error",
-        "error": {
-            "code": "inferenceError",
-            "message": task.failure or _FAILURE_MESSAGE,
-        },
-    }
-
-
-def _loc_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
-    return path
-
-
-def _validation_error(obj: JsonObject, exc: ValidationError) -> ErrorItem:
-    """One Runware-shaped error naming the (first) offending parameter."""
-    rank = {"extra_forbidden": 0, "missing": 1}
-    errors = sorted(exc.errors(include_url=False), key=lambda e: rank.get(e["type"], 2))
-    task_type = obj.get("taskType") if isinstance(obj.get("taskType"), str) else None
-    problems: list[str] = []
-    first_param: str | list[str] = "taskType"
-    first_code = "invalidParameter"
-    for n, err in enumerate(errors):
-        loc = tuple(err["loc"])
-        if loc and loc[0] == task_type:
-            loc = loc[1:]
-        message = str(err["msg"]).removeprefix("Value error, ")
-        parameter: str | list[str]
-        code = {
-            "extra_forbidden": "unknownParameter",
-            "missing": "missingParameter",
-        }.get(err["type"], "invalidParameter")
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            parameter = "taskType"
-            code = "missingParameter" if err["type"] == "union_tag_not_found" else code
-        elif not loc and "width x height" in message:
-            parameter = ["width", "height"]
-        elif not loc and "ttl" in message:
-            parameter = "ttl"
-        else:
-            parameter = _loc_path(loc) or "taskType"
-        if err["type"] == "extra_forbidden" and isinstance(loc[-1], str):
-            camel = to_camel(loc[-1]).replace("Uuid", "UUID").replace("Url", "URL")
-            if camel != loc[-1]:
-                message += f" (parameters are camelCase: did you mean '{camel}'?)"
-        shown = ",".join(parameter) if isinstance(parameter, list) else parameter
-        problems.append(f"{shown}: {message}")
-        if n == 0:
-            first_param, first_code = parameter, code
-    raw_uuid = obj.get("taskUUID")
-    return ErrorItem(
-        code=first_code,
-        message="; ".join(problems),
-        parameter=first_param,
-        task_type=task_type,
-        task_uuid=raw_uuid if isinstance(raw_uuid, str) else None,
-    )
-
-
-def _retry_after(value_s: float) -> str:
-    return f"{value_s:g}"
-
-
-def _retry_response(
-    status: int, code: str, message: str, retry_after_s: float
-) -> web.Response:
-    return web.json_response(
-        error_body(code, message),
-        status=status,
-        headers={"Retry-After": _retry_after(retry_after_s)},
-    )
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -1000,14 +847,14 @@ async def _api(request: web.Request) -> web.StreamResponse:
         await anyio.sleep(config.slow_response_s)
     if eligible and faults.roll(Fault.SERVER_ERROR):
         status = (503, 500)[faults.choice(Fault.SERVER_ERROR, 2)]
-        return _retry_response(
+        return retry_response(
             status,
             "serviceUnavailable",
             "simulated server error; retry later",
             config.retry_after_s,
         )
     if eligible and faults.roll(Fault.RATE_LIMIT):
-        return _retry_response(
+        return retry_response(
             429,
             "rateLimitExceeded",
             "simulated rate limit; retry later",

@@ -174,9 +174,6 @@ class SandboxState:
 
     # -- credit ------------------------------------------------------------------
 
-    def can_pay(self, amount: Decimal) -> bool:
-        return self.credit_usd is None or amount <= self.credit_usd
-
     def charge(self, task: SandboxTask, amount: Decimal) -> None:
         """Take a task's price from the balance when it is accepted."""
         if self.credit_usd is not None:
