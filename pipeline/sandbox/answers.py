@@ -8,8 +8,10 @@ changes one function, not the request flow.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from aiohttp import web
@@ -34,6 +36,18 @@ FailedAs = Literal["errors", "data"]
 ReuseCode = Literal["conflictTaskUUID", "duplicateTaskUUID"]
 Ack = Literal["processing", "empty"]
 
+DIALECTS: Final[Mapping[str, object]] = MappingProxyType(
+    {
+        "poll_task_type": PollTaskType,
+        "unknown_task": UnknownTask,
+        "poll_batch": PollBatch,
+        "failed_as": FailedAs,
+        "reuse_code": ReuseCode,
+        "ack": Ack,
+    }
+)
+"""Each dialect field of SandboxConfig and its type (``get_args``: its values)."""
+
 CREDIT_CODE: Final = "insufficientCredits"
 _FAILURE_MESSAGE: Final = "the provider failed to generate the image"
 
@@ -44,13 +58,16 @@ class Outcome:
 
     data: list[JsonObject] = field(default_factory=list)
     errors: list[JsonObject] = field(default_factory=list)
+    unacked: int = 0
+    """Async tasks accepted without an ack item (ack="empty"): the request was not
+    refused, even with nothing in ``data``."""
     payment_required: bool = False
     """Every imageInference of the request was refused for credit: HTTP 402."""
 
     def body(self) -> JsonObject:
         if not self.errors:
             return {"data": self.data}
-        if not self.data:
+        if not self.data and not self.unacked:
             return {"errors": self.errors}
         return {"data": self.data, "errors": self.errors}
 
@@ -58,7 +75,7 @@ class Outcome:
     def status(self) -> int:
         if self.payment_required:
             return 402
-        return 400 if self.errors and not self.data else 200
+        return 400 if self.errors and not self.data and not self.unacked else 200
 
 
 # -- items -------------------------------------------------------------------------
@@ -174,6 +191,22 @@ def credit_refusal(task_uuid: str, balance: Decimal, charge: Decimal) -> JsonObj
 
 
 # -- request-level answers -----------------------------------------------------------
+
+
+def auth_refusal(key: str | None) -> web.Response:
+    """401 for a missing or wrong key (the docs' example body)."""
+    return web.json_response(
+        error_body(
+            "missingApiKey" if key is None else "invalidApiKey",
+            "Invalid API key. Get one at https://my.runware.ai/signup"
+            if key is not None
+            else "No API key: send 'Authorization: Bearer <key>' "
+            "or an authentication task",
+            parameter="apiKey",
+            task_type="authentication",
+        ),
+        status=401,
+    )
 
 
 def poll_batch_refusal() -> web.Response:

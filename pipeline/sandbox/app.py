@@ -8,8 +8,8 @@ for the undocumented parts (runware-protocol.md §10). Results are served under
 ``/images/``; ``/sandbox/credit`` reads and tops up the balance when the config sets
 one. Latency, limits and faults come from ``SandboxConfig``; task state is lazy on the
 injected clock. One background job per accepted task renders and bills its images at
-completion and fires its webhook and uploadEndpoint, so work is paid for even when
-nobody polls (as on the real API).
+completion (or refunds a failed task's charge) and fires its webhook and
+uploadEndpoint, so work is paid for even when nobody polls (as on the real API).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 import aiohttp
 import anyio
@@ -43,6 +43,7 @@ from pydantic import ValidationError
 from yarl import URL
 
 from pipeline.sandbox.answers import (
+    DIALECTS,
     Ack,
     FailedAs,
     Outcome,
@@ -52,6 +53,7 @@ from pipeline.sandbox.answers import (
     UnknownTask,
     add_failure,
     add_unknown_task,
+    auth_refusal,
     credit_refusal,
     error_item,
     failure_error,
@@ -150,32 +152,56 @@ class SandboxConfig:
     fault_task_types: frozenset[str] | None = None
     """Only requests holding one of these task types get request faults (None: all)."""
 
-    # -- dialects: how the undocumented parts are answered (runware-protocol.md §10)
+    # -- dialects: how the undocumented parts are answered (runware-protocol.md §10).
+    # The defaults are the sandbox's original answers; answers.py words each one.
     poll_task_type: PollTaskType = "imageInference"
-    """The taskType of every item of a getResponse answer."""
+    """The taskType of the items of a getResponse answer: processing, success and
+    failure items (an unknown task's error item always says "getResponse"). Submit
+    answers (acks, sync results) keep "imageInference"."""
     unknown_task: UnknownTask = "taskFailedOrNotFound"
-    """How getResponse answers a taskUUID it does not know: an error with that code,
-    no item at all, or a "processing" item forever."""
+    """How getResponse answers a taskUUID it does not know (never accepted, or
+    expired): an ``errors`` item with that code, no item at all ("silent"), or a
+    processing item forever ("processing")."""
     poll_batch: PollBatch = "all"
-    """A request asking about several tasks: each answered, only the first, refused
-    with 400, or answered 200 with nothing."""
+    """A request holding more than one getResponse task: each answered ("all"), only
+    the first ("first"), the whole request refused with 400 ("reject"), or answered
+    200 ``{"data": []}`` ("empty"); the last two process nothing of it."""
     failed_as: FailedAs = "errors"
     """A failed generation in a getResponse answer: an ``errors`` item, or a ``data``
-    item with status "error" and a nested ``error``."""
+    item with status "error" and a nested ``error`` (then HTTP 200)."""
     reuse_code: ReuseCode = "conflictTaskUUID"
     """The code refusing an imageInference whose taskUUID was accepted before."""
     ack: Ack = "processing"
-    """An accepted async task is acknowledged with a processing item, or not at all."""
+    """An accepted async task is acknowledged with a processing item, or with nothing
+    (``{"data": []}`` when the answer holds nothing else)."""
     credit_usd: Decimal | None = None
-    """The account's balance (None: unlimited). A task is charged when accepted; one
-    that does not fit is refused with insufficientCredits (HTTP 402 when nothing in
-    the request was accepted). Top up with ``SandboxState.top_up`` or POST
-    /sandbox/credit."""
+    """The account's balance in USD (None: unlimited). Each imageInference is
+    charged ``price * numberResults`` when accepted, in array order, and refunded if
+    it fails. One the balance does not cover is refused with insufficientCredits
+    and not accepted (its taskUUID stays unused); HTTP 402 when every imageInference
+    of the request was refused so. Top up with ``SandboxState.top_up`` or
+    ``POST /sandbox/credit``."""
 
     def __post_init__(self) -> None:
         if self.render_scale <= 0:
             raise ValueError("render_scale must be positive")
         self.fault_rates()  # validates the rates
+        for name, kind in DIALECTS.items():
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(
+                    f"{name} must be one of {', '.join(get_args(kind))}, "
+                    f"not {getattr(self, name)!r}"
+                )
+        credit = self.credit_usd
+        # At run time too: a float here would make every charge inexact.
+        if credit is not None and not (
+            isinstance(credit, Decimal)  # type: ignore[redundant-expr]
+            and credit.is_finite()
+            and credit >= 0
+        ):
+            raise ValueError(
+                f"credit_usd must be a non-negative Decimal or None, not {credit!r}"
+            )
 
     def price_for(self, rendering_speed: str | None) -> Decimal:
         """USD per image for a renderingSpeed (None means DEFAULT)."""
@@ -241,18 +267,19 @@ class Sandbox:
             except ValidationError as exc:
                 parsed.append(validation_error(obj, exc))
 
-        polls = [
-            i for i, req in enumerate(parsed) if isinstance(req, GetResponseRequest)
-        ]
-        answered_polls = set(polls)
-        if len(polls) > 1 and self.config.poll_batch != "all":
+        # Counted as sent (an invalid getResponse is one too), as a server would.
+        polls = [i for i, t in enumerate(tasks) if t.get("taskType") == "getResponse"]
+        unanswered: set[int] = set()
+        if len(polls) > 1:
             match self.config.poll_batch:
                 case "reject":
                     return poll_batch_refusal()
                 case "empty":
                     return Outcome()
                 case "first":
-                    answered_polls = {polls[0]}
+                    unanswered = set(polls[1:])
+                case "all":
+                    pass
 
         seen: set[str] = set()
         conflicts: set[int] = set()
@@ -283,6 +310,8 @@ class Sandbox:
         accepted: list[SandboxTask] = []
         credit_refused = 0
         for i, (obj, req) in enumerate(zip(tasks, parsed, strict=True)):
+            if i in unanswered:
+                continue
             match req:
                 case ErrorItem():
                     outcome.errors.append(
@@ -316,16 +345,15 @@ class Sandbox:
                         )
                         continue
                     self.state.charge(task, charge)
-                    if task.failed:
-                        self.state.refund(task)
                     accepted.append(task)
                     if req.delivery_method != "async":
                         sync_tasks.append(task)
                     elif self.config.ack == "processing":
                         outcome.data.append(processing_item(task.task_uuid))
+                    else:
+                        outcome.unacked += 1
                 case GetResponseRequest():
-                    if i in answered_polls:
-                        await self._poll(str(obj.get("taskUUID")), outcome)
+                    await self._poll(str(obj.get("taskUUID")), outcome)
                 case ImageUploadRequest():
                     try:
                         outcome.data.append(
@@ -353,8 +381,8 @@ class Sandbox:
                     )
                 case _:
                     raise AssertionError("unreachable")
-        if credit_refused and not accepted and not outcome.data:
-            outcome.payment_required = True
+        inferences = sum(t.get("taskType") == "imageInference" for t in tasks)
+        outcome.payment_required = credit_refused > 0 and credit_refused == inferences
         self._start_completion(accepted)
         if sync_tasks:
             await self._sleep_until(max(t.done_at for t in sync_tasks))
@@ -554,7 +582,8 @@ class Sandbox:
             self.jobs.send_nowait(functools.partial(self._complete_quietly, quiet))
 
     async def _complete_quietly(self, tasks: list[SandboxTask]) -> None:
-        """Render ahead, then publish and bill each image at its ready time.
+        """Render ahead, then publish and bill each image at its ready time (and
+        refund each failed task at its done time).
 
         The request's images render in one worker-thread hop, not a hop and a task
         per image, and halfway to their ready time, not at once: a submit comes
@@ -592,13 +621,14 @@ class Sandbox:
         for task, slot in todo:
             await self._sleep_until(slot.ready_at)
             await self._ensure_image(task, slot)
+            if task.failed and slot.ready_at >= task.done_at:
+                self.state.refund(task)  # the failure is out now
 
     def _render_failed(self, task: SandboxTask, exc: ValueError) -> None:
         if not task.failed:
             log.info("task %s failed to render: %s", task.task_uuid, exc)
             task.failed = True
             task.failure = str(exc)
-            self.state.refund(task)
 
     async def _prerender_all(self, task: SandboxTask) -> None:
         for slot in task.images:
@@ -607,7 +637,7 @@ class Sandbox:
 
     async def _complete(self, task: SandboxTask) -> None:
         """Background job: finish, bill and deliver (webhook, upload endpoint) each
-        image as it becomes ready."""
+        image as it becomes ready; refund a failed task when its failure is out."""
         req = task.request
         await self._prerender_all(task)
         for slot in task.images:
@@ -619,8 +649,11 @@ class Sandbox:
                 await self._send("POST", req.webhook_url, json_body={"data": [item]})
             if req.upload_endpoint is not None and slot.data is not None:
                 await self._send("PUT", req.upload_endpoint, data=slot.data)
-        if task.failed and req.webhook_url is not None:
-            await self._sleep_until(task.done_at)
+        if not task.failed:
+            return
+        await self._sleep_until(task.done_at)
+        self.state.refund(task)  # the failure is out now
+        if req.webhook_url is not None:
             await self._send(
                 "POST", req.webhook_url, json_body={"errors": [failure_error(task)]}
             )
@@ -824,19 +857,7 @@ async def _api(request: web.Request) -> web.StreamResponse:
             parsed = None
         key = parsed.api_key if isinstance(parsed, AuthenticationRequest) else None
     if not sandbox.authorised(key):
-        code = "missingApiKey" if key is None else "invalidApiKey"
-        return web.json_response(
-            error_body(
-                code,
-                "Invalid API key. Get one at https://my.runware.ai/signup"
-                if key is not None
-                else "No API key: send 'Authorization: Bearer <key>' "
-                "or an authentication task",
-                parameter="apiKey",
-                task_type="authentication",
-            ),
-            status=401,
-        )
+        return auth_refusal(key)
     if not tasks:
         return web.json_response({"data": [{"taskType": "authentication"}]})
 
@@ -888,11 +909,9 @@ async def _api(request: web.Request) -> web.StreamResponse:
 async def _credit(request: web.Request) -> web.StreamResponse:
     """GET the balance; POST ``{"add_usd": "5.00"}`` to top it up."""
     sandbox = request.app[SANDBOX]
-    if not sandbox.authorised(_bearer(request)):
-        return web.json_response(
-            error_body("invalidApiKey", "send 'Authorization: Bearer <key>'"),
-            status=401,
-        )
+    key = _bearer(request)
+    if not sandbox.authorised(key):
+        return auth_refusal(key)
     if request.method == "POST":
         try:
             body = await request.json()
