@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from pydantic import SecretStr
@@ -30,6 +30,9 @@ from pipeline.records import EngineOptions, RunSummary
 from pipeline.report import print_report, print_status, write_ledger
 from pipeline.rundir import open_run_dir
 from pipeline.runner import JobTotals, run_job
+
+if TYPE_CHECKING:  # imported when serving: the sandbox is not every run's cost
+    from pipeline.sandbox import SandboxConfig
 
 log = logging.getLogger("pipeline")
 
@@ -153,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument(
         "--api-key", default=SANDBOX_KEY, help="the key clients must send"
     )
-    sandbox.add_argument("--latency", type=float, default=0.5, help="seconds per task")
+    sandbox.add_argument(
+        "--latency",
+        type=float,
+        default=0.5,
+        help="seconds from accepting a task to its first image",
+    )
     sandbox.add_argument(
         "--latency-jitter",
         type=float,
@@ -164,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--failure-rate",
         type=float,
         default=0.0,
-        help="share of tasks that fail (inferenceError)",
+        help="share of tasks that fail with an inferenceError (refunded)",
     )
     sandbox.add_argument(
         "--server-error-rate",
@@ -188,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll-task-type",
         choices=["imageInference", "getResponse"],
         default="imageInference",
-        help="the taskType of getResponse answer items",
+        help="the taskType of every item of a getResponse answer (acks and sync "
+        "results keep imageInference)",
     )
     dialect.add_argument(
         "--unknown-task",
@@ -200,41 +209,48 @@ def build_parser() -> argparse.ArgumentParser:
             "processing",
         ],
         default="taskFailedOrNotFound",
-        help="how getResponse answers an unknown taskUUID: an error with that code, "
-        "no item at all, or 'processing' forever",
+        help="how getResponse answers a taskUUID it does not know: an errors item "
+        "with that code (400 when alone), 'silent': no item at all, 'processing': "
+        "a processing item forever",
     )
     dialect.add_argument(
         "--poll-batch",
         choices=["all", "first", "reject", "empty"],
         default="all",
-        help="a getResponse of several tasks: answer all, only the first, refuse it "
-        "(400), or answer 200 with nothing",
+        help="a request holding several getResponse tasks: 'all' answers each, "
+        "'first' only the first, 'reject' refuses the request with 400, 'empty' "
+        'answers 200 {"data": []}; the last two process nothing of it',
     )
     dialect.add_argument(
         "--failed-as",
         choices=["errors", "data"],
         default="errors",
-        help="a failed generation as an errors item, or as a data item with "
-        "status 'error' and a nested error",
+        help="a failed generation in a getResponse answer: an errors item "
+        "(inferenceError), or a data item with status 'error' and a nested error",
     )
     dialect.add_argument(
         "--reuse-code",
         choices=["conflictTaskUUID", "duplicateTaskUUID"],
         default="conflictTaskUUID",
-        help="the code refusing a taskUUID that was accepted before",
+        help="the code refusing an imageInference whose taskUUID was accepted "
+        "before (nothing is billed)",
     )
     dialect.add_argument(
         "--ack",
         choices=["processing", "empty"],
         default="processing",
-        help="acknowledge an async task with a processing item, or with nothing",
+        help="acknowledge an accepted async imageInference with a processing item, "
+        'or with nothing ({"data": []} when nothing else is in the answer)',
     )
     dialect.add_argument(
         "--credit-usd",
         type=_decimal,
-        help="the account balance in USD (None: unlimited); a task that does not "
-        "fit is refused with insufficientCredits (402 when nothing fits); top up with "
-        'POST /sandbox/credit {"add_usd": "5"} and the Bearer key',
+        help="the account balance in USD (None: unlimited). Each imageInference "
+        "costs its price x numberResults when accepted, refunded if it fails; one "
+        "that does not fit is refused with insufficientCredits (402 when every "
+        "imageInference of the request was). Top up a running sandbox with "
+        'POST /sandbox/credit {"add_usd": "5.00"} and the Bearer key; GET it for '
+        "the balance",
     )
     sandbox.set_defaults(func=cmd_sandbox)
     return parser
@@ -509,9 +525,17 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from pipeline.sandbox import SandboxConfig, serve
+    from pipeline.sandbox import serve
 
-    config = SandboxConfig(
+    serve(args.host, args.port, sandbox_config(args))
+    return EXIT_OK
+
+
+def sandbox_config(args: argparse.Namespace) -> SandboxConfig:
+    """The SandboxConfig ``remix sandbox`` serves, from its parsed options."""
+    from pipeline.sandbox import SandboxConfig
+
+    return SandboxConfig(
         seed=args.seed,
         api_key=args.api_key,
         latency_s=args.latency,
@@ -528,5 +552,3 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         ack=args.ack,
         credit_usd=args.credit_usd,
     )
-    serve(args.host, args.port, config)
-    return EXIT_OK

@@ -1,4 +1,5 @@
-"""A Runware-compatible local API server with latency, limits and fault injection."""
+"""A Runware-compatible local API server with latency, limits, fault injection and
+switches for the dialects of its undocumented answers (see ``SandboxConfig``)."""
 
 from __future__ import annotations
 

@@ -3,10 +3,13 @@
 One POST endpoint (``/v1``) takes arrays of imageInference, getResponse, imageUpload and
 authentication tasks, validates each with the shared ``wire`` models (by alias only, so
 snake_case fails), and answers ``{"data": [...]}`` / ``{"errors": [...]}`` with the
-documented statuses. Results are served under ``/images/``. Latency, limits and faults
-come from ``SandboxConfig``; task state is lazy on the injected clock. One background
-job per accepted task renders and bills its images at completion and fires its webhook
-and uploadEndpoint, so work is paid for even when nobody polls (as on the real API).
+documented statuses; ``answers.py`` words every item, in the dialect the config picks
+for the undocumented parts (runware-protocol.md §10). Results are served under
+``/images/``; ``/sandbox/credit`` reads and tops up the balance when the config sets
+one. Latency, limits and faults come from ``SandboxConfig``; task state is lazy on the
+injected clock. One background job per accepted task renders and bills its images at
+completion (or refunds a failed task's charge) and fires its webhook and
+uploadEndpoint, so work is paid for even when nobody polls (as on the real API).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final, get_args
 
 import aiohttp
 import anyio
@@ -37,9 +40,29 @@ import anyio.to_thread
 from aiohttp import web
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import ValidationError
-from pydantic.alias_generators import to_camel
 from yarl import URL
 
+from pipeline.sandbox.answers import (
+    DIALECTS,
+    Ack,
+    FailedAs,
+    Outcome,
+    PollBatch,
+    PollTaskType,
+    ReuseCode,
+    UnknownTask,
+    add_failure,
+    add_unknown_task,
+    auth_refusal,
+    credit_refusal,
+    error_item,
+    failure_error,
+    poll_batch_refusal,
+    processing_item,
+    retry_response,
+    reuse_refusal,
+    validation_error,
+)
 from pipeline.sandbox.faults import Fault, FaultInjector, FaultRates
 from pipeline.sandbox.render import (
     FORMATS,
@@ -129,34 +152,56 @@ class SandboxConfig:
     fault_task_types: frozenset[str] | None = None
     """Only requests holding one of these task types get request faults (None: all)."""
 
-    # -- dialects: how the undocumented parts are answered (runware-protocol.md §10)
-    poll_task_type: Literal["imageInference", "getResponse"] = "imageInference"
-    """The taskType of every item of a getResponse answer."""
-    unknown_task: Literal[
-        "taskFailedOrNotFound", "taskNotFound", "taskExpired", "silent", "processing"
-    ] = "taskFailedOrNotFound"
-    """How getResponse answers a taskUUID it does not know: an error with that code,
-    no item at all, or a "processing" item forever."""
-    poll_batch: Literal["all", "first", "reject", "empty"] = "all"
-    """A request asking about several tasks: each answered, only the first, refused
-    with 400, or answered 200 with nothing."""
-    failed_as: Literal["errors", "data"] = "errors"
+    # -- dialects: how the undocumented parts are answered (runware-protocol.md §10).
+    # The defaults are the sandbox's original answers; answers.py words each one.
+    poll_task_type: PollTaskType = "imageInference"
+    """The taskType of the items of a getResponse answer: processing, success and
+    failure items (an unknown task's error item always says "getResponse"). Submit
+    answers (acks, sync results) keep "imageInference"."""
+    unknown_task: UnknownTask = "taskFailedOrNotFound"
+    """How getResponse answers a taskUUID it does not know (never accepted, or
+    expired): an ``errors`` item with that code, no item at all ("silent"), or a
+    processing item forever ("processing")."""
+    poll_batch: PollBatch = "all"
+    """A request holding more than one getResponse task: each answered ("all"), only
+    the first ("first"), the whole request refused with 400 ("reject"), or answered
+    200 ``{"data": []}`` ("empty"); the last two process nothing of it."""
+    failed_as: FailedAs = "errors"
     """A failed generation in a getResponse answer: an ``errors`` item, or a ``data``
-    item with status "error" and a nested ``error``."""
-    reuse_code: Literal["conflictTaskUUID", "duplicateTaskUUID"] = "conflictTaskUUID"
+    item with status "error" and a nested ``error`` (then HTTP 200)."""
+    reuse_code: ReuseCode = "conflictTaskUUID"
     """The code refusing an imageInference whose taskUUID was accepted before."""
-    ack: Literal["processing", "empty"] = "processing"
-    """An accepted async task is acknowledged with a processing item, or not at all."""
+    ack: Ack = "processing"
+    """An accepted async task is acknowledged with a processing item, or with nothing
+    (``{"data": []}`` when the answer holds nothing else)."""
     credit_usd: Decimal | None = None
-    """The account's balance (None: unlimited). A task is charged when accepted; one
-    that does not fit is refused with insufficientCredits (HTTP 402 when nothing in
-    the request was accepted). Top up with ``SandboxState.top_up`` or POST
-    /sandbox/credit."""
+    """The account's balance in USD (None: unlimited). Each imageInference is
+    charged ``price * numberResults`` when accepted, in array order, and refunded if
+    it fails. One the balance does not cover is refused with insufficientCredits
+    and not accepted (its taskUUID stays unused); HTTP 402 when every imageInference
+    of the request was refused so. Top up with ``SandboxState.top_up`` or
+    ``POST /sandbox/credit``."""
 
     def __post_init__(self) -> None:
         if self.render_scale <= 0:
             raise ValueError("render_scale must be positive")
         self.fault_rates()  # validates the rates
+        for name, kind in DIALECTS.items():
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(
+                    f"{name} must be one of {', '.join(get_args(kind))}, "
+                    f"not {getattr(self, name)!r}"
+                )
+        credit = self.credit_usd
+        # At run time too: a float here would make every charge inexact.
+        if credit is not None and not (
+            isinstance(credit, Decimal)  # type: ignore[redundant-expr]
+            and credit.is_finite()
+            and credit >= 0
+        ):
+            raise ValueError(
+                f"credit_usd must be a non-negative Decimal or None, not {credit!r}"
+            )
 
     def price_for(self, rendering_speed: str | None) -> Decimal:
         """USD per image for a renderingSpeed (None means DEFAULT)."""
@@ -184,27 +229,6 @@ class _TaskError(Exception):
         self.parameter = parameter
 
 
-@dataclass
-class _Outcome:
-    data: list[JsonObject] = field(default_factory=list)
-    errors: list[JsonObject] = field(default_factory=list)
-    payment_required: bool = False
-    """Every task of the request was refused for credit: HTTP 402."""
-
-    def body(self) -> JsonObject:
-        if not self.errors:
-            return {"data": self.data}
-        if not self.data:
-            return {"errors": self.errors}
-        return {"data": self.data, "errors": self.errors}
-
-    @property
-    def status(self) -> int:
-        if self.payment_required:
-            return 402
-        return 400 if self.errors and not self.data else 200
-
-
 class Sandbox:
     """The app's runtime: config, state, faults, clock and the background job sink."""
 
@@ -230,7 +254,7 @@ class Sandbox:
 
     async def process(
         self, tasks: list[JsonObject], origin: str
-    ) -> _Outcome | web.Response:
+    ) -> Outcome | web.Response:
         """Answer every task of one request; a 429 response when over capacity."""
         now = self.clock()
         parsed: list[Any] = []
@@ -241,25 +265,21 @@ class Sandbox:
                     REQUEST_ADAPTER.validate_json(json.dumps(obj), by_name=False)
                 )
             except ValidationError as exc:
-                parsed.append(_validation_error(obj, exc))
+                parsed.append(validation_error(obj, exc))
 
-        polls = [
-            i for i, req in enumerate(parsed) if isinstance(req, GetResponseRequest)
-        ]
-        answered_polls = set(polls)
-        if len(polls) > 1 and self.config.poll_batch != "all":
+        # Counted as sent (an invalid getResponse is one too), as a server would.
+        polls = [i for i, t in enumerate(tasks) if t.get("taskType") == "getResponse"]
+        unanswered: set[int] = set()
+        if len(polls) > 1:
             match self.config.poll_batch:
                 case "reject":
-                    return web.json_response(
-                        error_body(
-                            "invalidRequestBody", "one getResponse task per request"
-                        ),
-                        status=400,
-                    )
+                    return poll_batch_refusal()
                 case "empty":
-                    return _Outcome()
+                    return Outcome()
                 case "first":
-                    answered_polls = {polls[0]}
+                    unanswered = set(polls[1:])
+                case "all":
+                    pass
 
         seen: set[str] = set()
         conflicts: set[int] = set()
@@ -278,18 +298,20 @@ class Sandbox:
             and accepting
             and self.state.in_flight(now) + accepting > limit
         ):
-            return _retry_response(
+            return retry_response(
                 429,
                 "rateLimitExceeded",
                 f"queue capacity of {limit} tasks exceeded; retry later",
                 self.config.retry_after_s,
             )
 
-        outcome = _Outcome()
+        outcome = Outcome()
         sync_tasks: list[SandboxTask] = []
         accepted: list[SandboxTask] = []
         credit_refused = 0
         for i, (obj, req) in enumerate(zip(tasks, parsed, strict=True)):
+            if i in unanswered:
+                continue
             match req:
                 case ErrorItem():
                     outcome.errors.append(
@@ -300,35 +322,20 @@ class Sandbox:
                     if i in conflicts:
                         self.state.duplicate_task_uuids += 1
                         outcome.errors.append(
-                            _error(
-                                self.config.reuse_code,
-                                f"taskUUID {raw_uuid} was already used; every task "
-                                "needs a new UUID (poll the old one with getResponse)",
-                                "taskUUID",
-                                "imageInference",
-                                raw_uuid,
-                            )
+                            reuse_refusal(self.config.reuse_code, raw_uuid)
                         )
                         continue
                     charge = self.config.price_for(_speed(req)) * req.images
-                    if not self.state.can_pay(charge):
+                    balance = self.state.credit_usd
+                    if balance is not None and charge > balance:
                         credit_refused += 1
-                        outcome.errors.append(
-                            _error(
-                                "insufficientCredits",
-                                f"the balance (${self.state.credit_usd}) does not "
-                                f"cover this task (${charge}); top up to continue",
-                                "taskUUID",
-                                "imageInference",
-                                raw_uuid,
-                            )
-                        )
+                        outcome.errors.append(credit_refusal(raw_uuid, balance, charge))
                         continue
                     try:
                         task = await self._accept(req, raw_uuid, origin, now)
                     except _TaskError as exc:
                         outcome.errors.append(
-                            _error(
+                            error_item(
                                 exc.code,
                                 exc.message,
                                 exc.parameter,
@@ -338,16 +345,15 @@ class Sandbox:
                         )
                         continue
                     self.state.charge(task, charge)
-                    if task.failed:
-                        self.state.refund(task)
                     accepted.append(task)
                     if req.delivery_method != "async":
                         sync_tasks.append(task)
                     elif self.config.ack == "processing":
-                        outcome.data.append(_processing(task.task_uuid))
+                        outcome.data.append(processing_item(task.task_uuid))
+                    else:
+                        outcome.unacked += 1
                 case GetResponseRequest():
-                    if i in answered_polls:
-                        await self._poll(str(obj.get("taskUUID")), outcome)
+                    await self._poll(str(obj.get("taskUUID")), outcome)
                 case ImageUploadRequest():
                     try:
                         outcome.data.append(
@@ -355,7 +361,7 @@ class Sandbox:
                         )
                     except _TaskError as exc:
                         outcome.errors.append(
-                            _error(
+                            error_item(
                                 exc.code,
                                 exc.message,
                                 exc.parameter,
@@ -365,7 +371,7 @@ class Sandbox:
                         )
                 case AuthenticationRequest():
                     outcome.errors.append(
-                        _error(
+                        error_item(
                             "invalidParameter",
                             "the authentication task must be the first of the array",
                             "taskType",
@@ -375,8 +381,8 @@ class Sandbox:
                     )
                 case _:
                     raise AssertionError("unreachable")
-        if credit_refused and not accepted and not outcome.data:
-            outcome.payment_required = True
+        inferences = sum(t.get("taskType") == "imageInference" for t in tasks)
+        outcome.payment_required = credit_refused > 0 and credit_refused == inferences
         self._start_completion(accepted)
         if sync_tasks:
             await self._sleep_until(max(t.done_at for t in sync_tasks))
@@ -384,33 +390,20 @@ class Sandbox:
                 await self._task_items(task, self.clock(), outcome, processing=False)
         return outcome
 
-    async def _poll(self, task_uuid: str, outcome: _Outcome) -> None:
+    async def _poll(self, task_uuid: str, outcome: Outcome) -> None:
         task = self.state.task(task_uuid)
         if task is None:
-            match self.config.unknown_task:
-                case "silent":
-                    pass
-                case "processing":
-                    outcome.data.append(
-                        _processing(task_uuid, self.config.poll_task_type)
-                    )
-                case code:
-                    outcome.errors.append(
-                        _error(
-                            code,
-                            f"no task {task_uuid} is known: "
-                            "it was never accepted or has expired",
-                            "taskUUID",
-                            "getResponse",
-                            task_uuid,
-                            status="error",
-                        )
-                    )
+            add_unknown_task(
+                outcome,
+                task_uuid,
+                self.config.unknown_task,
+                self.config.poll_task_type,
+            )
             return
         await self._task_items(task, self.clock(), outcome, processing=True)
 
     async def _task_items(
-        self, task: SandboxTask, now: float, outcome: _Outcome, *, processing: bool
+        self, task: SandboxTask, now: float, outcome: Outcome, *, processing: bool
     ) -> None:
         """Success items for finished images, a processing item while any remain.
 
@@ -426,13 +419,13 @@ class Sandbox:
         if task.failed:
             if not task.is_done(now):
                 if processing:
-                    outcome.data.append(_processing(task.task_uuid, task_type))
-            elif processing and self.config.failed_as == "data":
-                outcome.data.append(_failure_item(task, task_type))
+                    outcome.data.append(processing_item(task.task_uuid, task_type))
+            elif processing:
+                add_failure(outcome, task, task_type, self.config.failed_as)
             else:
-                outcome.errors.append(_failure(task, task_type))
+                outcome.errors.append(failure_error(task))
         elif processing and len(finished) < len(task.images):
-            outcome.data.append(_processing(task.task_uuid, task_type))
+            outcome.data.append(processing_item(task.task_uuid, task_type))
 
     # -- tasks -----------------------------------------------------------------
 
@@ -589,7 +582,8 @@ class Sandbox:
             self.jobs.send_nowait(functools.partial(self._complete_quietly, quiet))
 
     async def _complete_quietly(self, tasks: list[SandboxTask]) -> None:
-        """Render ahead, then publish and bill each image at its ready time.
+        """Render ahead, then publish and bill each image at its ready time (and
+        refund each failed task at its done time).
 
         The request's images render in one worker-thread hop, not a hop and a task
         per image, and halfway to their ready time, not at once: a submit comes
@@ -627,13 +621,14 @@ class Sandbox:
         for task, slot in todo:
             await self._sleep_until(slot.ready_at)
             await self._ensure_image(task, slot)
+            if task.failed and slot.ready_at >= task.done_at:
+                self.state.refund(task)  # the failure is out now
 
     def _render_failed(self, task: SandboxTask, exc: ValueError) -> None:
         if not task.failed:
             log.info("task %s failed to render: %s", task.task_uuid, exc)
             task.failed = True
             task.failure = str(exc)
-            self.state.refund(task)
 
     async def _prerender_all(self, task: SandboxTask) -> None:
         for slot in task.images:
@@ -642,7 +637,7 @@ class Sandbox:
 
     async def _complete(self, task: SandboxTask) -> None:
         """Background job: finish, bill and deliver (webhook, upload endpoint) each
-        image as it becomes ready."""
+        image as it becomes ready; refund a failed task when its failure is out."""
         req = task.request
         await self._prerender_all(task)
         for slot in task.images:
@@ -654,10 +649,13 @@ class Sandbox:
                 await self._send("POST", req.webhook_url, json_body={"data": [item]})
             if req.upload_endpoint is not None and slot.data is not None:
                 await self._send("PUT", req.upload_endpoint, data=slot.data)
-        if task.failed and req.webhook_url is not None:
-            await self._sleep_until(task.done_at)
+        if not task.failed:
+            return
+        await self._sleep_until(task.done_at)
+        self.state.refund(task)  # the failure is out now
+        if req.webhook_url is not None:
             await self._send(
-                "POST", req.webhook_url, json_body={"errors": [_failure(task)]}
+                "POST", req.webhook_url, json_body={"errors": [failure_error(task)]}
             )
 
     async def _send(
@@ -791,27 +789,7 @@ def _placeholder_jpeg(key: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# Bodies
-
-
-def _error(
-    code: str,
-    message: str,
-    parameter: str | list[str] | None,
-    task_type: str | None,
-    task_uuid: str | None,
-    *,
-    status: str | None = None,
-) -> JsonObject:
-    item = ErrorItem(
-        code=code,
-        message=message,
-        parameter=parameter,
-        task_type=task_type,
-        task_uuid=task_uuid,
-        status=status,
-    )
-    return item.model_dump(mode="json", exclude_none=True)
+# Helpers
 
 
 def _render_slot(task: SandboxTask, slot: ImageSlot) -> bytes:
@@ -833,104 +811,6 @@ def _delivers(task: SandboxTask) -> bool:
 def _speed(req: ImageInferenceRequest) -> str | None:
     ideogram = req.provider_settings.ideogram if req.provider_settings else None
     return ideogram.rendering_speed if ideogram else None
-
-
-def _processing(task_uuid: str, task_type: str = "imageInference") -> JsonObject:
-    # Never imageUUID or *URL keys here: SDKs read those as a finished result.
-    return {"taskType": task_type, "taskUUID": task_uuid, "status": "processing"}
-
-
-_FAILURE_MESSAGE: Final = "the provider failed to generate the image"
-
-
-def _failure(task: SandboxTask, task_type: str = "imageInference") -> JsonObject:
-    return _error(
-        "inferenceError",
-        task.failure or _FAILURE_MESSAGE,
-        None,
-        task_type,
-        task.task_uuid,
-        status="error",
-    )
-
-
-def _failure_item(task: SandboxTask, task_type: str) -> JsonObject:
-    """A failure as a data item, the shape both new SDKs also read."""
-    return {
-        "taskType": task_type,
-        "taskUUID": task.task_uuid,
-        "status": "error",
-        "error": {
-            "code": "inferenceError",
-            "message": task.failure or _FAILURE_MESSAGE,
-        },
-    }
-
-
-def _loc_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
-    return path
-
-
-def _validation_error(obj: JsonObject, exc: ValidationError) -> ErrorItem:
-    """One Runware-shaped error naming the (first) offending parameter."""
-    rank = {"extra_forbidden": 0, "missing": 1}
-    errors = sorted(exc.errors(include_url=False), key=lambda e: rank.get(e["type"], 2))
-    task_type = obj.get("taskType") if isinstance(obj.get("taskType"), str) else None
-    problems: list[str] = []
-    first_param: str | list[str] = "taskType"
-    first_code = "invalidParameter"
-    for n, err in enumerate(errors):
-        loc = tuple(err["loc"])
-        if loc and loc[0] == task_type:
-            loc = loc[1:]
-        message = str(err["msg"]).removeprefix("Value error, ")
-        parameter: str | list[str]
-        code = {
-            "extra_forbidden": "unknownParameter",
-            "missing": "missingParameter",
-        }.get(err["type"], "invalidParameter")
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            parameter = "taskType"
-            code = "missingParameter" if err["type"] == "union_tag_not_found" else code
-        elif not loc and "width x height" in message:
-            parameter = ["width", "height"]
-        elif not loc and "ttl" in message:
-            parameter = "ttl"
-        else:
-            parameter = _loc_path(loc) or "taskType"
-        if err["type"] == "extra_forbidden" and isinstance(loc[-1], str):
-            camel = to_camel(loc[-1]).replace("Uuid", "UUID").replace("Url", "URL")
-            if camel != loc[-1]:
-                message += f" (parameters are camelCase: did you mean '{camel}'?)"
-        shown = ",".join(parameter) if isinstance(parameter, list) else parameter
-        problems.append(f"{shown}: {message}")
-        if n == 0:
-            first_param, first_code = parameter, code
-    raw_uuid = obj.get("taskUUID")
-    return ErrorItem(
-        code=first_code,
-        message="; ".join(problems),
-        parameter=first_param,
-        task_type=task_type,
-        task_uuid=raw_uuid if isinstance(raw_uuid, str) else None,
-    )
-
-
-def _retry_after(value_s: float) -> str:
-    return f"{value_s:g}"
-
-
-def _retry_response(
-    status: int, code: str, message: str, retry_after_s: float
-) -> web.Response:
-    return web.json_response(
-        error_body(code, message),
-        status=status,
-        headers={"Retry-After": _retry_after(retry_after_s)},
-    )
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -977,19 +857,7 @@ async def _api(request: web.Request) -> web.StreamResponse:
             parsed = None
         key = parsed.api_key if isinstance(parsed, AuthenticationRequest) else None
     if not sandbox.authorised(key):
-        code = "missingApiKey" if key is None else "invalidApiKey"
-        return web.json_response(
-            error_body(
-                code,
-                "Invalid API key. Get one at https://my.runware.ai/signup"
-                if key is not None
-                else "No API key: send 'Authorization: Bearer <key>' "
-                "or an authentication task",
-                parameter="apiKey",
-                task_type="authentication",
-            ),
-            status=401,
-        )
+        return auth_refusal(key)
     if not tasks:
         return web.json_response({"data": [{"taskType": "authentication"}]})
 
@@ -1000,14 +868,14 @@ async def _api(request: web.Request) -> web.StreamResponse:
         await anyio.sleep(config.slow_response_s)
     if eligible and faults.roll(Fault.SERVER_ERROR):
         status = (503, 500)[faults.choice(Fault.SERVER_ERROR, 2)]
-        return _retry_response(
+        return retry_response(
             status,
             "serviceUnavailable",
             "simulated server error; retry later",
             config.retry_after_s,
         )
     if eligible and faults.roll(Fault.RATE_LIMIT):
-        return _retry_response(
+        return retry_response(
             429,
             "rateLimitExceeded",
             "simulated rate limit; retry later",
@@ -1041,11 +909,9 @@ async def _api(request: web.Request) -> web.StreamResponse:
 async def _credit(request: web.Request) -> web.StreamResponse:
     """GET the balance; POST ``{"add_usd": "5.00"}`` to top it up."""
     sandbox = request.app[SANDBOX]
-    if not sandbox.authorised(_bearer(request)):
-        return web.json_response(
-            error_body("invalidApiKey", "send 'Authorization: Bearer <key>'"),
-            status=401,
-        )
+    key = _bearer(request)
+    if not sandbox.authorised(key):
+        return auth_refusal(key)
     if request.method == "POST":
         try:
             body = await request.json()

@@ -105,7 +105,8 @@ class SandboxState:
 
     def __init__(self, *, seed: int = 0, credit_usd: Decimal | None = None) -> None:
         self.credit_usd = credit_usd
-        """The account's balance (None: unlimited); tasks are charged when accepted."""
+        """The account's balance in USD (None: unlimited): tasks are charged when
+        accepted and refunded when their failure is out."""
         self._charged: dict[str, Decimal] = {}
         self.requests: Counter[str] = Counter()
         """Task objects received, by taskType (imageInference, getResponse, ...)."""
@@ -114,7 +115,8 @@ class SandboxState:
         self.submissions = 0
         """imageInference tasks accepted."""
         self.duplicate_task_uuids = 0
-        """Tasks refused with conflictTaskUUID because their UUID was already used."""
+        """Tasks refused (conflictTaskUUID or duplicateTaskUUID) because their UUID
+        was already used."""
         self.billed: dict[str, BilledImage] = {}
         """Charges by imageUUID."""
         self.content_billed_twice = 0
@@ -174,9 +176,6 @@ class SandboxState:
 
     # -- credit ------------------------------------------------------------------
 
-    def can_pay(self, amount: Decimal) -> bool:
-        return self.credit_usd is None or amount <= self.credit_usd
-
     def charge(self, task: SandboxTask, amount: Decimal) -> None:
         """Take a task's price from the balance when it is accepted."""
         if self.credit_usd is not None:
@@ -184,13 +183,15 @@ class SandboxState:
             self._charged[task.task_uuid.lower()] = amount
 
     def refund(self, task: SandboxTask) -> None:
-        """Give back what a failed task was charged."""
+        """Give back what a failed task was charged (once)."""
         amount = self._charged.pop(task.task_uuid.lower(), None)
         if amount is not None and self.credit_usd is not None:
             self.credit_usd += amount
 
     def top_up(self, usd: Decimal) -> None:
         """Add to the balance (an unlimited account stays unlimited)."""
+        if not usd.is_finite() or usd < 0:
+            raise ValueError(f"a top-up must be a non-negative amount, not {usd}")
         if self.credit_usd is not None:
             self.credit_usd += usd
 
