@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import anyio
 from PIL import Image, ImageDraw
 
-from pipeline.answers import PollOutcome
+from pipeline.answers import PollOutcome, describe
 from pipeline.client import RunwareClient
 from pipeline.config import ENV_API_KEY, Settings
 from pipeline.dialect import Dialect, PollMode, UnknownTask, cache_path, save_dialect
@@ -278,18 +278,19 @@ async def examine(
             )
         else:
             findings.usable = True
-        if findings.usable and spend_one:
+        if not findings.usable:
+            findings.cache_note = "not written: the checks did not finish"
+            return findings
+        # Kept before anything is spent: an interrupted --spend-one loses nothing.
+        if save:
+            assert findings.dialect is not None
+            findings.cache = cache_path(base_url)
+            save_dialect(findings.cache, findings.dialect)
+        else:
+            findings.cache_note = "not written"
+        if spend_one:
             findings.spend = await _spend_one(client, settings, announce, out)
             findings.checks.append(_spend_check(findings.spend))
-    if not findings.usable:
-        findings.cache_note = "not written: the checks did not finish"
-    elif not save:
-        findings.cache_note = "not written"
-    else:
-        assert findings.dialect is not None
-        path = cache_path(base_url)
-        save_dialect(path, findings.dialect)
-        findings.cache = path
     return findings
 
 
@@ -519,9 +520,13 @@ async def _spend_one(
         return replace(
             spend, seconds=seconds, cost_usd=result.cost, error=f"download: {exc}"
         )
+    spend = replace(spend, seconds=seconds, cost_usd=result.cost, image_bytes=len(data))
     if out is not None:
-        await anyio.Path(out).write_bytes(data)
-    return replace(spend, seconds=seconds, cost_usd=result.cost, image_bytes=len(data))
+        try:
+            await anyio.Path(out).write_bytes(data)
+        except OSError as exc:
+            return replace(spend, error=f"cannot write {out}: {exc.strerror or exc}")
+    return spend
 
 
 class _SpendFailedError(Exception):
@@ -541,9 +546,9 @@ async def _run_one(
     task_uuid = str(request.task_uuid)
     outcome = await client.submit([request])
     if (credit := outcome.credit_refused.get(task_uuid)) is not None:
-        raise _SpendFailedError(f"refused for credit: {credit.code}", credit=True)
+        raise _SpendFailedError(f"refused: {describe([credit])}", credit=True)
     if (error := outcome.failed.get(task_uuid)) is not None:
-        raise _SpendFailedError(f"refused: {error.code}: {error.message}".rstrip(": "))
+        raise _SpendFailedError(f"refused: {describe([error])}")
     for result in outcome.results:
         if result.task_uuid == task_uuid:
             return result
@@ -559,24 +564,26 @@ async def _run_one(
                 f"no result after {now - started:.0f}s (poll.deadline_s); "
                 "the task may still finish and be billed"
             )
-        answer = await client.poll([task_uuid])
+        try:
+            answer = await client.poll([task_uuid])
+        except PipelineError as exc:
+            if exc.run_fatal:
+                raise
+            log.warning("--spend-one: a poll failed (%s); asking again", exc)
+            continue
         for result in answer.results:
             if result.task_uuid == task_uuid:
                 return result
         if (error := answer.failed.get(task_uuid)) is not None:
-            raise _SpendFailedError(
-                f"failed: {error.code}: {error.message}".rstrip(": ")
-            )
+            raise _SpendFailedError(f"failed: {describe([error])}")
         if not resent and now - started >= poll.not_found_grace_s:
             # Safe whatever the answers said: a conflict means it was accepted.
             resent = True
             again = await client.submit_wire([request.wire])
             if (credit := again.credit_refused.get(task_uuid)) is not None:
-                raise _SpendFailedError(
-                    f"refused for credit: {credit.code}", credit=True
-                )
+                raise _SpendFailedError(f"refused: {describe([credit])}", credit=True)
             if (error := again.failed.get(task_uuid)) is not None:
-                raise _SpendFailedError(f"refused: {error.code}: {error.message}")
+                raise _SpendFailedError(f"refused: {describe([error])}")
 
 
 def _spend_check(spend: Spend) -> Check:

@@ -24,7 +24,7 @@ from pipeline.dialect import (
     load_dialect,
 )
 from pipeline.doctor import examine, render_table
-from pipeline.sandbox import STATE
+from pipeline.sandbox import STATE, SandboxConfig
 from tests.conftest import SandboxFactory
 from tests.jobkit import base_url, fast_settings
 
@@ -168,6 +168,21 @@ async def test_spend_one_runs_one_task_after_naming_its_price(
     assert task.request.delivery_method == "async"
     assert task.request.include_cost is True
     assert not images_under(tmp_path)  # counted, not saved
+
+
+async def test_spend_one_that_fails_is_reported_and_the_findings_kept(
+    make_sandbox: SandboxFactory, tmp_path: Path, cache_dir: Path
+) -> None:
+    """A real task that fails: exit 1 with its code; the free findings are cached."""
+    server = await make_sandbox(SandboxConfig(latency_s=0, task_fail_rate=1.0))
+    findings = await examine(fast_settings(tmp_path, base_url(server)), spend_one=True)
+    assert findings.exit_code == 1
+    assert findings.spend is not None
+    assert findings.spend.error is not None
+    assert "inferenceError" in findings.spend.error
+    assert not findings.checks[-1].ok
+    assert cache_files(cache_dir) == [cache_path(base_url(server))]
+    assert server.app[STATE].submissions == 1
 
 
 async def test_cli_spend_one_prints_the_price_first(
