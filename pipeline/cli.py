@@ -153,20 +153,108 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=cmd_doctor)
 
     sandbox = sub.add_parser(
-        "sandbox", parents=[common], help="serve the local Runware-compatible API"
+        "sandbox",
+        parents=[common],
+        help="serve the local Runware-compatible API",
+        description="Serve the local Runware-compatible API. Point remix at it with "
+        "REMIX_BASE_URL=<the URL it prints> and RUNWARE_API_KEY=<--api-key>. The "
+        "dialect options make it answer the undocumented parts of the protocol as "
+        "other servers might (runware-protocol.md §10).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=int, default=8080)
-    sandbox.add_argument("--seed", type=int, default=0)
-    sandbox.add_argument("--api-key", default=SANDBOX_KEY)
-    sandbox.add_argument("--latency", type=float, default=0.5, help="seconds per task")
-    sandbox.add_argument("--latency-jitter", type=float, default=0.0)
+    sandbox.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sandbox.add_argument(
-        "--failure-rate", type=float, default=0.0, help="share of tasks that fail"
+        "--port", type=int, default=8080, help="port to listen on (0: any free one)"
     )
-    sandbox.add_argument("--server-error-rate", type=float, default=0.0)
-    sandbox.add_argument("--rate-limit-rate", type=float, default=0.0)
-    sandbox.add_argument("--max-in-flight", type=int)
+    sandbox.add_argument(
+        "--seed", type=int, default=0, help="seed for image seeds and faults"
+    )
+    sandbox.add_argument(
+        "--api-key", default=SANDBOX_KEY, help="the key clients must send"
+    )
+    sandbox.add_argument("--latency", type=float, default=0.5, help="seconds per task")
+    sandbox.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=0.0,
+        help="up to this many seconds more per task, at random",
+    )
+    sandbox.add_argument(
+        "--failure-rate",
+        type=float,
+        default=0.0,
+        help="share of tasks that fail (inferenceError)",
+    )
+    sandbox.add_argument(
+        "--server-error-rate",
+        type=float,
+        default=0.0,
+        help="share of requests answered 500/503 before anything is accepted",
+    )
+    sandbox.add_argument(
+        "--rate-limit-rate",
+        type=float,
+        default=0.0,
+        help="share of requests answered 429 before anything is accepted",
+    )
+    sandbox.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="queue capacity in tasks; a submit beyond it gets 429 (None: no cap)",
+    )
+    dialect = sandbox.add_argument_group("dialects")
+    dialect.add_argument(
+        "--poll-task-type",
+        choices=["imageInference", "getResponse"],
+        default="imageInference",
+        help="the taskType of getResponse answer items",
+    )
+    dialect.add_argument(
+        "--unknown-task",
+        choices=[
+            "taskFailedOrNotFound",
+            "taskNotFound",
+            "taskExpired",
+            "silent",
+            "processing",
+        ],
+        default="taskFailedOrNotFound",
+        help="how getResponse answers an unknown taskUUID: an error with that code, "
+        "no item at all, or 'processing' forever",
+    )
+    dialect.add_argument(
+        "--poll-batch",
+        choices=["all", "first", "reject", "empty"],
+        default="all",
+        help="a getResponse of several tasks: answer all, only the first, refuse it "
+        "(400), or answer 200 with nothing",
+    )
+    dialect.add_argument(
+        "--failed-as",
+        choices=["errors", "data"],
+        default="errors",
+        help="a failed generation as an errors item, or as a data item with "
+        "status 'error' and a nested error",
+    )
+    dialect.add_argument(
+        "--reuse-code",
+        choices=["conflictTaskUUID", "duplicateTaskUUID"],
+        default="conflictTaskUUID",
+        help="the code refusing a taskUUID that was accepted before",
+    )
+    dialect.add_argument(
+        "--ack",
+        choices=["processing", "empty"],
+        default="processing",
+        help="acknowledge an async task with a processing item, or with nothing",
+    )
+    dialect.add_argument(
+        "--credit-usd",
+        type=_decimal,
+        help="the account balance in USD (None: unlimited); a task that does not "
+        "fit is refused with insufficientCredits (402 when nothing fits); top up with "
+        'POST /sandbox/credit {"add_usd": "5"} and the Bearer key',
+    )
     sandbox.set_defaults(func=cmd_sandbox)
     return parser
 
@@ -514,6 +602,13 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         server_error_rate=args.server_error_rate,
         rate_limit_rate=args.rate_limit_rate,
         max_in_flight=args.max_in_flight,
+        poll_task_type=args.poll_task_type,
+        unknown_task=args.unknown_task,
+        poll_batch=args.poll_batch,
+        failed_as=args.failed_as,
+        reuse_code=args.reuse_code,
+        ack=args.ack,
+        credit_usd=args.credit_usd,
     )
     serve(args.host, args.port, config)
     return EXIT_OK

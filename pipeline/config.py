@@ -62,7 +62,8 @@ class LimitSettings(Section):
     min_concurrency: PositiveInt = 4
     """Floor for the adaptive (AIMD) concurrency after 429/503/504 answers."""
     requests_per_s: PositiveFloat = 100.0
-    """Most API requests started per second (submits, polls, uploads)."""
+    """Most API requests started per second for the whole account (submits, polls
+    and uploads together; downloads are not API requests)."""
     burst: PositiveInt = 50
     submit_batch: PositiveInt = 50
     """Most tasks in one submit request."""
@@ -77,6 +78,10 @@ class PollSettings(Section):
     questions follow the observed latency."""
     min_interval_s: PositiveFloat = 0.01
     """Shortest gap between two questions about the same task."""
+    first_after_s: NonNegativeFloat = 0.25
+    """No task is asked about sooner than this after it was sent (or sent again),
+    whatever latency is learnt: a floor against an estimate gone wrong. Ideogram
+    takes seconds, so it binds only on a much faster API."""
     max_interval_s: PositiveFloat = 10.0
     deadline_s: PositiveFloat = 900.0
     """A task still unfinished this long after submit fails as timed out (resumable)."""

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -57,3 +58,12 @@ async def make_sandbox() -> AsyncIterator[SandboxFactory]:
 async def sandbox(make_sandbox: SandboxFactory) -> TestServer:
     """A started sandbox with zero latency and the default key ``"sandbox"``."""
     return await make_sandbox()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session that sends the sandbox's key."""
+    async with aiohttp.ClientSession(
+        headers={"Authorization": "Bearer sandbox"}
+    ) as session:
+        yield session

@@ -110,6 +110,7 @@ def fast_settings(
         "poll": {
             "interval_s": 0.05,
             "min_interval_s": 0.005,
+            "first_after_s": 0.0,
             "max_interval_s": 0.2,
             "not_found_grace_s": 0.1,
         },

@@ -3,10 +3,13 @@
 One POST endpoint (``/v1``) takes arrays of imageInference, getResponse, imageUpload and
 authentication tasks, validates each with the shared ``wire`` models (by alias only, so
 snake_case fails), and answers ``{"data": [...]}`` / ``{"errors": [...]}`` with the
-documented statuses. Results are served under ``/images/``. Latency, limits and faults
-come from ``SandboxConfig``; task state is lazy on the injected clock. One background
-job per accepted task renders and bills its images at completion and fires its webhook
-and uploadEndpoint, so work is paid for even when nobody polls (as on the real API).
+documented statuses; ``answers.py`` words every item, in the dialect the config picks
+for the undocumented parts (runware-protocol.md §10). Results are served under
+``/images/``; ``/sandbox/credit`` reads and tops up the balance when the config sets
+one. Latency, limits and faults come from ``SandboxConfig``; task state is lazy on the
+injected clock. One background job per accepted task renders and bills its images at
+completion and fires its webhook and uploadEndpoint, so work is paid for even when
+nobody polls (as on the real API).
 """
 
 from __future__ import annotations
@@ -37,9 +40,27 @@ import anyio.to_thread
 from aiohttp import web
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import ValidationError
-from pydantic.alias_generators import to_camel
 from yarl import URL
 
+from pipeline.sandbox.answers import (
+    Ack,
+    FailedAs,
+    Outcome,
+    PollBatch,
+    PollTaskType,
+    ReuseCode,
+    UnknownTask,
+    add_failure,
+    add_unknown_task,
+    credit_refusal,
+    error_item,
+    failure_error,
+    poll_batch_refusal,
+    processing_item,
+    retry_response,
+    reuse_refusal,
+    validation_error,
+)
 from pipeline.sandbox.faults import Fault, FaultInjector, FaultRates
 from pipeline.sandbox.render import (
     FORMATS,
@@ -82,6 +103,7 @@ JsonObject = dict[str, Any]
 
 API_PATH: Final = "/v1"
 IMAGES_PATH: Final = "/images"
+CREDIT_PATH: Final = "/sandbox/credit"
 _OWN_IMAGE = re.compile(r"^/images/([0-9a-fA-F-]{36})\.[A-Za-z0-9]+$")
 _UPLOAD_PLACEHOLDER_SIZE: Final = (1024, 576)
 
@@ -128,6 +150,28 @@ class SandboxConfig:
     fault_task_types: frozenset[str] | None = None
     """Only requests holding one of these task types get request faults (None: all)."""
 
+    # -- dialects: how the undocumented parts are answered (runware-protocol.md §10)
+    poll_task_type: PollTaskType = "imageInference"
+    """The taskType of every item of a getResponse answer."""
+    unknown_task: UnknownTask = "taskFailedOrNotFound"
+    """How getResponse answers a taskUUID it does not know: an error with that code,
+    no item at all, or a "processing" item forever."""
+    poll_batch: PollBatch = "all"
+    """A request asking about several tasks: each answered, only the first, refused
+    with 400, or answered 200 with nothing."""
+    failed_as: FailedAs = "errors"
+    """A failed generation in a getResponse answer: an ``errors`` item, or a ``data``
+    item with status "error" and a nested ``error``."""
+    reuse_code: ReuseCode = "conflictTaskUUID"
+    """The code refusing an imageInference whose taskUUID was accepted before."""
+    ack: Ack = "processing"
+    """An accepted async task is acknowledged with a processing item, or not at all."""
+    credit_usd: Decimal | None = None
+    """The account's balance (None: unlimited). A task is charged when accepted; one
+    that does not fit is refused with insufficientCredits (HTTP 402 when nothing in
+    the request was accepted). Top up with ``SandboxState.top_up`` or POST
+    /sandbox/credit."""
+
     def __post_init__(self) -> None:
         if self.render_scale <= 0:
             raise ValueError("render_scale must be positive")
@@ -159,30 +203,13 @@ class _TaskError(Exception):
         self.parameter = parameter
 
 
-@dataclass
-class _Outcome:
-    data: list[JsonObject] = field(default_factory=list)
-    errors: list[JsonObject] = field(default_factory=list)
-
-    def body(self) -> JsonObject:
-        if not self.errors:
-            return {"data": self.data}
-        if not self.data:
-            return {"errors": self.errors}
-        return {"data": self.data, "errors": self.errors}
-
-    @property
-    def status(self) -> int:
-        return 400 if self.errors and not self.data else 200
-
-
 class Sandbox:
     """The app's runtime: config, state, faults, clock and the background job sink."""
 
     def __init__(self, config: SandboxConfig, clock: Clock) -> None:
         self.config = config
         self.clock = clock
-        self.state = SandboxState(seed=config.seed)
+        self.state = SandboxState(seed=config.seed, credit_usd=config.credit_usd)
         self.faults = FaultInjector(
             config.fault_rates(), seed=config.seed, task_types=config.fault_task_types
         )
@@ -201,7 +228,7 @@ class Sandbox:
 
     async def process(
         self, tasks: list[JsonObject], origin: str
-    ) -> _Outcome | web.Response:
+    ) -> Outcome | web.Response:
         """Answer every task of one request; a 429 response when over capacity."""
         now = self.clock()
         parsed: list[Any] = []
@@ -212,7 +239,20 @@ class Sandbox:
                     REQUEST_ADAPTER.validate_json(json.dumps(obj), by_name=False)
                 )
             except ValidationError as exc:
-                parsed.append(_validation_error(obj, exc))
+                parsed.append(validation_error(obj, exc))
+
+        polls = [
+            i for i, req in enumerate(parsed) if isinstance(req, GetResponseRequest)
+        ]
+        answered_polls = set(polls)
+        if len(polls) > 1 and self.config.poll_batch != "all":
+            match self.config.poll_batch:
+                case "reject":
+                    return poll_batch_refusal()
+                case "empty":
+                    return Outcome()
+                case "first":
+                    answered_polls = {polls[0]}
 
         seen: set[str] = set()
         conflicts: set[int] = set()
@@ -231,16 +271,17 @@ class Sandbox:
             and accepting
             and self.state.in_flight(now) + accepting > limit
         ):
-            return _retry_response(
+            return retry_response(
                 429,
                 "rateLimitExceeded",
                 f"queue capacity of {limit} tasks exceeded; retry later",
                 self.config.retry_after_s,
             )
 
-        outcome = _Outcome()
+        outcome = Outcome()
         sync_tasks: list[SandboxTask] = []
         accepted: list[SandboxTask] = []
+        credit_refused = 0
         for i, (obj, req) in enumerate(zip(tasks, parsed, strict=True)):
             match req:
                 case ErrorItem():
@@ -252,21 +293,20 @@ class Sandbox:
                     if i in conflicts:
                         self.state.duplicate_task_uuids += 1
                         outcome.errors.append(
-                            _error(
-                                "conflictTaskUUID",
-                                f"taskUUID {raw_uuid} was already used; every task "
-                                "needs a new UUID (poll the old one with getResponse)",
-                                "taskUUID",
-                                "imageInference",
-                                raw_uuid,
-                            )
+                            reuse_refusal(self.config.reuse_code, raw_uuid)
                         )
+                        continue
+                    charge = self.config.price_for(_speed(req)) * req.images
+                    balance = self.state.credit_usd
+                    if balance is not None and charge > balance:
+                        credit_refused += 1
+                        outcome.errors.append(credit_refusal(raw_uuid, balance, charge))
                         continue
                     try:
                         task = await self._accept(req, raw_uuid, origin, now)
                     except _TaskError as exc:
                         outcome.errors.append(
-                            _error(
+                            error_item(
                                 exc.code,
                                 exc.message,
                                 exc.parameter,
@@ -275,13 +315,17 @@ class Sandbox:
                             )
                         )
                         continue
+                    self.state.charge(task, charge)
+                    if task.failed:
+                        self.state.refund(task)
                     accepted.append(task)
-                    if req.delivery_method == "async":
-                        outcome.data.append(_processing(task.task_uuid))
-                    else:
+                    if req.delivery_method != "async":
                         sync_tasks.append(task)
+                    elif self.config.ack == "processing":
+                        outcome.data.append(processing_item(task.task_uuid))
                 case GetResponseRequest():
-                    await self._poll(str(obj.get("taskUUID")), outcome)
+                    if i in answered_polls:
+                        await self._poll(str(obj.get("taskUUID")), outcome)
                 case ImageUploadRequest():
                     try:
                         outcome.data.append(
@@ -289,7 +333,7 @@ class Sandbox:
                         )
                     except _TaskError as exc:
                         outcome.errors.append(
-                            _error(
+                            error_item(
                                 exc.code,
                                 exc.message,
                                 exc.parameter,
@@ -299,7 +343,7 @@ class Sandbox:
                         )
                 case AuthenticationRequest():
                     outcome.errors.append(
-                        _error(
+                        error_item(
                             "invalidParameter",
                             "the authentication task must be the first of the array",
                             "taskType",
@@ -309,6 +353,8 @@ class Sandbox:
                     )
                 case _:
                     raise AssertionError("unreachable")
+        if credit_refused and not accepted and not outcome.data:
+            outcome.payment_required = True
         self._start_completion(accepted)
         if sync_tasks:
             await self._sleep_until(max(t.done_at for t in sync_tasks))
@@ -316,39 +362,42 @@ class Sandbox:
                 await self._task_items(task, self.clock(), outcome, processing=False)
         return outcome
 
-    async def _poll(self, task_uuid: str, outcome: _Outcome) -> None:
+    async def _poll(self, task_uuid: str, outcome: Outcome) -> None:
         task = self.state.task(task_uuid)
         if task is None:
-            outcome.errors.append(
-                _error(
-                    "taskFailedOrNotFound",
-                    f"no task {task_uuid} is known: "
-                    "it was never accepted or has expired",
-                    "taskUUID",
-                    "getResponse",
-                    task_uuid,
-                    status="error",
-                )
+            add_unknown_task(
+                outcome,
+                task_uuid,
+                self.config.unknown_task,
+                self.config.poll_task_type,
             )
             return
         await self._task_items(task, self.clock(), outcome, processing=True)
 
     async def _task_items(
-        self, task: SandboxTask, now: float, outcome: _Outcome, *, processing: bool
+        self, task: SandboxTask, now: float, outcome: Outcome, *, processing: bool
     ) -> None:
-        """Success items for finished images, a processing item while any remain."""
+        """Success items for finished images, a processing item while any remain.
+
+        ``processing``: a getResponse answer (its items carry the dialect's taskType
+        and failures its form), not a sync submit answer.
+        """
+        task_type = self.config.poll_task_type if processing else "imageInference"
         finished = task.finished(now)
         for slot in finished:
             item = await self._success_item(task, slot)
             if item is not None:
-                outcome.data.append(item)
+                outcome.data.append({**item, "taskType": task_type})
         if task.failed:
-            if task.is_done(now):
-                outcome.errors.append(_failure(task))
+            if not task.is_done(now):
+                if processing:
+                    outcome.data.append(processing_item(task.task_uuid, task_type))
             elif processing:
-                outcome.data.append(_processing(task.task_uuid))
+                add_failure(outcome, task, task_type, self.config.failed_as)
+            else:
+                outcome.errors.append(failure_error(task))
         elif processing and len(finished) < len(task.images):
-            outcome.data.append(_processing(task.task_uuid))
+            outcome.data.append(processing_item(task.task_uuid, task_type))
 
     # -- tasks -----------------------------------------------------------------
 
@@ -452,12 +501,7 @@ class Sandbox:
         )
 
     def _price(self, task: SandboxTask) -> Decimal:
-        ideogram = (
-            task.request.provider_settings.ideogram
-            if task.request.provider_settings
-            else None
-        )
-        return self.config.price_for(ideogram.rendering_speed if ideogram else None)
+        return self.config.price_for(_speed(task.request))
 
     async def _ensure_image(self, task: SandboxTask, slot: ImageSlot) -> bytes | None:
         """Render a finished image once, store it for download, and bill it."""
@@ -473,7 +517,7 @@ class Sandbox:
             try:
                 slot.rendered = await anyio.to_thread.run_sync(_render_slot, task, slot)
             except ValueError as exc:
-                _render_failed(task, exc)
+                self._render_failed(task, exc)
         return slot.rendered
 
     async def _render_locked(self, task: SandboxTask, slot: ImageSlot) -> bytes | None:
@@ -542,12 +586,19 @@ class Sandbox:
         rendered = await anyio.to_thread.run_sync(render_each)
         for (task, slot), result in zip(todo, rendered, strict=True):
             if isinstance(result, ValueError):
-                _render_failed(task, result)
+                self._render_failed(task, result)
             elif slot.rendered is None:
                 slot.rendered = result
         for task, slot in todo:
             await self._sleep_until(slot.ready_at)
             await self._ensure_image(task, slot)
+
+    def _render_failed(self, task: SandboxTask, exc: ValueError) -> None:
+        if not task.failed:
+            log.info("task %s failed to render: %s", task.task_uuid, exc)
+            task.failed = True
+            task.failure = str(exc)
+            self.state.refund(task)
 
     async def _prerender_all(self, task: SandboxTask) -> None:
         for slot in task.images:
@@ -571,7 +622,7 @@ class Sandbox:
         if task.failed and req.webhook_url is not None:
             await self._sleep_until(task.done_at)
             await self._send(
-                "POST", req.webhook_url, json_body={"errors": [_failure(task)]}
+                "POST", req.webhook_url, json_body={"errors": [failure_error(task)]}
             )
 
     async def _send(
@@ -705,27 +756,7 @@ def _placeholder_jpeg(key: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# Bodies
-
-
-def _error(
-    code: str,
-    message: str,
-    parameter: str | list[str] | None,
-    task_type: str | None,
-    task_uuid: str | None,
-    *,
-    status: str | None = None,
-) -> JsonObject:
-    item = ErrorItem(
-        code=code,
-        message=message,
-        parameter=parameter,
-        task_type=task_type,
-        task_uuid=task_uuid,
-        status=status,
-    )
-    return item.model_dump(mode="json", exclude_none=True)
+# Helpers
 
 
 def _render_slot(task: SandboxTask, slot: ImageSlot) -> bytes:
@@ -738,99 +769,15 @@ def _render_slot(task: SandboxTask, slot: ImageSlot) -> bytes:
     return render(task.reference, spec, task.style_refs)
 
 
-def _render_failed(task: SandboxTask, exc: ValueError) -> None:
-    if not task.failed:
-        log.info("task %s failed to render: %s", task.task_uuid, exc)
-        task.failed = True
-        task.failure = str(exc)
-
-
 def _delivers(task: SandboxTask) -> bool:
     """Whether finished images go somewhere besides polls (a webhook, an upload)."""
     req = task.request
     return req.webhook_url is not None or req.upload_endpoint is not None
 
 
-def _processing(task_uuid: str) -> JsonObject:
-    # Never imageUUID or *URL keys here: SDKs read those as a finished result.
-    return {"taskType": "imageInference", "taskUUID": task_uuid, "status": "processing"}
-
-
-def _failure(task: SandboxTask) -> JsonObject:
-    return _error(
-        "inferenceError",
-        task.failure or "the provider failed to generate the image",
-        None,
-        "imageInference",
-        task.task_uuid,
-        status="error",
-    )
-
-
-def _loc_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
-    return path
-
-
-def _validation_error(obj: JsonObject, exc: ValidationError) -> ErrorItem:
-    """One Runware-shaped error naming the (first) offending parameter."""
-    rank = {"extra_forbidden": 0, "missing": 1}
-    errors = sorted(exc.errors(include_url=False), key=lambda e: rank.get(e["type"], 2))
-    task_type = obj.get("taskType") if isinstance(obj.get("taskType"), str) else None
-    problems: list[str] = []
-    first_param: str | list[str] = "taskType"
-    first_code = "invalidParameter"
-    for n, err in enumerate(errors):
-        loc = tuple(err["loc"])
-        if loc and loc[0] == task_type:
-            loc = loc[1:]
-        message = str(err["msg"]).removeprefix("Value error, ")
-        parameter: str | list[str]
-        code = {
-            "extra_forbidden": "unknownParameter",
-            "missing": "missingParameter",
-        }.get(err["type"], "invalidParameter")
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            parameter = "taskType"
-            code = "missingParameter" if err["type"] == "union_tag_not_found" else code
-        elif not loc and "width x height" in message:
-            parameter = ["width", "height"]
-        elif not loc and "ttl" in message:
-            parameter = "ttl"
-        else:
-            parameter = _loc_path(loc) or "taskType"
-        if err["type"] == "extra_forbidden" and isinstance(loc[-1], str):
-            camel = to_camel(loc[-1]).replace("Uuid", "UUID").replace("Url", "URL")
-            if camel != loc[-1]:
-                message += f" (parameters are camelCase: did you mean '{camel}'?)"
-        shown = ",".join(parameter) if isinstance(parameter, list) else parameter
-        problems.append(f"{shown}: {message}")
-        if n == 0:
-            first_param, first_code = parameter, code
-    raw_uuid = obj.get("taskUUID")
-    return ErrorItem(
-        code=first_code,
-        message="; ".join(problems),
-        parameter=first_param,
-        task_type=task_type,
-        task_uuid=raw_uuid if isinstance(raw_uuid, str) else None,
-    )
-
-
-def _retry_after(value_s: float) -> str:
-    return f"{value_s:g}"
-
-
-def _retry_response(
-    status: int, code: str, message: str, retry_after_s: float
-) -> web.Response:
-    return web.json_response(
-        error_body(code, message),
-        status=status,
-        headers={"Retry-After": _retry_after(retry_after_s)},
-    )
+def _speed(req: ImageInferenceRequest) -> str | None:
+    ideogram = req.provider_settings.ideogram if req.provider_settings else None
+    return ideogram.rendering_speed if ideogram else None
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -900,14 +847,14 @@ async def _api(request: web.Request) -> web.StreamResponse:
         await anyio.sleep(config.slow_response_s)
     if eligible and faults.roll(Fault.SERVER_ERROR):
         status = (503, 500)[faults.choice(Fault.SERVER_ERROR, 2)]
-        return _retry_response(
+        return retry_response(
             status,
             "serviceUnavailable",
             "simulated server error; retry later",
             config.retry_after_s,
         )
     if eligible and faults.roll(Fault.RATE_LIMIT):
-        return _retry_response(
+        return retry_response(
             429,
             "rateLimitExceeded",
             "simulated rate limit; retry later",
@@ -936,6 +883,30 @@ async def _api(request: web.Request) -> web.StreamResponse:
             content_type="application/json",
         )
     return web.json_response(outcome.body(), status=outcome.status)
+
+
+async def _credit(request: web.Request) -> web.StreamResponse:
+    """GET the balance; POST ``{"add_usd": "5.00"}`` to top it up."""
+    sandbox = request.app[SANDBOX]
+    if not sandbox.authorised(_bearer(request)):
+        return web.json_response(
+            error_body("invalidApiKey", "send 'Authorization: Bearer <key>'"),
+            status=401,
+        )
+    if request.method == "POST":
+        try:
+            body = await request.json()
+            amount = Decimal(str(body["add_usd"]))
+            if not amount.is_finite() or amount < 0:
+                raise ValueError(amount)
+        except (ValueError, KeyError, TypeError, ArithmeticError):
+            return web.json_response(
+                error_body("invalidParameter", 'send {"add_usd": "<amount>"}'),
+                status=400,
+            )
+        sandbox.state.top_up(amount)
+    balance = sandbox.state.credit_usd
+    return web.json_response({"credit_usd": None if balance is None else str(balance)})
 
 
 async def _image(request: web.Request) -> web.StreamResponse:
@@ -1007,5 +978,6 @@ def create_app(
     app[STATE] = sandbox.state
     app.router.add_post(API_PATH, _api)
     app.router.add_get(IMAGES_PATH + "/{name}", _image)
+    app.router.add_route("*", CREDIT_PATH, _credit)
     app.cleanup_ctx.append(_background)
     return app

@@ -103,7 +103,10 @@ def content_key(request: ImageInferenceRequest) -> str:
 class SandboxState:
     """Everything the sandbox remembers, plus the counters tests assert on."""
 
-    def __init__(self, *, seed: int = 0) -> None:
+    def __init__(self, *, seed: int = 0, credit_usd: Decimal | None = None) -> None:
+        self.credit_usd = credit_usd
+        """The account's balance (None: unlimited); tasks are charged when accepted."""
+        self._charged: dict[str, Decimal] = {}
         self.requests: Counter[str] = Counter()
         """Task objects received, by taskType (imageInference, getResponse, ...)."""
         self.http_requests = 0
@@ -168,6 +171,25 @@ class SandboxState:
 
     def jitter(self, upper_s: float) -> float:
         return self._rng.uniform(0.0, upper_s) if upper_s > 0 else 0.0
+
+    # -- credit ------------------------------------------------------------------
+
+    def charge(self, task: SandboxTask, amount: Decimal) -> None:
+        """Take a task's price from the balance when it is accepted."""
+        if self.credit_usd is not None:
+            self.credit_usd -= amount
+            self._charged[task.task_uuid.lower()] = amount
+
+    def refund(self, task: SandboxTask) -> None:
+        """Give back what a failed task was charged."""
+        amount = self._charged.pop(task.task_uuid.lower(), None)
+        if amount is not None and self.credit_usd is not None:
+            self.credit_usd += amount
+
+    def top_up(self, usd: Decimal) -> None:
+        """Add to the balance (an unlimited account stays unlimited)."""
+        if self.credit_usd is not None:
+            self.credit_usd += usd
 
     # -- mutations ---------------------------------------------------------------
 
