@@ -358,61 +358,36 @@ async def _free_checks(probe: _Probe, findings: Findings, settings: Settings) ->
 def _unknown_task(
     asked: str, outcome: PollOutcome, envelope: Envelope
 ) -> tuple[UnknownTask, str | None, Check]:
-    name = "unknown taskUUID"
+    code: str | None = None
     if asked in outcome.not_found:
+        kind = UnknownTask.NOT_FOUND
         code = next(
             (e.code for e in envelope.errors if e.task_uuid == asked),
             envelope.errors[0].code if envelope.errors else "unknown",
         )
-        return (
-            UnknownTask.NOT_FOUND,
-            code,
-            Check(
-                name,
-                f"answered {code}",
-                "an ambiguous submit is settled by asking, then by sending the "
-                "same taskUUID again",
-            ),
-        )
-    if asked in outcome.unanswered:
-        return (
-            UnknownTask.SILENT,
-            None,
-            Check(
-                name,
-                "no item at all (nothing said about it)",
-                "an ambiguous submit is settled by asking, then by sending the "
-                "same taskUUID again",
-            ),
-        )
-    if asked in outcome.processing:
-        return (
-            UnknownTask.PROCESSING,
-            None,
-            Check(
-                name,
-                'answered "processing", as for a running task',
-                '"processing" proves nothing: an ambiguous submit is sent again '
-                "under the same taskUUID (a conflict answer means it was accepted)",
-            ),
-        )
-    if (error := outcome.failed.get(asked)) is not None:
-        found = f"answered {error.code}" + (
-            f": {error.message}" if error.message else ""
+        found = f"answered {code}"
+    elif asked in outcome.unanswered:
+        kind, found = UnknownTask.SILENT, "no item at all (nothing said about it)"
+    elif asked in outcome.processing:
+        kind = UnknownTask.PROCESSING
+        found = 'answered "processing", as for a running task'
+    elif (error := outcome.failed.get(asked)) is not None:
+        kind, found = UnknownTask.UNKNOWN, f"answered {describe([error])}"
+    else:
+        kind, found = UnknownTask.UNKNOWN, "answered with a result: a task never sent"
+    if Dialect(unknown_task=kind).processing_proves_acceptance:
+        action = (
+            'an ambiguous submit is settled by asking ("processing" proves it was '
+            "accepted), then by sending the same taskUUID again"
         )
     else:
-        found = "answered with a result for a task never sent"
-    return (
-        UnknownTask.UNKNOWN,
-        None,
-        Check(
-            name,
-            found,
-            "not read as not-found: an ambiguous submit is sent again under the "
-            "same taskUUID",
-            ok=False,
-        ),
-    )
+        action = (
+            '"processing" proves nothing: an ambiguous submit is sent again under '
+            "the same taskUUID after poll.not_found_grace_s (a conflict answer "
+            "means it was accepted)"
+        )
+    ok = kind is not UnknownTask.UNKNOWN
+    return kind, code, Check("unknown taskUUID", found, action, ok=ok)
 
 
 def _batching(
@@ -640,6 +615,8 @@ def render_table(findings: Findings) -> str:
         lines.append("NOT usable")
     elif findings.exit_code == EXIT_OK:
         lines.append("usable")
+    elif findings.spend is not None and findings.spend.credit_refused:
+        lines.append("the key works, but the account cannot pay: top it up")
     else:
         lines.append("usable, but the real task did not finish")
     return "\n".join(lines)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import socket
+from decimal import Decimal
 from pathlib import Path
+from typing import get_args
 
 import anyio.to_thread
 import pytest
@@ -18,6 +20,7 @@ from aiohttp.test_utils import TestServer
 from pipeline.cli import main
 from pipeline.config import load_settings
 from pipeline.dialect import (
+    Dialect,
     PollMode,
     UnknownTask,
     cache_path,
@@ -25,14 +28,15 @@ from pipeline.dialect import (
 )
 from pipeline.doctor import examine, render_table
 from pipeline.sandbox import STATE, SandboxConfig
+from pipeline.sandbox.answers import PollBatch
+from pipeline.sandbox.answers import UnknownTask as SandboxUnknownTask
 from tests.conftest import SandboxFactory
 from tests.jobkit import base_url, fast_settings
 
 BAD_KEY = "not-the-key-0f9e8d7c6b5a"
 
-NOT_FOUND_CODES = ("taskFailedOrNotFound", "taskNotFound", "taskExpired")
-UNKNOWN_TASK = (*NOT_FOUND_CODES, "silent", "processing")
-POLL_BATCH = ("all", "first", "reject", "empty")
+UNKNOWN_TASK: tuple[SandboxUnknownTask, ...] = get_args(SandboxUnknownTask)
+POLL_BATCH: tuple[PollBatch, ...] = get_args(PollBatch)
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +79,75 @@ def images_under(root: Path) -> list[Path]:
 
 def cache_files(cache: Path) -> list[Path]:
     return sorted(cache.rglob("*.json")) if cache.exists() else []
+
+
+@pytest.mark.parametrize("poll_batch", POLL_BATCH)
+@pytest.mark.parametrize("unknown_task", UNKNOWN_TASK)
+async def test_doctor_reads_each_dialect(
+    make_sandbox: SandboxFactory,
+    tmp_path: Path,
+    cache_dir: Path,
+    unknown_task: SandboxUnknownTask,
+    poll_batch: PollBatch,
+) -> None:
+    """Each (unknown_task, poll_batch) dialect is recorded as what it is, from
+    getResponse requests only, and cached where `remix run` looks."""
+    server = await make_sandbox(
+        SandboxConfig(latency_s=0, unknown_task=unknown_task, poll_batch=poll_batch)
+    )
+    url = base_url(server)
+    findings = await examine(fast_settings(tmp_path, url))
+
+    unknown, mode = expected(unknown_task, poll_batch)
+    assert findings.exit_code == 0, render_table(findings)
+    assert findings.usable
+    dialect = findings.dialect
+    assert dialect is not None
+    assert dialect.unknown_task is unknown
+    assert dialect.unknown_task_code == (
+        unknown_task if unknown is UnknownTask.NOT_FOUND else None
+    )
+    assert dialect.poll_mode is mode
+    assert dialect.source == "doctor"
+    assert dialect.checked_at is not None
+
+    state = server.app[STATE]
+    assert_spent_nothing(server)
+    assert state.http_requests == 3  # key/unknown task, batch, one more round trip
+    assert findings.round_trip is not None
+    assert findings.round_trip.samples == 3
+
+    path = cache_path(url)
+    assert path.is_relative_to(cache_dir)
+    assert findings.cache == path
+    assert Dialect.model_validate_json(path.read_bytes()) == dialect
+    assert cache_files(cache_dir) == [path]
+
+
+async def test_run_starts_from_the_doctors_findings(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """`remix run` (load_dialect without a run-dir record) reads the doctor's cache;
+    a run dir's own record still comes first."""
+    server = await make_sandbox(
+        SandboxConfig(latency_s=0, unknown_task="taskNotFound", poll_batch="first")
+    )
+    url = base_url(server)
+    assert load_dialect(None, url) == Dialect()
+    findings = await examine(fast_settings(tmp_path, url))
+    loaded = load_dialect(None, url)
+    assert loaded == findings.dialect
+    assert loaded.source == "doctor"
+    assert loaded.poll_mode is PollMode.SINGLE
+    assert loaded.unknown_task is UnknownTask.NOT_FOUND
+    assert loaded.unknown_task_code == "taskNotFound"
+    assert loaded.processing_proves_acceptance
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    own = Dialect(poll_mode=PollMode.BATCHED, source="run")
+    (run_dir / "dialect.json").write_text(own.model_dump_json())
+    assert load_dialect(run_dir, url) == own
 
 
 async def test_bad_key_is_not_usable_and_never_shown(
@@ -185,6 +258,21 @@ async def test_spend_one_that_fails_is_reported_and_the_findings_kept(
     assert server.app[STATE].submissions == 1
 
 
+async def test_spend_one_without_credit_exits_3(
+    make_sandbox: SandboxFactory, tmp_path: Path, cache_dir: Path
+) -> None:
+    """An account that cannot pay for the one task: exit 3 as `run` would, nothing
+    billed; the free findings are still cached."""
+    server = await make_sandbox(SandboxConfig(latency_s=0, credit_usd=Decimal("0.01")))
+    findings = await examine(fast_settings(tmp_path, base_url(server)), spend_one=True)
+    assert findings.exit_code == 3, render_table(findings)
+    assert findings.usable
+    assert findings.spend is not None
+    assert findings.spend.credit_refused
+    assert server.app[STATE].billed == {}
+    assert cache_files(cache_dir) == [cache_path(base_url(server))]
+
+
 async def test_cli_spend_one_prints_the_price_first(
     make_sandbox: SandboxFactory,
     monkeypatch: pytest.MonkeyPatch,
@@ -227,7 +315,7 @@ async def test_cli_table_and_json(
     for row in ("API key", "unknown taskUUID", "batched getResponse", "round trip"):
         assert row in out
     assert "taskFailedOrNotFound" in out
-    assert "sending the same taskUUID again" in out
+    assert "an ambiguous submit is settled by asking" in out
     assert "up to limits.poll_batch (100) taskUUIDs per request" in out
     assert f"findings written to {cache_path(url)}" in out
     assert "Bearer" not in out
@@ -247,6 +335,9 @@ async def test_cli_table_and_json(
     assert report["dialect"]["unknown_task_code"] == "taskFailedOrNotFound"
     assert report["dialect"]["source"] == "doctor"
     assert report["round_trip_ms"]["samples"] == 3
+    unknown = report["checks"][1]
+    assert unknown["found"] == "answered taskFailedOrNotFound"
+    assert unknown["action"].endswith("then by sending the same taskUUID again")
     assert report["cache"] == str(cache_path(url))
     assert report["spend"] is None
     assert load_dialect(None, url).model_dump(mode="json") == report["dialect"]
