@@ -136,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("run_dir", type=Path)
     gallery.set_defaults(func=cmd_gallery)
 
+    doctor = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check the key and how the API answers, spending nothing; remember it",
+    )
+    doctor.add_argument("--config", type=Path)
+    doctor.add_argument(
+        "--sandbox", action="store_true", help="check a local sandbox API in-process"
+    )
+    doctor.add_argument(
+        "--spend-one",
+        action="store_true",
+        help="also run one real task end to end (costs one image, price shown first)",
+    )
+    doctor.add_argument(
+        "--out", type=Path, help="with --spend-one: write its image to this file"
+    )
+    doctor.add_argument("--format", choices=["table", "json"], default="table")
+    doctor.set_defaults(func=cmd_doctor)
+
     sandbox = sub.add_parser(
         "sandbox",
         parents=[common],
@@ -505,6 +525,69 @@ def _print_summary(
         lines.append(f"stopped early: {why}")
         lines.append("resume with: " + " ".join(["remix", *args.argv]))
     print("\n".join(lines))
+
+
+# -------------------------------------------------------------------- doctor
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pipeline.doctor import Findings, examine, render_table
+
+    if args.out is not None and not args.spend_one:
+        raise ConfigError("--out needs --spend-one (it names that task's image)")
+    settings = load_settings(args.config)
+
+    def announce(line: str) -> None:
+        print(f"remix: {line}", file=sys.stderr, flush=True)
+
+    async def check() -> Findings:
+        async with contextlib.AsyncExitStack() as stack:
+            nonlocal settings
+            if args.sandbox:
+                settings = await _with_sandbox(stack, settings)
+            return await examine(
+                settings,
+                spend_one=args.spend_one,
+                announce=announce,
+                out=args.out,
+                # The in-process sandbox's port changes every time: nothing to keep.
+                save=not args.sandbox,
+            )
+
+    findings = anyio.run(
+        check,
+        backend="asyncio",
+        backend_options=loop_options(settings.run.event_loop),
+    )
+    if args.sandbox and findings.usable:
+        findings.cache_note = (
+            "not written: the in-process sandbox's port is new each run"
+        )
+    if args.format == "json":
+        print(json.dumps(findings.as_json(), indent=2))
+    else:
+        print(render_table(findings))
+    if findings.problem is not None:
+        print(f"remix: {findings.problem}", file=sys.stderr)
+    return findings.exit_code
+
+
+async def _with_sandbox(
+    stack: contextlib.AsyncExitStack, settings: Settings
+) -> Settings:
+    """Start the default in-process sandbox; settings pointing at it (its own key:
+    a real key is never sent to it)."""
+    from pipeline.sandbox import SandboxConfig, running_sandbox
+
+    base_url = await stack.enter_async_context(
+        running_sandbox(SandboxConfig(api_key=SANDBOX_KEY, latency_s=0.5))
+    )
+    return settings.model_copy(
+        update={
+            "api": settings.api.model_copy(update={"base_url": base_url}),
+            "api_key": SecretStr(SANDBOX_KEY),
+        }
+    )
 
 
 # ------------------------------------------------------------ status / report

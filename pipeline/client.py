@@ -209,6 +209,19 @@ class RunwareClient:
         uuids = list(dict.fromkeys(task_uuids))
         if not uuids:
             return PollOutcome()
+        outcome, _ = await self._retrying(lambda: self._poll_once(uuids))
+        return outcome
+
+    async def poll_answer(
+        self, task_uuids: Sequence[str]
+    ) -> tuple[PollOutcome, Envelope]:
+        """``poll``, with the parsed answer beside its reading (for ``remix doctor``,
+        which records the very code an API gives an unknown taskUUID). The envelope
+        is scrubbed of the key like every answer; it is empty when nothing was asked.
+        """
+        uuids = list(dict.fromkeys(task_uuids))
+        if not uuids:
+            return PollOutcome(), Envelope()
         return await self._retrying(lambda: self._poll_once(uuids))
 
     async def upload_image(self, image: str) -> str:
@@ -252,7 +265,7 @@ class RunwareClient:
         self.retries += 1
         log.debug("attempt %d failed: %s; retrying in %.2fs", attempt, exc, wait_s)
 
-    async def _poll_once(self, uuids: list[str]) -> PollOutcome:
+    async def _poll_once(self, uuids: list[str]) -> tuple[PollOutcome, Envelope]:
         # The shape of wire.GetResponseRequest, built directly: the UUIDs are the
         # engine's own (uuid4 or journaled), and a model per UUID per question was
         # ~3.5 us each, on every poll.
@@ -260,7 +273,7 @@ class RunwareClient:
         reply = await self._post(tasks)
         envelope, request_level = self._checked(reply, set(uuids))
         if not request_level:
-            return read_poll(envelope, uuids)
+            return read_poll(envelope, uuids), envelope
         if len(uuids) > 1:
             log.debug(
                 "getResponse for %d tasks refused with HTTP %d: %s",
@@ -268,8 +281,8 @@ class RunwareClient:
                 reply.status,
                 self._scrub(describe(envelope.errors)),
             )
-            return PollOutcome(unanswered=set(uuids), batch_refused=True)
-        return read_single_refusal(envelope, uuids[0])
+            return PollOutcome(unanswered=set(uuids), batch_refused=True), envelope
+        return read_single_refusal(envelope, uuids[0]), envelope
 
     async def _upload_once(self, image: str) -> str:
         task_uuid = uuid.uuid4()
