@@ -30,29 +30,22 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
 import anyio
-from anyio.abc import TaskGroup
 
 from pipeline.answers import SubmitOutcome
-from pipeline.client import CREDIT_HINT, PollOutcome, RunwareClient
+from pipeline.client import CREDIT_HINT, RunwareClient
 from pipeline.collector import Collector
 from pipeline.config import Settings
-from pipeline.dialect import (
-    DIALECT_NAME,
-    Dialect,
-    UnknownTask,
-    save_dialect,
-    unknown_task_answer,
-)
+from pipeline.dialect import DIALECT_NAME, Dialect, UnknownTask
 from pipeline.errors import (
     ApiError,
     AuthError,
@@ -67,6 +60,7 @@ from pipeline.flow import (
     Queue,
     SlotGate,
     UrgentRequests,
+    watch_signals,
 )
 from pipeline.journal import (
     Event,
@@ -92,7 +86,7 @@ from pipeline.records import (
     lost_event,
 )
 from pipeline.references import ReferenceUploader
-from pipeline.settle import Answer, Settling, Step
+from pipeline.settle import Settler, Step
 from pipeline.wire import ErrorItem, ImageInferenceRequest, ImageResult
 
 log = logging.getLogger(__name__)
@@ -160,16 +154,18 @@ class Engine:
         # Tasks whose ``submitted`` line is durable, waiting for a slot: kept topped
         # up, so the fsync before a submit is paid while no slot waits.
         self._ready = Queue[Flight](bound=max(limits.submit_batch, top // 4))
-        self._dialect = dialect or Dialect()
-        self._settling = self._settling_for(self._dialect)
-        self._probed = False
+        self._settler = Settler(
+            dialect or Dialect(),
+            grace_s=settings.poll.not_found_grace_s,
+            record=run_dir / DIALECT_NAME,
+        )
         self._poller = Poller(
             settings=settings,
             clock=clock,
             rate=self._rate,
             ask=self._ask_about,
             tasks_waiting=self._tasks_waiting,
-            poll_mode=self._dialect.poll_mode,
+            poll_mode=self._settler.dialect.poll_mode,
         )
         self._urgent = UrgentRequests()
         self._polls_failing_since: float | None = None
@@ -278,7 +274,15 @@ class Engine:
         try:
             async with anyio.create_task_group() as outer:
                 if self._options.handle_signals:
-                    outer.start_soon(self._signal_watcher, outer)
+                    outer.start_soon(
+                        partial(
+                            watch_signals,
+                            grace_s=self._settings.run.shutdown_grace_s,
+                            draining=self._draining.is_set,
+                            drain=lambda: self.request_stop("interrupted"),
+                            stop_now=self.stop_now,
+                        )
+                    )
                 with anyio.CancelScope() as work_scope:
                     self._work_scope = work_scope
                     try:
@@ -313,27 +317,6 @@ class Engine:
                 outer.cancel_scope.cancel()
         finally:
             collector.close()
-
-    async def _signal_watcher(self, scope_owner: TaskGroup) -> None:
-        """First signal: drain with a grace period; second: stop at once."""
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                if self._draining.is_set():
-                    log.warning("second %s: stopping now", signal.Signals(signum).name)
-                    self.stop_now()
-                    return
-                log.warning(
-                    "%s: no new submits; waiting up to %.0fs for in-flight tasks "
-                    "(press Ctrl-C again to stop at once; rerun to resume)",
-                    signal.Signals(signum).name,
-                    self._settings.run.shutdown_grace_s,
-                )
-                self.request_stop("interrupted")
-                scope_owner.start_soon(self._grace_timer)
-
-    async def _grace_timer(self) -> None:
-        await anyio.sleep(self._settings.run.shutdown_grace_s)
-        self.stop_now()
 
     # ---------------------------------------------------------------- journal
 
@@ -625,59 +608,6 @@ class Engine:
 
     # ------------------------------------------------------------------ settling
 
-    def _settling_for(self, dialect: Dialect) -> Settling:
-        return Settling(
-            grace_s=self._settings.poll.not_found_grace_s,
-            processing_proves=dialect.processing_proves_acceptance,
-        )
-
-    async def _learn(self, **found: Any) -> None:
-        """Record what an answer showed of the API's dialect in the run dir, where a
-        resume starts from it."""
-        self._dialect = self._dialect.model_copy(
-            update={**found, "source": "run", "checked_at": utc_now()}
-        )
-        self._settling = self._settling_for(self._dialect)
-        path = self._run_dir / DIALECT_NAME
-        await anyio.to_thread.run_sync(save_dialect, path, self._dialect)
-
-    async def _probe_unknown_tasks(self) -> None:
-        """Once, and only when it matters: ask about a taskUUID nobody sent (free),
-        to learn whether "processing" proves an ambiguous submit was accepted."""
-        assert self._client is not None
-        if self._probed or self._dialect.unknown_task is not UnknownTask.UNKNOWN:
-            return
-        self._probed = True
-        self.summary.poll_requests += 1
-        try:
-            outcome = await self._client.poll([str(uuid.uuid4())])
-        except PipelineError as exc:
-            if exc.run_fatal:
-                raise
-            return  # settling by the same taskUUID works without knowing
-        if (found := unknown_task_answer(outcome)) is not UnknownTask.UNKNOWN:
-            await self._learn(unknown_task=found)
-
-    def _settle_step(self, flight: Flight, outcome: PollOutcome, now: float) -> Step:
-        """What ``settle`` says to do about an unfinished task after this answer."""
-        task_uuid = flight.task_uuid
-        if task_uuid in outcome.not_found:
-            flight.not_found += 1
-            answer = Answer.NOT_FOUND
-        elif task_uuid in outcome.processing:
-            answer = Answer.PROCESSING
-        elif task_uuid in outcome.unanswered and not outcome.batch_refused:
-            answer = Answer.SILENT
-        else:
-            return Step.WAIT
-        sent_at = flight.last_sent_at
-        return self._settling.step(
-            answer,
-            proven=flight.acked or bool(flight.seen),
-            seen_working=flight.seen_processing or bool(flight.seen),
-            since_sent_s=now - (flight.submitted_at if sent_at is None else sent_at),
-        )
-
     async def _send_again(self, flight: Flight) -> None:
         """Queue ``flight`` to go again under its own taskUUID (``Step.RESEND``),
         first in line for a slot like any submit: the API does not hold it (or may
@@ -717,21 +647,23 @@ class Engine:
             self._poll_failed(flights, exc)
             return
         self._polls_failing_since = None
+        settler = self._settler
         if self._poller.judge_batch(flights, outcome):
-            await self._learn(poll_mode=self._poller.batching.mode)
-        if outcome.not_found and self._dialect.unknown_task is UnknownTask.UNKNOWN:
-            await self._learn(unknown_task=UnknownTask.NOT_FOUND)
+            await settler.learn(poll_mode=self._poller.batching.mode)
+        if outcome.not_found and settler.dialect.unknown_task is UnknownTask.UNKNOWN:
+            await settler.learn(unknown_task=UnknownTask.NOT_FOUND)
         now = self._clock()
         self._poller.judge_first_questions(flights, outcome, asked_at)
         await self._take_results(outcome.results, by_uuid, asked_at)
         for task_uuid, error in outcome.failed.items():
             if (failed := by_uuid.get(task_uuid)) is not None and not failed.finished:
                 await self._fail(failed, error)
-        if any(not (by_uuid[u].acked or by_uuid[u].seen) for u in outcome.processing):
-            await self._probe_unknown_tasks()
+        unproven = [u for u in outcome.processing if not by_uuid[u].acked]
+        if unproven and await settler.probe_unknown_tasks(self._client.poll):
+            self.summary.poll_requests += 1
         for task_uuid in outcome.processing:
             busy = by_uuid[task_uuid]
-            if self._settling.proven(
+            if settler.rule.proven(
                 acked=busy.acked, answered=bool(busy.seen), seen_processing=True
             ):
                 busy.acked = True
@@ -745,7 +677,7 @@ class Engine:
             if now - flight.submitted_at > self._settings.poll.deadline_s:
                 self._time_out(flight, now)
                 continue
-            match self._settle_step(flight, outcome, now):
+            match settler.step_for(flight, outcome, now):
                 case Step.RESEND:
                     await self._send_again(flight)
                 case Step.EXPIRED:

@@ -4,7 +4,9 @@ the slot gate, timed waits on the event loop's millisecond grid."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
@@ -211,3 +213,37 @@ class Queue(Generic[T]):
 
     def drain(self) -> list[T]:
         return self.take(len(self._items))
+
+
+async def watch_signals(
+    *,
+    grace_s: float,
+    draining: Callable[[], bool],
+    drain: Callable[[], None],
+    stop_now: Callable[[], None],
+) -> None:
+    """SIGINT or SIGTERM: ``drain`` (no new submits), and ``stop_now`` after
+    ``grace_s``; one while already ``draining``: ``stop_now`` at once."""
+    log = logging.getLogger("pipeline.engine")
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as group:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if draining():
+                    log.warning("second %s: stopping now", name)
+                    stop_now()
+                    break
+                log.warning(
+                    "%s: no new submits; waiting up to %.0fs for in-flight tasks "
+                    "(press Ctrl-C again to stop at once; rerun to resume)",
+                    name,
+                    grace_s,
+                )
+                drain()
+                group.start_soon(_stop_after, grace_s, stop_now)
+            group.cancel_scope.cancel()
+
+
+async def _stop_after(delay_s: float, stop_now: Callable[[], None]) -> None:
+    await anyio.sleep(delay_s)
+    stop_now()

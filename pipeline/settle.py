@@ -22,10 +22,23 @@ longer knows has expired: it fails, retryable with ``--retry-failed``.
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
+from typing import Any
 
-__all__ = ["Answer", "Settling", "Step"]
+import anyio
+import anyio.to_thread
+
+from pipeline.answers import PollOutcome
+from pipeline.dialect import Dialect, UnknownTask, save_dialect, unknown_task_answer
+from pipeline.errors import PipelineError
+from pipeline.journal import utc_now
+from pipeline.records import Flight
+
+__all__ = ["Answer", "Settler", "Settling", "Step"]
 
 
 class Answer(Enum):
@@ -79,3 +92,74 @@ class Settling:
             if seen_working:
                 return Step.EXPIRED
         return Step.RESEND if since_sent_s >= self.grace_s else Step.WAIT
+
+
+class Settler:
+    """The settling rule with what this run has learnt of its API's dialect: the
+    engine's one place to ask what to do about a task that is not done, and to
+    tell what an answer showed. What is learnt is kept in the run dir
+    (``dialect.DIALECT_NAME``), where a resume starts from it."""
+
+    def __init__(self, dialect: Dialect, *, grace_s: float, record: Path) -> None:
+        self.dialect = dialect
+        self._grace_s = grace_s
+        self._record = record
+        self._probed = False
+        self.rule = self._rule()
+
+    def _rule(self) -> Settling:
+        return Settling(
+            grace_s=self._grace_s,
+            processing_proves=self.dialect.processing_proves_acceptance,
+        )
+
+    async def learn(self, **found: Any) -> None:
+        """Record what an answer showed (``Dialect`` fields)."""
+        self.dialect = self.dialect.model_copy(
+            update={**found, "source": "run", "checked_at": utc_now()}
+        )
+        self.rule = self._rule()
+        await anyio.to_thread.run_sync(save_dialect, self._record, self.dialect)
+
+    async def probe_unknown_tasks(
+        self, poll: Callable[[list[str]], Awaitable[PollOutcome]]
+    ) -> bool:
+        """Once, and only while it is not known: ask about a taskUUID nobody sent
+        (free) whether "processing" proves an ambiguous submit was accepted.
+        Returns whether a question was sent.
+
+        Raises:
+            PipelineError: a run-fatal answer (others: settling works without it).
+        """
+        if self._probed or self.dialect.unknown_task is not UnknownTask.UNKNOWN:
+            return False
+        self._probed = True
+        try:
+            outcome = await poll([str(uuid.uuid4())])
+        except PipelineError as exc:
+            if exc.run_fatal:
+                raise
+            return True
+        if (found := unknown_task_answer(outcome)) is not UnknownTask.UNKNOWN:
+            await self.learn(unknown_task=found)
+        return True
+
+    def step_for(self, flight: Flight, outcome: PollOutcome, now: float) -> Step:
+        """What to do about ``flight``, not done, after ``outcome``."""
+        task_uuid = flight.task_uuid
+        if task_uuid in outcome.not_found:
+            flight.not_found += 1
+            answer = Answer.NOT_FOUND
+        elif task_uuid in outcome.processing:
+            answer = Answer.PROCESSING
+        elif task_uuid in outcome.unanswered and not outcome.batch_refused:
+            answer = Answer.SILENT
+        else:
+            return Step.WAIT
+        sent_at = flight.last_sent_at
+        return self.rule.step(
+            answer,
+            proven=flight.acked or bool(flight.seen),
+            seen_working=flight.seen_processing or bool(flight.seen),
+            since_sent_s=now - (flight.submitted_at if sent_at is None else sent_at),
+        )
