@@ -198,19 +198,22 @@ def read_poll(envelope: Envelope, uuids: Sequence[str]) -> PollOutcome:
     results: list[ImageResult] = []
     processing: set[str] = set()
     failed: dict[str, ErrorItem] = {}
+    not_found_items: set[str] = set()
     for item in envelope.data:
         if item.task_uuid not in wanted:
             continue
         match item:
             case ImageResult():
                 results.append(item)
+            case FailedItem() if item.error.code in NOT_FOUND_CODES:
+                not_found_items.add(item.task_uuid)
             case FailedItem():
                 failed[item.task_uuid] = item.as_error()
             case Processing():
                 processing.add(item.task_uuid)
             case UploadResult():
                 pass  # not an answer to getResponse; ignore it
-    not_found: set[str] = set()
+    not_found = not_found_items
     for err in envelope.errors:
         if err.task_uuid not in wanted:
             continue

@@ -114,6 +114,14 @@ def test_not_found_family(code: str) -> None:
     assert outcome.answered == {U1, U2}
 
 
+@pytest.mark.parametrize("code", sorted(NOT_FOUND_CODES))
+def test_not_found_as_a_data_item(code: str) -> None:
+    item = {"taskUUID": U1, "status": "error", "error": {"code": code}}
+    outcome = read_poll(env({"data": [item]}), [U1])
+    assert outcome.not_found == {U1}
+    assert not outcome.failed
+
+
 def test_silence_is_unanswered_not_processing() -> None:
     outcome = read_poll(env({"data": []}), [U1, U2])
     assert outcome.unanswered == {U1, U2}

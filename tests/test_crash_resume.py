@@ -23,7 +23,7 @@ from typing import Final
 import anyio
 import pytest
 
-from pipeline.journal import JOURNAL_NAME
+from pipeline.journal import JOURNAL_NAME, LostEvent, read_journal
 from pipeline.sandbox import STATE, SandboxConfig, SandboxState, create_app
 from tests.faultkit import (
     CRASH_ENV,
@@ -205,3 +205,51 @@ async def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     assert not facts.mismatched
     assert not facts.parts
     assert not facts.corrupt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unknown_task", ["taskNotFound", "silent", "processing"])
+async def test_sigkill_with_tasks_journaled_then_resume_sends_the_same_uuids(
+    tmp_path: Path, unknown_task: str
+) -> None:
+    """Killed just after tasks were journaled as sent (some sent, most not): the
+    rerun settles each by its own taskUUID, whatever getResponse says of unknown
+    tasks: every journaled taskUUID is the one the API accepted, none is replaced
+    by a new one or marked lost, nothing is paid twice."""
+    app = create_app(
+        SandboxConfig(
+            seed=SEED,
+            latency_s=0.3,
+            render_scale=0.1,
+            unknown_task=unknown_task,  # type: ignore[arg-type]
+        )
+    )
+    job = write_job(tmp_path, refs=5, variants=styles(12, pairs_every=3))
+    config = write_config(tmp_path / "config.toml", limits={"concurrency": 4})
+    run_dir = tmp_path / "run"
+    log = tmp_path / "runs.log"
+    state = app[STATE]
+    async with served(app) as url:
+        env = {
+            **{k: v for k, v in os.environ.items() if k != CRASH_ENV},
+            "REMIX_BASE_URL": url,
+            "RUNWARE_API_KEY": SANDBOX_KEY,
+        }
+        cmd = [sys.executable, "-m", "pipeline", "-q", "run", str(job)]
+        cmd += ["--run-dir", str(run_dir), "--config", str(config)]
+        kill = Kill("submitted", 1, 0.0)
+        assert await _run_once(cmd, env, run_dir, kill, log, state) == -signal.SIGKILL
+        journaled = _submitted_lines(run_dir)
+        sent_before = _sent(state)
+        assert journaled > sent_before, "nothing was left journaled but unsent"
+        final = await _run_once(cmd, env, run_dir, None, log, state)
+    assert final == 0, log.read_text()[-3000:]
+    facts = run_facts(run_dir)
+    assert (len(facts.state.done_keys), facts.state.images_done) == (TASKS, IMAGES)
+    events = list(read_journal(run_dir / JOURNAL_NAME))
+    assert not [e for e in events if isinstance(e, LostEvent)]
+    assert len(facts.submitted_uuids) == len(set(facts.submitted_uuids)) == TASKS
+    assert {u.lower() for u in facts.submitted_uuids} == set(state.tasks)
+    assert state.content_billed_twice == 0
+    assert facts.disk_digests == billed_digests(state)
+    assert facts.ledger_usd == state.billed_total_usd
