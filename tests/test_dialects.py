@@ -21,6 +21,8 @@ from pipeline.dialect import DIALECT_NAME, Dialect, PollMode
 from pipeline.journal import FailedEvent, read_journal
 from pipeline.records import RunSummary
 from pipeline.sandbox import STATE, SandboxConfig, SandboxState
+from pipeline.sandbox.presets import DIALECTS
+from pipeline.sandbox.presets import FAULT_MIX as FAULTS
 from tests.conftest import SandboxFactory
 from tests.faultkit import billed_digests, run_facts
 from tests.jobkit import base_url, fast_settings, run_manifest, styles, write_job
@@ -38,30 +40,9 @@ QUIET: Final[dict[str, Any]] = {
     "result_stagger_s": 0.02,
     "render_scale": 0.05,
 }
-FAULT_MIX: Final[dict[str, Any]] = {
-    **QUIET,
-    "server_error_rate": 0.10,
-    "rate_limit_rate": 0.05,
-    "retry_after_s": 0.02,
-    "drop_after_accept_rate": 0.02,
-    "malformed_rate": 0.01,
-    "download_failure_rate": 0.02,
-}
-
-DIALECTS: Final[dict[str, dict[str, Any]]] = {
-    "shipped": {},
-    "poll-type-getResponse": {"poll_task_type": "getResponse"},
-    "unknown-taskNotFound": {"unknown_task": "taskNotFound"},
-    "unknown-taskExpired": {"unknown_task": "taskExpired"},
-    "unknown-silent": {"unknown_task": "silent"},
-    "unknown-processing": {"unknown_task": "processing"},
-    "batch-first-only": {"poll_batch": "first"},
-    "batch-refused": {"poll_batch": "reject"},
-    "batch-empty": {"poll_batch": "empty"},
-    "reuse-duplicate": {"reuse_code": "duplicateTaskUUID"},
-    "ack-empty": {"ack": "empty"},
-    "ack-empty-unknown-processing": {"ack": "empty", "unknown_task": "processing"},
-}
+FAULT_MIX: Final[dict[str, Any]] = {**QUIET, **FAULTS, "retry_after_s": 0.02}
+DIALECTS_DONE: Final = [d for d in DIALECTS if "task_fail_rate" not in DIALECTS[d]]
+"""The dialects in which every task succeeds (failures as data are tested apart)."""
 
 
 def _job(root: Path) -> Path:
@@ -78,7 +59,8 @@ async def _first_run(
     root: Path, make_sandbox: SandboxFactory, config: Mapping[str, Any]
 ) -> Counted:
     server = await make_sandbox(SandboxConfig(**config))
-    settings = fast_settings(root, base_url(server))
+    # Submits of 4: a dozen submit requests, so faults meet submits too.
+    settings = fast_settings(root, base_url(server), limits={"submit_batch": 4})
     summary = await run_manifest(_job(root), root / "run", settings, concurrency=12)
     return Counted(summary, server.app[STATE])
 
@@ -96,7 +78,7 @@ def _assert_paid_once_and_stored(run_dir: Path, state: SandboxState) -> None:
 
 
 @pytest.mark.parametrize("faults", [False, True], ids=["alone", "fault-mix"])
-@pytest.mark.parametrize("dialect", list(DIALECTS))
+@pytest.mark.parametrize("dialect", DIALECTS_DONE)
 async def test_first_run_finishes_in_every_dialect(
     tmp_path: Path, make_sandbox: SandboxFactory, dialect: str, faults: bool
 ) -> None:
@@ -129,9 +111,8 @@ async def test_failures_as_data_items_fail_at_once(
     its code; every other task is done (exit 1, nothing left hanging)."""
     config = {
         **(FAULT_MIX if faults else QUIET),
-        "failed_as": "data",
+        **DIALECTS["failed-as-data"],
         "poll_task_type": task_type,
-        "task_fail_rate": 0.15,
     }
     run = await _first_run(tmp_path, make_sandbox, config)
     summary = run.summary
@@ -175,3 +156,46 @@ async def test_credit_runs_out_mid_run_then_a_top_up_finishes(
     facts = run_facts(run_dir)
     assert (len(facts.state.done_keys), facts.state.images_done) == (TASKS, IMAGES)
     _assert_paid_once_and_stored(run_dir, state)
+
+
+@pytest.mark.parametrize(
+    "dialect",
+    [
+        "shipped",
+        "unknown-taskNotFound",
+        "unknown-silent",
+        "unknown-processing",
+        "ack-empty",
+        "ack-empty-unknown-processing",
+        "reuse-duplicate",
+    ],
+)
+async def test_ambiguous_submits_settle_by_the_same_uuid(
+    tmp_path: Path, make_sandbox: SandboxFactory, dialect: str
+) -> None:
+    """A third of submits answer 5xx before accepting, a third are accepted and
+    then dropped: each such task is settled by its own taskUUID (asked about, then
+    sent again), whatever getResponse says of unknown tasks; no task ever gets a
+    second taskUUID and nothing is paid twice, in the first run."""
+    config = {
+        **QUIET,
+        "latency_s": 0.3,  # longer than the grace: settled before any result
+        **DIALECTS[dialect],
+        "server_error_rate": 0.3,
+        "drop_after_accept_rate": 0.3,
+        "fault_task_types": frozenset({"imageInference"}),
+    }
+    run = await _first_run(tmp_path, make_sandbox, config)
+    summary, state = run.summary, run.state
+    assert summary.exit_code == 0, (summary.stop_reason, summary.stop_message)
+    assert summary.resent > 0
+    assert summary.resubmitted == 0
+    facts = run_facts(tmp_path / "run")
+    assert (len(facts.state.done_keys), facts.state.images_done) == (TASKS, IMAGES)
+    assert len(facts.submitted_uuids) == TASKS  # one taskUUID per task, ever
+    assert {u.lower() for u in facts.submitted_uuids} == set(state.tasks)
+    _assert_paid_once_and_stored(tmp_path / "run", state)
+    if "processing" in dialect:
+        # "processing" proves nothing there: a dropped (accepted) submit is sent
+        # again and refused as reused, which settles it as accepted earlier.
+        assert state.duplicate_task_uuids > 0
