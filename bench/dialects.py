@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,7 +27,7 @@ from _common import emit, emit_json, scratch_dir
 from pipeline.config import load_settings
 from pipeline.records import EngineOptions
 from pipeline.runner import run_manifest
-from pipeline.sandbox import STATE, SandboxConfig, create_app
+from pipeline.sandbox import STATE, SandboxConfig, create_app, serving
 from pipeline.sandbox.presets import DIALECTS, FAULT_MIX
 
 
@@ -74,13 +73,7 @@ async def _one(
     job = _write_job(work)
     (work / "config.toml").write_text("", encoding="utf-8")
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        url = f"http://{host}:{port}/v1"
+    async with serving(app) as url:
         settings = load_settings(
             work / "config.toml",
             env={"RUNWARE_API_KEY": "sandbox", "REMIX_BASE_URL": url},
@@ -94,8 +87,6 @@ async def _one(
             EngineOptions(concurrency=args.concurrency),
         )
         wall = time.monotonic() - started
-    finally:
-        await runner.cleanup()
     state = app[STATE]
     images = max(1, summary.images_new)
     return {

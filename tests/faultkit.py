@@ -16,7 +16,6 @@ rename of an image ``.part`` file into place, before or after the rename.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -43,7 +42,7 @@ from pipeline.journal import (
     read_journal,
 )
 from pipeline.report import write_ledger
-from pipeline.sandbox import SandboxState
+from pipeline.sandbox import SandboxState, serving
 
 IMAGE_SUFFIXES: Final = frozenset({".png", ".jpg", ".webp"})
 CRASH_ENV: Final = "REMIX_TEST_CRASH"
@@ -80,18 +79,9 @@ def write_config(path: Path, **sections: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------- serving
 
 
-@contextlib.asynccontextmanager
-async def served(app: web.Application) -> AsyncIterator[str]:
-    """Serve ``app`` on 127.0.0.1:<ephemeral>; yields ``http://host:port/v1``."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}/v1"
-    finally:
-        await runner.cleanup()
+served = serving
+"""Serve an app (the sandbox, or a gate in front of it) on 127.0.0.1:<ephemeral>;
+yields ``http://host:port/v1``."""
 
 
 # ------------------------------------------------------------------- gate

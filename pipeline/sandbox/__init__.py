@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from pipeline.sandbox.app import STATE, Sandbox, SandboxConfig, create_app
 from pipeline.sandbox.faults import Fault
-from pipeline.sandbox.runner import running_sandbox, serve, serve_until_signalled
+from pipeline.sandbox.runner import (
+    running_sandbox,
+    serve,
+    serve_until_signalled,
+    serving,
+)
 from pipeline.sandbox.state import BilledImage, SandboxState, SandboxTask
 
 __all__ = [
@@ -20,4 +25,5 @@ __all__ = [
     "running_sandbox",
     "serve",
     "serve_until_signalled",
+    "serving",
 ]

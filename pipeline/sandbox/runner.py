@@ -15,14 +15,13 @@ from pipeline.sandbox.app import API_PATH, SandboxConfig, create_app
 
 
 @asynccontextmanager
-async def running_sandbox(
-    config: SandboxConfig, host: str = "127.0.0.1", port: int = 0
+async def serving(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0
 ) -> AsyncIterator[str]:
-    """Serve the sandbox for the duration of the block; yields its base URL.
-
-    ``port=0`` binds an ephemeral port; the yielded URL names the real one.
-    """
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+    """Serve ``app`` (the sandbox, or a proxy in front of it) for the duration of
+    the block; yields its API URL. ``port=0`` binds an ephemeral port; the URL
+    names the real one."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -32,6 +31,16 @@ async def running_sandbox(
         yield f"http://{shown}:{bound_port}{API_PATH}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def running_sandbox(
+    config: SandboxConfig, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """Serve a sandbox with ``config`` for the duration of the block; yields its
+    base URL."""
+    async with serving(create_app(config), host, port) as url:
+        yield url
 
 
 async def serve_until_signalled(host: str, port: int, config: SandboxConfig) -> None:
