@@ -223,10 +223,10 @@ def read_poll(envelope: Envelope, uuids: Sequence[str]) -> PollOutcome:
             failed[err.task_uuid] = err
     not_found -= failed.keys()
     processing -= failed.keys() | not_found
-    outcome = PollOutcome(results, processing, failed, not_found)
-    return PollOutcome(
-        results, processing, failed, not_found, unanswered=wanted - outcome.answered
-    )
+    unanswered = wanted - processing - failed.keys() - not_found
+    if unanswered and results:
+        unanswered -= {r.task_uuid for r in results}
+    return PollOutcome(results, processing, failed, not_found, unanswered)
 
 
 def read_single_refusal(envelope: Envelope, task_uuid: str) -> PollOutcome:

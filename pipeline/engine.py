@@ -682,7 +682,7 @@ class Engine:
                     await self._send_again(flight)
                 case Step.EXPIRED:
                     await self._fail(flight, _EXPIRED, retryable=True)
-                case Step.WAIT if (
+                case Step.WAIT if flight.task_uuid not in outcome.not_found and (
                     flight.acked or flight.task_uuid in outcome.processing
                 ):
                     again.append(flight)

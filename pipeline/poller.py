@@ -174,6 +174,8 @@ class Poller:
     def judge_batch(self, flights: list[Flight], outcome: PollOutcome) -> bool:
         """Let one answer judge batched getResponse (``dialect.PollBatching``) on the
         tasks the API is known to hold; returns whether the mode changed."""
+        if len(flights) < 2 or self.batching.mode is not PollMode.UNKNOWN:
+            return False
         known = {f.task_uuid for f in flights if f.acked or f.seen}
         asked = [f.task_uuid for f in flights]
         return self.batching.judge(
