@@ -20,12 +20,20 @@ import pytest
 from pipeline.dialect import DIALECT_NAME, Dialect, PollMode
 from pipeline.journal import FailedEvent, read_journal
 from pipeline.records import RunSummary
-from pipeline.sandbox import STATE, SandboxConfig, SandboxState
+from pipeline.sandbox import STATE, SandboxConfig, SandboxState, create_app, serving
 from pipeline.sandbox.presets import DIALECTS
 from pipeline.sandbox.presets import FAULT_MIX as FAULTS
 from tests.conftest import SandboxFactory
 from tests.faultkit import billed_digests, run_facts
-from tests.jobkit import base_url, fast_settings, run_manifest, styles, write_job
+from tests.jobkit import (
+    StopAfter,
+    base_url,
+    fast_settings,
+    run_manifest,
+    styles,
+    write_job,
+)
+from tests.test_politeness import Arrivals
 
 pytestmark = pytest.mark.slow
 
@@ -199,3 +207,29 @@ async def test_ambiguous_submits_settle_by_the_same_uuid(
         # "processing" proves nothing there: a dropped (accepted) submit is sent
         # again and refused as reused, which settles it as accepted earlier.
         assert state.duplicate_task_uuids > 0
+
+
+async def test_a_resume_starts_from_the_mode_the_run_learnt(
+    tmp_path: Path, make_sandbox: SandboxFactory
+) -> None:
+    """An API that answers only the first task of a batch: the first run learns it
+    and records it; the resumed run asks one taskUUID per request from its first
+    question on (no batch is sent to be judged again)."""
+    arrivals = Arrivals()
+    app = create_app(SandboxConfig(**QUIET, poll_batch="first"))
+    app.middlewares.append(arrivals.middleware())
+    job, run_dir = _job(tmp_path), tmp_path / "run"
+    async with serving(app) as url:
+        settings = fast_settings(tmp_path, url)
+        stop = StopAfter(20)
+        first = await run_manifest(
+            job, run_dir, settings, concurrency=12, on_engine=stop.attach, progress=stop
+        )
+        assert first.exit_code == 3
+        record = Dialect.model_validate_json((run_dir / DIALECT_NAME).read_text())
+        assert record.poll_mode is PollMode.SINGLE
+        arrivals.poll_sizes.clear()
+        second = await run_manifest(job, run_dir, settings, concurrency=12)
+    assert second.exit_code == 0
+    assert arrivals.poll_sizes
+    assert max(arrivals.poll_sizes) == 1

@@ -25,6 +25,8 @@ class Arrivals:
     types: list[set[str]] = field(default_factory=list)
     first_submit: dict[str, float] = field(default_factory=dict)
     first_poll: dict[str, float] = field(default_factory=dict)
+    poll_sizes: list[int] = field(default_factory=list)
+    """How many getResponse tasks each request held (requests holding any)."""
 
     def middleware(self) -> web.middleware:  # type: ignore[valid-type]
         @web.middleware
@@ -34,6 +36,9 @@ class Arrivals:
                 tasks = json.loads(await request.read())
                 self.times.append(now)
                 self.types.append({str(t.get("taskType")) for t in tasks})
+                polls = sum(t.get("taskType") == "getResponse" for t in tasks)
+                if polls:
+                    self.poll_sizes.append(polls)
                 for task in tasks:
                     seen = {
                         "imageInference": self.first_submit,
