@@ -41,7 +41,14 @@ from PIL import Image, ImageDraw
 from pipeline.answers import PollOutcome, describe
 from pipeline.client import RunwareClient
 from pipeline.config import ENV_API_KEY, Settings
-from pipeline.dialect import Dialect, PollMode, UnknownTask, cache_path, save_dialect
+from pipeline.dialect import (
+    Dialect,
+    PollMode,
+    UnknownTask,
+    cache_path,
+    save_dialect,
+    unknown_task_answer,
+)
 from pipeline.errors import (
     ApiError,
     AuthError,
@@ -359,22 +366,22 @@ def _unknown_task(
     asked: str, outcome: PollOutcome, envelope: Envelope
 ) -> tuple[UnknownTask, str | None, Check]:
     code: str | None = None
-    if asked in outcome.not_found:
-        kind = UnknownTask.NOT_FOUND
-        code = next(
-            (e.code for e in envelope.errors if e.task_uuid == asked),
-            envelope.errors[0].code if envelope.errors else "unknown",
-        )
-        found = f"answered {code}"
-    elif asked in outcome.unanswered:
-        kind, found = UnknownTask.SILENT, "no item at all (nothing said about it)"
-    elif asked in outcome.processing:
-        kind = UnknownTask.PROCESSING
-        found = 'answered "processing", as for a running task'
-    elif (error := outcome.failed.get(asked)) is not None:
-        kind, found = UnknownTask.UNKNOWN, f"answered {describe([error])}"
-    else:
-        kind, found = UnknownTask.UNKNOWN, "answered with a result: a task never sent"
+    kind = unknown_task_answer(outcome)  # what remix run reads from the same answer
+    match kind:
+        case UnknownTask.NOT_FOUND:
+            code = next(
+                (e.code for e in envelope.errors if e.task_uuid == asked),
+                envelope.errors[0].code if envelope.errors else "unknown",
+            )
+            found = f"answered {code}"
+        case UnknownTask.SILENT:
+            found = "no item at all (nothing said about it)"
+        case UnknownTask.PROCESSING:
+            found = 'answered "processing", as for a running task'
+        case UnknownTask.UNKNOWN if (error := outcome.failed.get(asked)) is not None:
+            found = f"answered {describe([error])}"
+        case UnknownTask.UNKNOWN:
+            found = "answered with a result: a task never sent"
     if Dialect(unknown_task=kind).processing_proves_acceptance:
         action = (
             'an ambiguous submit is settled by asking ("processing" proves it was '

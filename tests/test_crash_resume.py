@@ -163,6 +163,24 @@ async def _run_once(
             return await process.wait()
 
 
+def _remix_run(
+    tmp_path: Path, url: str
+) -> tuple[list[str], dict[str, str], Path, Path]:
+    """The 60-task job at concurrency 4 as a ``remix run`` subprocess against
+    ``url``: its command, environment, run dir and log."""
+    job = write_job(tmp_path, refs=5, variants=styles(12, pairs_every=3))
+    config = write_config(tmp_path / "config.toml", limits={"concurrency": 4})
+    run_dir = tmp_path / "run"
+    env = {
+        **{k: v for k, v in os.environ.items() if k != CRASH_ENV},
+        "REMIX_BASE_URL": url,
+        "RUNWARE_API_KEY": SANDBOX_KEY,
+    }
+    cmd = [sys.executable, "-m", "pipeline", "-q", "run", str(job)]
+    cmd += ["--run-dir", str(run_dir), "--config", str(config)]
+    return cmd, env, run_dir, tmp_path / "runs.log"
+
+
 @pytest.mark.slow
 async def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     """≥10 SIGKILLs (after submits, mid-write, at renames): all done, all paid once."""
@@ -170,18 +188,8 @@ async def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     app = create_app(
         SandboxConfig(seed=SEED, latency_s=0.3, latency_jitter_s=0.2, render_scale=0.1)
     )
-    job = write_job(tmp_path, refs=5, variants=styles(12, pairs_every=3))
-    config = write_config(tmp_path / "config.toml", limits={"concurrency": 4})
-    run_dir = tmp_path / "run"
-    log = tmp_path / "runs.log"
     async with served(app) as url:
-        env = {
-            **{k: v for k, v in os.environ.items() if k != CRASH_ENV},
-            "REMIX_BASE_URL": url,
-            "RUNWARE_API_KEY": SANDBOX_KEY,
-        }
-        cmd = [sys.executable, "-m", "pipeline", "-q", "run", str(job)]
-        cmd += ["--run-dir", str(run_dir), "--config", str(config)]
+        cmd, env, run_dir, log = _remix_run(tmp_path, url)
         killed: list[str] = []
         for kill in _schedule(rng):
             status = await _run_once(cmd, env, run_dir, kill, log, app[STATE])
@@ -224,19 +232,9 @@ async def test_sigkill_with_tasks_journaled_then_resume_sends_the_same_uuids(
             unknown_task=unknown_task,  # type: ignore[arg-type]
         )
     )
-    job = write_job(tmp_path, refs=5, variants=styles(12, pairs_every=3))
-    config = write_config(tmp_path / "config.toml", limits={"concurrency": 4})
-    run_dir = tmp_path / "run"
-    log = tmp_path / "runs.log"
     state = app[STATE]
     async with served(app) as url:
-        env = {
-            **{k: v for k, v in os.environ.items() if k != CRASH_ENV},
-            "REMIX_BASE_URL": url,
-            "RUNWARE_API_KEY": SANDBOX_KEY,
-        }
-        cmd = [sys.executable, "-m", "pipeline", "-q", "run", str(job)]
-        cmd += ["--run-dir", str(run_dir), "--config", str(config)]
+        cmd, env, run_dir, log = _remix_run(tmp_path, url)
         kill = Kill("submitted", 1, 0.0)
         assert await _run_once(cmd, env, run_dir, kill, log, state) == -signal.SIGKILL
         journaled = _submitted_lines(run_dir)
