@@ -14,7 +14,6 @@ prompts, the one part that differs per reference, are filled and checked per tas
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import json
 import re
@@ -141,14 +140,6 @@ def _substitute_images(
             "ideogram": {**ideo, "styleReferenceImages": fixed},
         }
     return body
-
-
-def shard_of(key: str, shards: int) -> int:
-    """The shard of `shards` a task key belongs to (stable across runs and machines)."""
-    if shards < 1:
-        raise ValueError(f"shards must be at least 1, not {shards}")
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % shards
 
 
 # ---------------------------------------------------------------------------

@@ -11,24 +11,24 @@ from typing import Final
 import anyio
 from anyio.abc import TaskGroup
 
-from pipeline.expand import TaskSpec, shard_of
+from pipeline.expand import TaskSpec
 from pipeline.journal import ResumeState
 from pipeline.references import ReferenceUploader
+from pipeline.shard import Shard
 
 _UPLOADS_AHEAD: Final = 8
 """Reference uploads that may run at once ahead of the tasks that need them."""
 
 
 def selected(
-    specs: Callable[[], Iterator[TaskSpec]], shard: tuple[int, int] | None
+    specs: Callable[[], Iterator[TaskSpec]], shard: Shard | None
 ) -> Iterator[TaskSpec]:
     """The run's tasks: the job's, or those of its shard."""
     if shard is None:
         yield from specs()
         return
-    index, count = shard
     for spec in specs():
-        if shard_of(spec.key, count) == index:
+        if shard.contains(spec.key):
             yield spec
 
 

@@ -34,11 +34,12 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar
 from PIL import Image, ImageOps
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.expand import count_tasks, expand, shard_of
+from pipeline.expand import count_tasks, expand
 from pipeline.journal import JOURNAL_NAME, CompletedEvent, FailedEvent
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.report import JournalIndex, KeyFacts, parse_key, scan_journal
 from pipeline.rundir import read_run_info
+from pipeline.shard import Shard
 from pipeline.storage import safe_part, sidecar_path, write_atomic_text_stream
 
 log = logging.getLogger(__name__)
@@ -266,16 +267,6 @@ def _load_manifest(run_dir: Path, path: str | None) -> Manifest | None:
         return None
 
 
-def _in_shard(shard: str | None) -> tuple[int, int] | None:
-    if not shard:
-        return None
-    index, _, count = shard.partition("/")
-    try:
-        return int(index), int(count)
-    except ValueError:
-        return None
-
-
 def _read_sidecar(run_dir: Path, relpath: str) -> dict[str, Any]:
     try:
         data = json.loads(sidecar_path(run_dir / relpath).read_text(encoding="utf-8"))
@@ -336,11 +327,11 @@ def _plan(run_dir: Path) -> _Plan:
             )
             rows[reference.id] = []
         variants.update((v.id, None) for v in manifest.variants)
-        shard = _in_shard(shard_text)
+        shard = Shard.read(shard_text)
         try:
             if count_tasks(manifest) <= MAX_EXPAND:
                 for spec in expand(manifest):
-                    if shard and shard_of(spec.key, shard[1]) != shard[0]:
+                    if shard and not shard.contains(spec.key):
                         continue
                     planned.add(spec.key)
                     rows.setdefault(spec.reference_id, []).append(spec.key)

@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeline.expand import TaskSpec
 from pipeline.journal import LostEvent, utc_now
+from pipeline.shard import Shard
 from pipeline.wire import ImageInferenceRequest, ImageResult
 
 
@@ -78,7 +79,7 @@ class EngineOptions:
     concurrency: int
     budget_usd: Decimal | None = None
     retry_failed: bool = False
-    shard: tuple[int, int] | None = None
+    shard: Shard | None = None
     handle_signals: bool = False
     """Install SIGINT/SIGTERM handlers (the CLI does; tests stop it directly)."""
 

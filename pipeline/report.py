@@ -47,6 +47,7 @@ from pipeline.journal import (
     read_journal,
 )
 from pipeline.rundir import LOCK_NAME, RUN_INFO_NAME, read_run_info
+from pipeline.shard import Shard
 from pipeline.storage import write_atomic_text_stream
 
 log = logging.getLogger(__name__)
@@ -1059,13 +1060,13 @@ def _plan_estimate(runs: Sequence[RunData]) -> Decimal | None:
     The engine journals the whole job's estimate in every shard's run_started.
     """
     total: Decimal | None = None
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, int]] = set()
     for run in runs:
         started = run.last_started
         if started is None:
             continue
-        if started.shard is not None:
-            job = (started.manifest_sha256, started.shard.partition("/")[2])
+        if (shard := Shard.read(started.shard)) is not None:
+            job = (started.manifest_sha256, shard.count)
             if job in seen:
                 continue
             seen.add(job)

@@ -16,7 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pipeline.config import Settings
 from pipeline.dialect import load_dialect
 from pipeline.engine import Engine
-from pipeline.expand import check_manifest, expand, shard_of
+from pipeline.expand import check_manifest, expand
 from pipeline.gc_tuning import sparing_collector
 from pipeline.journal import (
     JOURNAL_NAME,
@@ -60,10 +60,9 @@ async def run_job(
     state = load_state(journal_path)
     tasks, images = totals.tasks, totals.images
     if options.shard is not None:
-        index, count = options.shard
         tasks = images = 0
         for spec in expand(manifest):  # counted, never held: a shard may be 100k
-            if shard_of(spec.key, count) == index:
+            if options.shard.contains(spec.key):
                 tasks += 1
                 images += spec.images
     summary = RunSummary(
@@ -85,9 +84,7 @@ async def run_job(
                 tasks=tasks,
                 images=images,
                 estimate_usd=totals.estimate_usd,
-                shard=None
-                if options.shard is None
-                else f"{options.shard[0]}/{options.shard[1]}",
+                shard=None if options.shard is None else options.shard.label,
             )
         )
         engine = Engine(
@@ -132,12 +129,11 @@ async def run_manifest(
     )
     if options.budget_usd is None and manifest.job.budget_usd is not None:
         options = dataclasses.replace(options, budget_usd=manifest.job.budget_usd)
-    shard = None if options.shard is None else f"{options.shard[0]}/{options.shard[1]}"
     with open_run_dir(
         run_dir,
         manifest_path=manifest_path,
         settings_public=settings.public_dict(),
-        shard=shard,
+        shard=None if options.shard is None else options.shard.label,
     ):
         return await run_job(
             manifest=manifest,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import math
 import random
-from collections import Counter
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -21,7 +20,6 @@ from pipeline.expand import (
     expand,
     parse_template,
     render_value,
-    shard_of,
     validate_manifest,
 )
 from pipeline.manifest import Job, Manifest
@@ -392,22 +390,6 @@ def test_axis_values_that_render_alike_are_a_problem() -> None:
         "m.toml: matrix: two value combinations give the same task key part "
         in (report.problems[0])
     )
-
-
-def test_shard_of_is_stable_and_partitions() -> None:
-    """Each key lands in exactly one shard, the same one every time, roughly evenly."""
-    assert shard_of("atrium/art-deco/remixStrength=30", 7) == shard_of(
-        "atrium/art-deco/remixStrength=30", 7
-    )
-    assert shard_of("atrium/art-deco", 1) == 0
-    assert shard_of("atrium/art-deco", 1000) == 343  # sha256: no hash seed involved
-    keys = [s.key for s in expand(build([f"r{i}" for i in range(100)], ["a", "b"], {}))]
-    counts = Counter(shard_of(k, 4) for k in keys)
-    assert set(counts) == {0, 1, 2, 3}
-    assert sum(counts.values()) == 200
-    assert min(counts.values()) > 25
-    with pytest.raises(ValueError, match="at least 1"):
-        shard_of("k", 0)
 
 
 def test_dummy_uuid_is_version_4() -> None:

@@ -25,6 +25,7 @@ from aiohttp import web
 from anyio.from_thread import BlockingPortal
 
 from pipeline import cli
+from pipeline.cli import ExitCode
 from pipeline.journal import JOURNAL_NAME, load_state
 from pipeline.sandbox import STATE, SandboxConfig, SandboxState, create_app
 from tests.faultkit import (
@@ -135,14 +136,14 @@ def _fatal_then_fix(
             refuse_all=refuse_all,
         )
         with serving(portal, gate.app()) as gated:
-            assert job.run(monkeypatch, gated, SANDBOX_KEY) == cli.EXIT_STOPPED
+            assert job.run(monkeypatch, gated, SANDBOX_KEY) == ExitCode.STOPPED
         out = "".join(capsys.readouterr())
         assert gate.refused > 0
         assert re.search(message, out), out
         assert "Traceback" not in out
         before = _assert_intact(job)
         assert len(before) >= TRIP_AFTER
-        assert job.run(monkeypatch, upstream, SANDBOX_KEY) == cli.EXIT_OK
+        assert job.run(monkeypatch, upstream, SANDBOX_KEY) == ExitCode.OK
     _assert_finished(job, sandbox[STATE], before)
 
 
@@ -156,7 +157,7 @@ def test_wrong_key_stops_with_exit_3_and_the_right_key_finishes(
     sandbox = _sandbox()
     job = Job(tmp_path)
     with serving(portal, sandbox) as url:
-        assert job.run(monkeypatch, url, WRONG_KEY) == cli.EXIT_STOPPED
+        assert job.run(monkeypatch, url, WRONG_KEY) == ExitCode.STOPPED
         out = "".join(capsys.readouterr())
         assert "RUNWARE_API_KEY" in out, out
         assert WRONG_KEY not in out
@@ -166,7 +167,7 @@ def test_wrong_key_stops_with_exit_3_and_the_right_key_finishes(
         for path in job.run_dir.rglob("*"):
             if path.is_file():
                 assert WRONG_KEY.encode() not in path.read_bytes(), path
-        assert job.run(monkeypatch, url, SANDBOX_KEY) == cli.EXIT_OK
+        assert job.run(monkeypatch, url, SANDBOX_KEY) == ExitCode.OK
     _assert_finished(job, sandbox[STATE], {})
 
 
@@ -255,7 +256,7 @@ def test_disk_full_on_a_tiny_tmpfs_stops_cleanly_and_resumes(
                 on_trip=lambda: _fill(disk),
             )
             with serving(portal, gate.app()) as gated:
-                assert job.run(monkeypatch, gated, SANDBOX_KEY) == cli.EXIT_STOPPED
+                assert job.run(monkeypatch, gated, SANDBOX_KEY) == ExitCode.STOPPED
             out = "".join(capsys.readouterr())
             assert gate.tripped
             assert re.search(DISK_FULL, out), out
@@ -263,7 +264,7 @@ def test_disk_full_on_a_tiny_tmpfs_stops_cleanly_and_resumes(
             (disk / "ballast").unlink()
             before = _assert_intact(job)
             assert len(before) >= TRIP_AFTER
-            assert job.run(monkeypatch, upstream, SANDBOX_KEY) == cli.EXIT_OK
+            assert job.run(monkeypatch, upstream, SANDBOX_KEY) == ExitCode.OK
         _assert_finished(job, sandbox[STATE], before)
 
 
@@ -290,7 +291,7 @@ def test_disk_full_on_image_write_stops_cleanly_and_resumes(
 
     with serving(portal, sandbox) as url:
         monkeypatch.setattr(os, "replace", replace)
-        assert job.run(monkeypatch, url, SANDBOX_KEY) == cli.EXIT_STOPPED
+        assert job.run(monkeypatch, url, SANDBOX_KEY) == ExitCode.STOPPED
         monkeypatch.setattr(os, "replace", real_replace)
         out = "".join(capsys.readouterr())
         assert full
@@ -298,7 +299,7 @@ def test_disk_full_on_image_write_stops_cleanly_and_resumes(
         assert "Traceback" not in out
         before = _assert_intact(job)
         assert len(before) >= TRIP_AFTER
-        assert job.run(monkeypatch, url, SANDBOX_KEY) == cli.EXIT_OK
+        assert job.run(monkeypatch, url, SANDBOX_KEY) == ExitCode.OK
     _assert_finished(job, sandbox[STATE], before)
 
 
@@ -320,5 +321,5 @@ def test_disk_full_while_writing_thumbnails_leaves_no_part_file(
     with serving(portal, sandbox) as url:
         monkeypatch.setattr(os, "replace", replace)
         code = job.run(monkeypatch, url, SANDBOX_KEY)
-    assert code in (cli.EXIT_OK, cli.EXIT_STOPPED)
+    assert code in (ExitCode.OK, ExitCode.STOPPED)
     assert not list(job.run_dir.rglob("*.part"))

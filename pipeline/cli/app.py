@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from pydantic import SecretStr
 
+from pipeline.cli.exit import ExitCode
 from pipeline.config import ENV_API_KEY, Settings, load_settings, loop_options
 from pipeline.errors import ConfigError, ManifestError, PipelineError
 from pipeline.expand import check_manifest
@@ -30,13 +31,19 @@ from pipeline.records import EngineOptions, RunSummary
 from pipeline.report import print_report, print_status, write_ledger
 from pipeline.rundir import open_run_dir
 from pipeline.runner import JobTotals, run_job
+from pipeline.shard import Shard
 
 if TYPE_CHECKING:  # imported when serving: the sandbox is not every run's cost
     from pipeline.sandbox import SandboxConfig
 
 log = logging.getLogger("pipeline")
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = (
+    ExitCode.OK,
+    ExitCode.FAILED,
+    ExitCode.INVALID,
+    ExitCode.STOPPED,
+)
 SANDBOX_KEY = "sandbox"
 
 
@@ -60,17 +67,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _shard(text: str) -> tuple[int, int]:
+def _shard(text: str) -> Shard:
     try:
-        index_s, count_s = text.split("/")
-        index, count = int(index_s), int(count_s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--shard takes I/N, e.g. 0/4: {text!r}"
-        ) from None
-    if count < 1 or not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N: {text!r}")
-    return index, count
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--shard: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,10 +386,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "to run against the real API, or add --sandbox to run against the "
             "local sandbox"
         )
-    shard_label = None if args.shard is None else f"{args.shard[0]}/{args.shard[1]}"
+    shard: Shard | None = args.shard
     run_dir: Path = args.run_dir or settings.run.runs_dir / (
-        manifest.job.name
-        + ("" if args.shard is None else f"-shard{args.shard[0]}of{args.shard[1]}")
+        manifest.job.name + ("" if shard is None else shard.dir_suffix)
     )
     budget = args.budget if args.budget is not None else manifest.job.budget_usd
     options = EngineOptions(
@@ -402,7 +402,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir,
         manifest_path=args.manifest,
         settings_public=settings.public_dict(),
-        shard=shard_label,
+        shard=None if shard is None else shard.label,
     ) as resuming:
         if resuming:
             log.warning("resuming the run in %s", run_dir)
