@@ -18,8 +18,14 @@ from typing import Protocol
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from hypothesis import settings
 
 from pipeline.sandbox import SandboxConfig, create_app
+
+# The default run times nothing (timing goals are marked perf): no per-example
+# deadline, which a loaded machine misses without anything being wrong.
+settings.register_profile("untimed", deadline=None)
+settings.load_profile("untimed")
 
 
 @pytest.fixture
