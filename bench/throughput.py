@@ -370,7 +370,8 @@ class SlotMeter:
         self._last = 0.0
         self._saved: list[tuple[str, Any]] = []
 
-    def _tick(self, delta: int) -> None:
+    def tick(self, delta: int) -> None:
+        """Slots taken (delta > 0) or handed back (delta < 0) now."""
         now = time.perf_counter()
         if self._first is None:
             self._first = now
@@ -392,11 +393,11 @@ class SlotMeter:
         acquire, release = gate.force_acquire, gate.release
 
         def force_acquire(g: Any, n: int = 1) -> None:
-            meter._tick(n)
+            meter.tick(n)
             acquire(g, n)
 
         def released(g: Any, n: int = 1) -> None:
-            meter._tick(-n)
+            meter.tick(-n)
             release(g, n)
 
         self._saved = [("force_acquire", acquire), ("release", release)]
