@@ -4,6 +4,11 @@ Every file lands atomically: the bytes go to ``<path>.part``, are fsynced, then
 ``os.replace``d into place and the directory is fsynced. A crash or a cancelled
 task leaves at most a ``.part`` file, which :func:`clean_partials` removes when a
 run resumes, never a half image under the real name.
+
+A batch (:func:`write_atomic_many`) makes its contents durable with one Linux
+``syncfs`` of the run dir's filesystem; where there is none, or it is refused, each
+file is fsynced, the only way on macOS. ``REMIX_FSYNC=per-file`` (:data:`FSYNC_ENV`)
+takes that way on Linux too (a filesystem where syncfs is slow, or a test of it).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ StrPath = str | os.PathLike[str]
 P = TypeVar("P", str, Path)
 
 PART_SUFFIX: Final = ".part"
+FSYNC_ENV: Final = "REMIX_FSYNC"
+"""Set to ``per-file``: batches fsync each file instead of one syncfs (Linux)."""
+PER_FILE: Final = "per-file"
 MAX_PART_LEN: Final = 100
 """Longest path component we write; longer ones are cut and get a hash suffix."""
 
@@ -259,15 +267,15 @@ _SYNCFS: Final = _load_syncfs()
 
 def _sync_filesystem(anywhere: str, paths: Sequence[str]) -> None:
     """Make the given files durable: one syncfs of the filesystem holding
-    ``anywhere``, or an fsync each without it."""
-    if _SYNCFS is not None:
+    ``anywhere``, or an fsync each without it (or with ``REMIX_FSYNC=per-file``)."""
+    if _SYNCFS is not None and os.environ.get(FSYNC_ENV) != PER_FILE:
         fd = os.open(anywhere, os.O_RDONLY)
         try:
             if _SYNCFS(fd) == 0:
                 return
         finally:
             os.close(fd)
-    for path in paths:  # pragma: no cover - syncfs missing or refused
+    for path in paths:  # syncfs missing (macOS), refused, or not wanted
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import sys
 import threading
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -21,8 +22,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.errors import StorageError
+from pipeline.sandbox import SandboxConfig
 from pipeline.storage import (
+    FSYNC_ENV,
     MAX_PART_LEN,
+    PER_FILE,
     clean_partials,
     detect_ext,
     ext_for_format,
@@ -33,6 +37,8 @@ from pipeline.storage import (
     write_atomic_many,
     write_sidecar,
 )
+from tests.conftest import SandboxFactory
+from tests.jobkit import base_url, fast_settings, run_manifest, write_job
 
 _SAFE = re.compile(r"[A-Za-z0-9._=,-]+")
 
@@ -246,6 +252,88 @@ async def test_write_atomic_many_lands_a_batch_across_directories(
     ]
     await write_atomic_many([(batch[0][0], b"again")])
     assert read(batch[0][0]) == b"again"
+
+
+Identity = tuple[int, int]
+
+
+def _identity(path: str | os.PathLike[str]) -> Identity:
+    """A file's or directory's (device, inode): a rename keeps it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> set[Identity]:
+    """Every file and directory os.fsync is called on from now (it still syncs)."""
+    real = os.fsync
+    seen: set[Identity] = set()
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        seen.add((st.st_dev, st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+def _batch(root: Path) -> list[tuple[str | Path, bytes]]:
+    return [
+        (f"{root}/images/a/x/s-1.png", b"\x89PNG" + os.urandom(5000)),
+        (f"{root}/images/a/x/s-1.json", b'{"seed": 1}\n'),
+        (root / "images" / "b" / "y" / "s-2.png", b"\x89PNG"),
+    ]
+
+
+async def test_per_file_sync_fsyncs_every_file_and_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsynced: set[Identity]
+) -> None:
+    """REMIX_FSYNC=per-file (the only way without Linux's syncfs, as on macOS):
+    each file of a batch is fsynced before its rename, then each directory."""
+    monkeypatch.setenv(FSYNC_ENV, PER_FILE)
+    batch = _batch(tmp_path)
+    await write_atomic_many(batch)
+    for path, data in batch:
+        assert read(path) == data
+        assert _identity(path) in fsynced, path
+        assert _identity(os.path.dirname(path)) in fsynced, path
+    assert len(fsynced) == 5  # 3 files, 2 directories
+    assert not [name for name in files_in(tmp_path) if name.endswith(".part")]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="syncfs is Linux's")
+async def test_a_batch_on_linux_syncs_its_filesystem_once(
+    tmp_path: Path, fsynced: set[Identity]
+) -> None:
+    """Without the switch a batch's contents go out with one syncfs: fsync is
+    called on its directories only."""
+    batch = _batch(tmp_path)
+    await write_atomic_many(batch)
+    assert fsynced == {_identity(os.path.dirname(path)) for path, _ in batch}
+
+
+async def test_a_job_stores_every_file_fsynced_one_by_one(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fsynced: set[Identity],
+    make_sandbox: SandboxFactory,
+) -> None:
+    """A small real run with REMIX_FSYNC=per-file: every image and sidecar it
+    stores, and every directory holding them, was fsynced."""
+    monkeypatch.setenv(FSYNC_ENV, PER_FILE)
+    server = await make_sandbox(SandboxConfig(latency_s=0.02, render_scale=0.05))
+    job = write_job(tmp_path, refs=2)
+    run_dir = tmp_path / "run"
+    summary = await run_manifest(
+        job, run_dir, fast_settings(tmp_path, base_url(server))
+    )
+    assert summary.exit_code == 0
+    stored = [p for p in (run_dir / "images").rglob("*") if p.is_file()]
+    assert len([p for p in stored if p.suffix == ".json"]) == summary.images_done > 0
+    for path in stored:
+        assert _identity(path) in fsynced, path
+        assert _identity(path.parent) in fsynced, path.parent
 
 
 @pytest.mark.parametrize("failing_call", ["write", "replace"])
