@@ -3,7 +3,8 @@ switches for the dialects of its undocumented answers (see ``SandboxConfig``).""
 
 from __future__ import annotations
 
-from pipeline.sandbox.app import STATE, Sandbox, SandboxConfig, create_app
+from pipeline.sandbox.app import STATE, create_app
+from pipeline.sandbox.config import SandboxConfig
 from pipeline.sandbox.faults import Fault
 from pipeline.sandbox.runner import (
     running_sandbox,
@@ -12,6 +13,7 @@ from pipeline.sandbox.runner import (
     serving,
 )
 from pipeline.sandbox.state import BilledImage, SandboxState, SandboxTask
+from pipeline.sandbox.tasks import Sandbox
 
 __all__ = [
     "STATE",

@@ -11,7 +11,8 @@ import anyio
 from aiohttp import web
 
 from pipeline.config import loop_options
-from pipeline.sandbox.app import API_PATH, SandboxConfig, create_app
+from pipeline.sandbox.app import create_app
+from pipeline.sandbox.config import API_PATH, SandboxConfig
 
 
 @asynccontextmanager
