@@ -105,7 +105,7 @@ async def test_a_varying_latency_is_asked_about_in_shared_requests(
 ) -> None:
     """With latencies of 0.4-0.8 s, slots free and tasks go out a few at a time, so
     each task's questions keep a clock of their own. A question going out anyway
-    carries the tasks about due (Poller._riders): fewer requests, and no task seen
+    carries the tasks about due (the poller's riders): fewer requests, and no task seen
     later for it. 96 tasks at C = 48: 49-54 polls measured, 76-82 with no riders
     (the slowest task's turnaround 0.82-0.86 s both ways)."""
     server = await make_sandbox(
