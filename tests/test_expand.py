@@ -394,9 +394,9 @@ def test_axis_values_that_render_alike_are_a_problem() -> None:
 
 def test_dummy_uuid_is_version_4() -> None:
     """The stand-in taskUUID passes the wire model's UUID4 check."""
-    from pipeline.expand import _DUMMY_UUID
+    from pipeline.validation.tasks import PLACEHOLDER_TASK_UUID
 
-    assert UUID(str(_DUMMY_UUID)).version == 4
+    assert UUID(str(PLACEHOLDER_TASK_UUID)).version == 4
 
 
 def test_requests_leave_the_shared_tables_of_other_tasks_alone(tmp_path: Path) -> None:
