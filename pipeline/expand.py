@@ -21,29 +21,21 @@ from pydantic import ValidationError
 from pipeline.errors import ManifestError
 from pipeline.manifest import Manifest
 from pipeline.plan import (
-    PROMPT_FIELDS,
-    Axis,
     Plan,
     Template,
     axes_of,
     count_tasks,
     parse_template,
-    refs_for,
     render_value,
     substitute_images,
     unknown_vars,
 )
 from pipeline.validation.check import check_manifest, validate_manifest
-from pipeline.validation.files import image_problem
-from pipeline.validation.problems import PROBLEM_LIMIT, ValidationReport
-from pipeline.validation.tasks import PROMPT_MAX, wire_problems
+from pipeline.validation.problems import ValidationReport
+from pipeline.validation.tasks import wire_problems
 from pipeline.wire import ImageInferenceRequest
 
-__all__ = [
-    "PROBLEM_LIMIT",
-    "PROMPT_FIELDS",
-    "PROMPT_MAX",
-    "Axis",
+__all__ = [  # what callers have always imported from here
     "TaskSpec",
     "Template",
     "ValidationReport",
@@ -51,12 +43,9 @@ __all__ = [
     "check_manifest",
     "count_tasks",
     "expand",
-    "image_problem",
     "parse_template",
-    "refs_for",
     "render_value",
     "validate_manifest",
-    "wire_problems",
 ]
 
 

@@ -73,6 +73,8 @@ Such an error has no location of its own (it belongs to no single field); this i
 a reader (manifest validation) names its fields without parsing the message.
 """
 
+ModelAir = Literal["ideogram:3@2"]
+"""The one model the request accepts (`MODEL_AIR`)."""
 OutputType = Literal["URL", "dataURI", "base64Data"]
 OutputFormat = Literal["JPG", "PNG", "WEBP"]
 DeliveryMethod = Literal["sync", "async"]
@@ -260,7 +262,7 @@ class ImageInferenceRequest(RequestModel):
 
     task_type: Literal["imageInference"] = "imageInference"
     task_uuid: UUID4 = Field(alias="taskUUID")
-    model: Literal["ideogram:3@2"] = MODEL_AIR
+    model: ModelAir = MODEL_AIR
     positive_prompt: Annotated[str, Field(min_length=1, max_length=2000)]
     negative_prompt: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
     width: int

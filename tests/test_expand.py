@@ -20,9 +20,9 @@ from pipeline.expand import (
     expand,
     parse_template,
     render_value,
-    validate_manifest,
 )
 from pipeline.manifest import Job, Manifest
+from pipeline.validation.check import validate_manifest
 
 UPLOADED = "11111111-1111-4111-8111-111111111111"
 

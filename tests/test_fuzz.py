@@ -26,9 +26,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ManifestError
-from pipeline.expand import expand, validate_manifest
+from pipeline.expand import expand
 from pipeline.manifest import load_manifest
 from pipeline.sandbox import STATE, SandboxConfig, create_app
+from pipeline.validation.check import validate_manifest
 from pipeline.wire import Envelope
 from tests.conftest import SandboxFactory
 from tests.jobkit import make_ref

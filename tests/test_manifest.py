@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import ManifestError
-from pipeline.expand import ValidationReport, count_tasks, expand, validate_manifest
+from pipeline.expand import count_tasks, expand
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.validation import files as files_mod
+from pipeline.validation.check import validate_manifest
+from pipeline.validation.problems import ValidationReport
 
 DATA = Path(__file__).parent / "data" / "manifests"
 BAD = sorted(DATA.glob("bad_*.toml"))

@@ -13,7 +13,7 @@ from collections.abc import Hashable
 from typing import Any, Final
 from uuid import UUID
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from pipeline.manifest import STYLE_REFS_PATH, Manifest, dotted, error_message
 from pipeline.plan import (
@@ -26,7 +26,13 @@ from pipeline.plan import (
 )
 from pipeline.validation.files import ImageFiles
 from pipeline.validation.problems import Problem, ProblemSink
-from pipeline.wire import CROSS_FIELD_CHECKS, ImageInferenceRequest, Inputs
+from pipeline.wire import (
+    CROSS_FIELD_CHECKS,
+    MODEL_AIR,
+    ImageInferenceRequest,
+    Inputs,
+    ModelAir,
+)
 
 PROMPT_MAX: Final = 2000
 PLACEHOLDER_TASK_UUID: Final = UUID("00000000-0000-4000-8000-000000000000")
@@ -35,6 +41,8 @@ PLACEHOLDER_IMAGE: Final = "00000000-0000-4000-8000-000000000000"
 """Stands in for an uploaded local image while validating (the upload is later)."""
 
 _STYLE_FIELD: Final = ".".join(STYLE_REFS_PATH)
+_MODEL: Final = TypeAdapter[str](ModelAir)
+"""The wire's own check of the model AIR, run once for the [job] model."""
 
 
 def wire_problems(exc: ValidationError) -> list[tuple[str, str, str]]:
@@ -119,6 +127,8 @@ class TaskChecks:
             for combo in plan.combos():
                 pset = plan.param_set(vi, combo)
                 first = plan.key(refs[0].id if refs else "*", variant.id, pset)
+                if self._first("model"):
+                    self._model(first)
                 for fld, msg in self._wire(pset):
                     self.sink.add(Problem(first, fld, msg + everyone))
                 for file in pset.style_files:
@@ -134,9 +144,18 @@ class TaskChecks:
                 by_speed[speed] = by_speed.get(speed, 0) + pset.images * n_refs
                 self._prompts(vi, pset, first, everyone)
 
+    def _model(self, first: str) -> None:
+        """The [job] model, once, at the first task (every task sends it)."""
+        try:
+            _MODEL.validate_python(self.plan.manifest.job.model, strict=True)
+        except ValidationError as exc:
+            for error in exc.errors(include_url=False):
+                self.sink.add(Problem(first, "model", error_message(error)))
+
     def _wire(self, pset: ParamSet) -> list[tuple[str, str]]:
         """Wire problems of a parameter set, with neutral prompts and placeholders
-        for what remix sets itself (so reserved keys are `structure`'s alone)."""
+        for what remix sets itself: reserved keys are `structure`'s alone, the model
+        is `_model`'s."""
         body: dict[str, Any] = dict(pset.params)
         for name in PROMPT_FIELDS:
             if isinstance(body.get(name), str):
@@ -145,7 +164,7 @@ class TaskChecks:
             local = {str(f) for f in pset.style_files}
             body = substitute_images(body, dict.fromkeys(local, PLACEHOLDER_IMAGE))
         body.update(
-            model=self.plan.manifest.job.model,
+            model=MODEL_AIR,
             taskType="imageInference",
             taskUUID=PLACEHOLDER_TASK_UUID,
             inputs={"referenceImages": [PLACEHOLDER_IMAGE]},
