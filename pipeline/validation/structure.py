@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, NamedTuple
 
@@ -211,7 +211,7 @@ def structure_problems(outline: Outline) -> list[Problem]:
             if not only:
                 msg = "lists no reference: remove it to use every reference"
                 out.append(Problem(vwhere, "only", msg))
-            for ref_id in only:
+            for ref_id in dict.fromkeys(x for x in only if isinstance(x, Hashable)):
                 if isinstance(ref_id, str) and ref_id not in first_ref:
                     msg = f"no reference has the id '{ref_id}'"
                     out.append(Problem(vwhere, "only", msg))

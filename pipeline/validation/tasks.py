@@ -9,13 +9,20 @@ differs per task, are checked per task. Unknown parameter names are not reported
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any, Final
 from uuid import UUID
 
 from pydantic import TypeAdapter, ValidationError
 
-from pipeline.manifest import STYLE_REFS_PATH, Manifest, dotted, error_message
+from pipeline.manifest import (
+    STYLE_REFS_PATH,
+    Manifest,
+    Reference,
+    Variant,
+    dotted,
+    error_message,
+)
 from pipeline.plan import (
     PROMPT_FIELDS,
     ParamSet,
@@ -119,13 +126,29 @@ class TaskChecks:
         return True
 
     def run(self) -> None:
+        """Check every task that has a key of its own.
+
+        A reference or variant whose id repeats an earlier one's has no such task:
+        its keys would name the earlier one's tasks, and the run is refused for the
+        duplicate id (`structure`), so its tasks are counted but not checked.
+        """
         plan = self.plan
-        for vi, variant in enumerate(plan.manifest.variants):
+        manifest = plan.manifest
+        keyed_refs = _first_of_each_id(manifest.references)
+        keyed_variants = _first_of_each_id(manifest.variants)
+        for vi, variant in enumerate(manifest.variants):
             refs = plan.refs_for[vi]
             n_refs = len(refs)
+            own_refs = [r for r in refs if id(r) in keyed_refs]
             everyone = f" (same for all {n_refs} references)" if n_refs > 1 else ""
             for combo in plan.combos():
                 pset = plan.param_set(vi, combo)
+                self.images += pset.images * n_refs
+                speed = pset.rendering_speed or "DEFAULT"
+                by_speed = self.images_by_speed
+                by_speed[speed] = by_speed.get(speed, 0) + pset.images * n_refs
+                if id(variant) not in keyed_variants:
+                    continue
                 first = plan.key(refs[0].id if refs else "*", variant.id, pset)
                 if self._first("model"):
                     self._model(first)
@@ -138,11 +161,7 @@ class TaskChecks:
                         problem := self.files.problem(file)
                     ):
                         self.sink.add(Problem(first, _STYLE_FIELD, problem))
-                self.images += pset.images * n_refs
-                speed = pset.rendering_speed or "DEFAULT"
-                by_speed = self.images_by_speed
-                by_speed[speed] = by_speed.get(speed, 0) + pset.images * n_refs
-                self._prompts(vi, pset, first, everyone)
+                self._prompts(vi, pset, own_refs, first, everyone)
 
     def _model(self, first: str) -> None:
         """The [job] model, once, at the first task (every task sends it)."""
@@ -181,7 +200,14 @@ class TaskChecks:
             ]
         return []
 
-    def _prompts(self, vi: int, pset: ParamSet, first: str, everyone: str) -> None:
+    def _prompts(
+        self,
+        vi: int,
+        pset: ParamSet,
+        refs: Sequence[Reference],
+        first: str,
+        everyone: str,
+    ) -> None:
         """Parse errors and constant prompts once per variant; templates once per
         reference (unknown variables); filled prompts per task (their length)."""
         plan = self.plan
@@ -193,15 +219,23 @@ class TaskChecks:
                     if msg is not None:
                         self.sink.add(Problem(first, name, msg + everyone))
                 continue
-            for ri, ref in enumerate(plan.refs_for[vi]):
+            for ref in refs:
                 values = plan.template_values(ref.vars, ref.id, variant_id, pset)
                 key = plan.key(ref.id, variant_id, pset)
                 if missing := template.missing(values):
-                    if self._first(("vars", vi, ri, name, template)):
+                    if self._first(("vars", vi, id(ref), name, template)):
                         msg = unknown_vars(missing, values)
                         self.sink.add(Problem(key, name, msg))
                 elif (msg := prompt_problem(template.fill(values))) is not None:
                     self.sink.add(Problem(key, name, msg))
+
+
+def _first_of_each_id(items: Sequence[Reference] | Sequence[Variant]) -> set[int]:
+    """Python ids of the items whose id no earlier item has."""
+    firsts: dict[str, int] = {}
+    for item in items:
+        firsts.setdefault(item.id, id(item))
+    return set(firsts.values())
 
 
 def _constant_problem(template: Template | str) -> str | None:
