@@ -569,6 +569,11 @@ def read_manifest(path: Path) -> Draft:
         [(_where_ref(origins[i], r), field(r, "id")) for i, r in enumerate(all_refs)],
         [(_where_variant(i, v), field(v, "id")) for i, v in enumerate(variants)],
         [(_where_variant(i, v), field(v, "only")) for i, v in enumerate(variants)],
+        frozenset(
+            name
+            for name in ("references", "variants")
+            if name in raw and not isinstance(raw[name], list)
+        ),
     )
     return Draft(manifest, problems, outline)
 

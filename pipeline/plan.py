@@ -235,9 +235,14 @@ class ParamSet:
 class Plan:
     """Axes and merged variant parameters, computed once per manifest."""
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(
+        self, manifest: Manifest, inert_axes: frozenset[str] = frozenset()
+    ) -> None:
+        """`inert_axes`: dotted axis paths whose values still make task keys but are
+        not applied to the parameters (validation passes those naming no field)."""
         self.manifest = manifest
         self.axes = axes_of(manifest)
+        self._applied = [".".join(a.path) not in inert_axes for a in self.axes]
         self._variant_params = [
             _merge(manifest.defaults, v.params) for v in manifest.variants
         ]
@@ -253,8 +258,9 @@ class Plan:
 
     def param_set(self, vi: int, combo: tuple[int, ...]) -> ParamSet:
         params = dict(self._variant_params[vi])
-        for axis, i in zip(self.axes, combo, strict=True):
-            _assign(params, axis.path, axis.values[i])
+        for axis, i, applied in zip(self.axes, combo, self._applied, strict=True):
+            if applied:
+                _assign(params, axis.path, axis.values[i])
         templates = {
             name: parse_template(text)
             for name in PROMPT_FIELDS

@@ -236,3 +236,44 @@ def test_expansion_and_requests_touch_no_file(monkeypatch: pytest.MonkeyPatch) -
     wire = spec.request(uuid4(), uploaded).wire
     monkeypatch.undo()
     assert wire["inputs"]["referenceImages"] == [uploaded[Path("/nowhere/a.png")]]
+
+
+@pytest.mark.parametrize(
+    ("text", "only"),
+    [
+        (
+            'references = 3\n[job]\nname = "p"\n[[variants]]\nid = "v0"\n',
+            "references: must be a list",
+        ),
+        (
+            'variants = "v"\n' + HEAD.format(job="", defaults="") + THREE_REFS,
+            "variants: must be a list",
+        ),
+        (
+            HEAD.format(job="", defaults="")
+            + THREE_REFS
+            + '[[variants]]\nid = "v0"\n[matrix]\n'
+            + '"providerSettings.ideogram.colorPalette.members.colorHex" = ["#FFFFFF"]\n',
+            "matrix: providerSettings.ideogram.colorPalette.members.colorHex: "
+            "cannot point inside the list",
+        ),
+        (
+            HEAD.format(job="", defaults="")
+            + THREE_REFS
+            + '[[variants]]\nid = "v0"\n[matrix]\n"deliveryMethod" = ["sync"]\n',
+            "matrix: deliveryMethod: 'deliveryMethod' is reserved",
+        ),
+    ],
+    ids=["references-not-a-list", "variants-not-a-list", "axis-in-a-list", "reserved"],
+)
+def test_a_mistake_has_no_follow_on_problems(
+    tmp_path: Path, text: str, only: str
+) -> None:
+    """A table of the wrong type is not also 'empty'; a rejected axis's values are
+    not applied to the tasks, so the wire check adds nothing about them."""
+    path = tmp_path / "job.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ManifestError) as info:
+        check_manifest(path)
+    assert len(info.value.problems) == 1, info.value.problems
+    assert info.value.problems[0].startswith(f"{path}: {only}")

@@ -21,7 +21,7 @@ from pipeline.validation.problems import (
     ProblemSink,
     ValidationReport,
 )
-from pipeline.validation.structure import structure_problems
+from pipeline.validation.structure import structure_problems, unusable_axes
 from pipeline.validation.tasks import TaskChecks, key_part_problems, reference_problems
 
 
@@ -58,7 +58,7 @@ def _validate(
         sink.add(problem)
     files = ImageFiles()
     reference_problems(manifest, files, sink)
-    plan = Plan(manifest)
+    plan = Plan(manifest, inert_axes=unusable_axes(manifest.matrix))
     key_part_problems(plan, sink)
     tasks = TaskChecks(plan, files, sink)
     tasks.run()

@@ -43,6 +43,9 @@ class Outline(NamedTuple):
     """(where-template, id): a list line's Problem carries its file."""
     variant_ids: Sequence[tuple[str, Any]]
     variant_only: Sequence[tuple[str, Any]] = ()
+    not_lists: frozenset[str] = frozenset()
+    """Tables given as something other than a list: the types report those, so
+    they are not also reported as empty."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +170,9 @@ def _matrix_field(path: str) -> WireField | str:
 
 def structure_problems(outline: Outline) -> list[Problem]:
     """Every shape problem of a manifest: ids, emptiness, parameter names, axes."""
-    (defaults, variants, matrix, reference_ids, variant_ids, variant_only) = outline
+    defaults, variants, matrix, reference_ids, variant_ids, variant_only, odd = outline
     out: list[Problem] = []
-    if not reference_ids:
+    if not reference_ids and "references" not in odd:
         out.append(
             Problem(
                 "references",
@@ -178,7 +181,7 @@ def structure_problems(outline: Outline) -> list[Problem]:
                 "[references_from] csv/jsonl file",
             )
         )
-    if not variant_ids:
+    if not variant_ids and "variants" not in odd:
         out.append(
             Problem("variants", "", "no variants: add at least one [[variants]] table")
         )
@@ -248,3 +251,12 @@ def _matrix_problems(matrix: Mapping[str, Any]) -> list[Problem]:
                 msg = f"overlaps the axis '{other}': one axis may not contain another"
                 out.append(Problem("matrix", path, msg))
     return out
+
+
+def unusable_axes(matrix: Mapping[str, Any]) -> frozenset[str]:
+    """Axis paths that name no settable wire field (reported by `structure_problems`).
+
+    The task checks leave their values out of the parameters: applied, they would
+    only make follow-on wire errors of the same mistake.
+    """
+    return frozenset(p for p in matrix if isinstance(_matrix_field(p), str))
