@@ -40,6 +40,7 @@ THREE_REFS = "".join(
     f'[[references]]\nid = "r{i}"\nimage = "https://example.com/{i}.jpg"\n'
     for i in range(3)
 )
+PALETTE = "providerSettings.ideogram.colorPalette"
 TWO_VARIANTS = '[[variants]]\nid = "v0"\n[[variants]]\nid = "v1"\n'
 
 
@@ -253,7 +254,7 @@ def test_expansion_and_requests_touch_no_file(monkeypatch: pytest.MonkeyPatch) -
             HEAD.format(job="", defaults="")
             + THREE_REFS
             + '[[variants]]\nid = "v0"\n[matrix]\n'
-            + '"providerSettings.ideogram.colorPalette.members.colorHex" = ["#FFFFFF"]\n',
+            + f'"{PALETTE}.members.colorHex" = ["#FFFFFF"]\n',
             "matrix: providerSettings.ideogram.colorPalette.members.colorHex: "
             "cannot point inside the list",
         ),
