@@ -278,3 +278,20 @@ def test_a_mistake_has_no_follow_on_problems(
         check_manifest(path)
     assert len(info.value.problems) == 1, info.value.problems
     assert info.value.problems[0].startswith(f"{path}: {only}")
+
+
+def test_axis_values_that_render_alike_make_one_problem_per_key_part(
+    tmp_path: Path,
+) -> None:
+    """Four combinations render to one key part: that part is named once, and only
+    the first combination (all valid integers) is checked as a task."""
+    lines = problems(
+        tmp_path,
+        THREE_REFS
+        + '[[variants]]\nid = "v0"\n[matrix]\n'
+        + 'outputQuality = [50, "50"]\nnumberResults = [1, "1"]\n',
+    )
+    assert [line.removeprefix(f"{tmp_path}/job.toml: ") for line in lines] == [
+        "matrix: two value combinations give the same task key part "
+        "'outputQuality=50,numberResults=1': make the axis values distinct"
+    ]

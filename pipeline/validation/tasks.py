@@ -9,6 +9,7 @@ differs per task, are checked per task. Unknown parameter names are not reported
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Any, Final
 from uuid import UUID
@@ -91,11 +92,11 @@ def reference_problems(
 
 
 def key_part_problems(plan: Plan, sink: ProblemSink) -> None:
-    """Two axis value combinations must not render to the same task key part."""
-    seen: set[str] = set()
-    for combo in plan.combos():
-        part = plan.axes_part(combo)
-        if part in seen:
+    """Two axis value combinations must not render to the same task key part: one
+    problem for each key part that more than one combination gives."""
+    given = Counter(plan.axes_part(combo) for combo in plan.combos())
+    for part, n in given.items():
+        if n > 1:
             sink.add(
                 Problem(
                     "matrix",
@@ -104,7 +105,6 @@ def key_part_problems(plan: Plan, sink: ProblemSink) -> None:
                     f"key part '{part}': make the axis values distinct",
                 )
             )
-        seen.add(part)
 
 
 class TaskChecks:
@@ -128,14 +128,19 @@ class TaskChecks:
     def run(self) -> None:
         """Check every task that has a key of its own.
 
-        A reference or variant whose id repeats an earlier one's has no such task:
-        its keys would name the earlier one's tasks, and the run is refused for the
-        duplicate id (`structure`), so its tasks are counted but not checked.
+        A reference or variant whose id repeats an earlier one's, or axis values that
+        render like earlier ones, make no such task: its key would name an earlier
+        task, and the run is refused for the repeat itself (`structure`,
+        `key_part_problems`), so these tasks are counted but not checked.
         """
         plan = self.plan
         manifest = plan.manifest
         keyed_refs = _first_of_each_id(manifest.references)
         keyed_variants = _first_of_each_id(manifest.variants)
+        keyed_combos: dict[str, tuple[int, ...]] = {}
+        for combo in plan.combos():
+            keyed_combos.setdefault(plan.axes_part(combo), combo)
+        own_combos = set(keyed_combos.values())
         for vi, variant in enumerate(manifest.variants):
             refs = plan.refs_for[vi]
             n_refs = len(refs)
@@ -147,7 +152,7 @@ class TaskChecks:
                 speed = pset.rendering_speed or "DEFAULT"
                 by_speed = self.images_by_speed
                 by_speed[speed] = by_speed.get(speed, 0) + pset.images * n_refs
-                if id(variant) not in keyed_variants:
+                if id(variant) not in keyed_variants or combo not in own_combos:
                     continue
                 first = plan.key(refs[0].id if refs else "*", variant.id, pset)
                 if self._first("model"):
