@@ -1,28 +1,21 @@
-"""Job manifest models and loading (TOML plus CSV/JSONL reference lists).
+"""Job manifest models and reading (TOML plus CSV/JSONL reference lists).
 
 A manifest names references (images), variants (wire parameters) and an optional matrix
-of axes. This module checks its *shape*, reporting every problem at once: types, ids,
-unknown or reserved parameter names, matrix paths, the reference list files. Per-task
-checks (value ranges, template variables, image files) live in
-`expand.validate_manifest`, which runs every task.
-
-Problems render as ``FILE: WHERE: FIELD: message``, e.g.
-``jobs/x.toml: variants[1] (id=deco): providerSettings.ideogram.remixStrenght: unknown
-parameter 'remixStrenght' (did you mean remixStrength?)``.
+of axes. This module reads it and builds the models, reporting every type problem at
+once, each placed at its table, list file line and field. The checks of what the types
+cannot say (ids, parameter names, axes, values, templates, image files) live in
+`pipeline.validation`; `load_manifest` runs its shape checks too, so a loaded manifest
+is well formed.
 """
 
 from __future__ import annotations
 
 import csv
-import difflib
 import json
 import os
 import re
 import tomllib
-import types
-import typing
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Final, NamedTuple
@@ -41,7 +34,9 @@ from pydantic import (
 )
 
 from pipeline.errors import ManifestError
-from pipeline.wire import MODEL_AIR, ImageInferenceRequest, image_ref_kind
+from pipeline.validation.problems import Problem
+from pipeline.validation.structure import Outline, structure_problems
+from pipeline.wire import MODEL_AIR, image_ref_kind
 
 ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Reference, variant and job ids: they become parts of task keys and file paths."""
@@ -50,16 +45,6 @@ _SCHEME: Final = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|data:)")
 
 STYLE_REFS_PATH: Final = ("providerSettings", "ideogram", "styleReferenceImages")
 """The one parameter besides the reference that may name local image files."""
-
-RESERVED: Final[Mapping[str, str]] = {
-    "taskType": "remix always sends imageInference",
-    "taskUUID": "remix gives every task its own taskUUID",
-    "deliveryMethod": "remix always submits with async delivery and polls",
-    "includeCost": "remix always asks for the cost, for the ledger",
-    "inputs": "the reference image comes from [[references]]",
-    "model": "set the model once in [job] model",
-}
-"""Wire parameters remix sets itself; a manifest may not."""
 
 VARIANT_KEYS: Final = ("id", "only")
 """Variant keys that are not wire parameters."""
@@ -273,255 +258,20 @@ class Manifest(ManifestModel):
     def variant_where(self, index: int) -> str:
         return f"variants[{index}] (id={self.variants[index].id})"
 
-
-# ---------------------------------------------------------------------------
-# The wire parameter tree: which keys exist, for unknown-key and matrix-path checks
-
-
-@dataclass(frozen=True, slots=True)
-class WireField:
-    children: Mapping[str, WireField] | None
-    """Nested parameters when the field is an object (or a list of objects)."""
-    is_list: bool
-
-
-def _nested_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _nested_model(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            model, is_list = _nested_model(arg)
-            if model is not None:
-                return model, is_list
-        return None, False
-    if origin is list:
-        model, _ = _nested_model(typing.get_args(annotation)[0])
-        return model, model is not None
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation, False
-    return None, False
-
-
-def _wire_tree(model: type[BaseModel]) -> dict[str, WireField]:
-    tree: dict[str, WireField] = {}
-    for name, info in model.model_fields.items():
-        sub, is_list = _nested_model(info.annotation)
-        children = None if sub is None else _wire_tree(sub)
-        tree[info.alias or name] = WireField(children, is_list)
-    return tree
-
-
-WIRE_TREE: Final = _wire_tree(ImageInferenceRequest)
-
-
-def _unknown(key: str, tree: Mapping[str, WireField], top: bool) -> str:
-    known = [k for k in tree if not (top and k in RESERVED)]
-    squashed = key.replace("_", "").lower()
-    same = [k for k in known if k.lower() == squashed]
-    if same:
-        hint = f" (parameters are spelled as on the wire: {same[0]})"
-    else:
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"unknown parameter '{key}'{hint}"
-
-
-def _reserved(key: str) -> str:
-    return f"'{key}' is reserved: {RESERVED[key]}; remove it"
-
-
-def parameter_problems(
-    table: Mapping[str, Any],
-    prefix: tuple[str, ...] = (),
-    tree: Mapping[str, WireField] = WIRE_TREE,
-) -> list[tuple[str, str]]:
-    """(field path, message) for every unknown or reserved key in a parameter table."""
-    out: list[tuple[str, str]] = []
-    for key, value in table.items():
-        path = (*prefix, str(key))
-        dotted = ".".join(path)
-        if not prefix and key in RESERVED:
-            out.append((dotted, _reserved(key)))
-            continue
-        field = tree.get(key)
-        if field is None:
-            out.append((dotted, _unknown(key, tree, top=not prefix)))
-        elif field.children is not None:
-            out.extend(_value_problems(value, path, field))
-    return out
-
-
-def _value_problems(
-    value: Any, path: tuple[str, ...], field: WireField
-) -> list[tuple[str, str]]:
-    if field.children is None:
-        return []
-    if field.is_list:
-        out: list[tuple[str, str]] = []
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                if isinstance(item, Mapping):
-                    out.extend(
-                        parameter_problems(item, (*path, str(i)), field.children)
-                    )
-        return out
-    if isinstance(value, Mapping):
-        return parameter_problems(value, path, field.children)
-    return []
-
-
-def _matrix_field(path: str) -> WireField | str:
-    """The wire field an axis path names, or why it names none."""
-    segs = path.split(".")
-    if not all(segs):
-        return (
-            "an axis is a dotted wire path like providerSettings.ideogram.remixStrength"
+    def outline(self) -> Outline:
+        """What the shape checks read, for a manifest built without `read_manifest`."""
+        wheres = [self.variant_where(i) for i in range(len(self.variants))]
+        return Outline(
+            self.defaults,
+            [(w, v.params) for w, v in zip(wheres, self.variants, strict=True)],
+            self.matrix,
+            [
+                (Problem(self.reference_where(i), "", ""), r.id)
+                for i, r in enumerate(self.references)
+            ],
+            [(w, v.id) for w, v in zip(wheres, self.variants, strict=True)],
+            [(w, v.only) for w, v in zip(wheres, self.variants, strict=True)],
         )
-    if segs[0] in RESERVED:
-        return _reserved(segs[0])
-    tree: Mapping[str, WireField] | None = WIRE_TREE
-    field: WireField | None = None
-    for i, seg in enumerate(segs):
-        if field is not None and field.is_list:
-            return (
-                f"cannot point inside the list '{'.'.join(segs[:i])}': "
-                "give whole lists as axis values"
-            )
-        if tree is None:
-            return f"'{'.'.join(segs[:i])}' is a value, it has no parameters inside"
-        field = tree.get(seg)
-        if field is None:
-            return _unknown(seg, tree, top=i == 0)
-        tree = field.children
-    assert field is not None  # segs is non-empty
-    return field
-
-
-class Problem(NamedTuple):
-    """One problem; `file` overrides the manifest path (a CSV/JSONL line)."""
-
-    where: str
-    field: str
-    message: str
-    file: str | None = None
-
-    def render(self, manifest_file: str) -> str:
-        parts = [self.file or manifest_file, self.where, self.field, self.message]
-        return ": ".join(p for p in parts if p)
-
-
-def structure_problems(
-    defaults: Any,
-    variants: Sequence[tuple[str, Any]],
-    matrix: Any,
-    reference_ids: Sequence[tuple[Problem, Any]],
-    variant_ids: Sequence[tuple[str, Any]],
-    variant_only: Sequence[tuple[str, Any]] = (),
-) -> list[Problem]:
-    """Shape problems pydantic cannot see: keys against the wire, duplicates, emptiness.
-
-    Works on raw TOML data as well as on a `Manifest`, so `load_manifest` reports them
-    alongside type errors. `reference_ids` pairs a where-template (Problem) with the id.
-    """
-    out: list[Problem] = []
-    if not reference_ids:
-        out.append(
-            Problem(
-                "references",
-                "",
-                "no references: add [[references]] tables or a "
-                "[references_from] csv/jsonl file",
-            )
-        )
-    if not variant_ids:
-        out.append(
-            Problem("variants", "", "no variants: add at least one [[variants]] table")
-        )
-    first_ref: dict[str, Problem] = {}
-    for where, ref_id in reference_ids:
-        if not isinstance(ref_id, str):
-            continue
-        if ref_id in first_ref:
-            seen = first_ref[ref_id]
-            origin = f"{seen.file}: {seen.where}" if seen.file else seen.where
-            out.append(
-                where._replace(
-                    field="id",
-                    message=f"duplicate reference id '{ref_id}' (also {origin})",
-                )
-            )
-        else:
-            first_ref[ref_id] = where
-    first_var: dict[str, str] = {}
-    for vwhere, var_id in variant_ids:
-        if not isinstance(var_id, str):
-            continue
-        if var_id in first_var:
-            msg = f"duplicate variant id '{var_id}' (also {first_var[var_id]})"
-            out.append(Problem(vwhere, "id", msg))
-        else:
-            first_var[var_id] = vwhere
-    for vwhere, only in variant_only:
-        if isinstance(only, list):
-            if not only:
-                msg = "lists no reference: remove it to use every reference"
-                out.append(Problem(vwhere, "only", msg))
-            for ref_id in only:
-                if isinstance(ref_id, str) and ref_id not in first_ref:
-                    msg = f"no reference has the id '{ref_id}'"
-                    out.append(Problem(vwhere, "only", msg))
-    if isinstance(defaults, Mapping):
-        out.extend(Problem("defaults", f, m) for f, m in parameter_problems(defaults))
-    for vwhere, params in variants:
-        if isinstance(params, Mapping):
-            out.extend(Problem(vwhere, f, m) for f, m in parameter_problems(params))
-    if isinstance(matrix, Mapping):
-        out.extend(_matrix_problems(matrix))
-    return out
-
-
-def _matrix_problems(matrix: Mapping[str, Any]) -> list[Problem]:
-    out: list[Problem] = []
-    paths = list(matrix)
-    for path, values in matrix.items():
-        field = _matrix_field(path)
-        if isinstance(field, str):
-            out.append(Problem("matrix", path, field))
-            continue
-        if isinstance(values, list):
-            if not values:
-                out.append(
-                    Problem("matrix", path, "axis has no values: give at least one")
-                )
-            for i, value in enumerate(values):
-                out.extend(
-                    Problem("matrix", f"{path}[{i}]" + f[len(path) :], m)
-                    for f, m in _value_problems(value, tuple(path.split(".")), field)
-                )
-        for other in paths:
-            if other != path and other.startswith(path + "."):
-                msg = f"overlaps the axis '{other}': one axis may not contain another"
-                out.append(Problem("matrix", path, msg))
-    return out
-
-
-def manifest_problems(manifest: Manifest) -> list[Problem]:
-    """`structure_problems` of a built manifest."""
-    return structure_problems(
-        manifest.defaults,
-        [
-            (manifest.variant_where(i), v.params)
-            for i, v in enumerate(manifest.variants)
-        ],
-        manifest.matrix,
-        [
-            (Problem(manifest.reference_where(i), "", ""), r.id)
-            for i, r in enumerate(manifest.references)
-        ],
-        [(manifest.variant_where(i), v.id) for i, v in enumerate(manifest.variants)],
-        [(manifest.variant_where(i), v.only) for i, v in enumerate(manifest.variants)],
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -746,17 +496,20 @@ def _huge_number_problem(path: Path, exc: ValueError) -> str:
     return f"line {line}: {match[1]}: number too long to be a valid value"
 
 
-def load_manifest(path: Path, *, collect: list[str] | None = None) -> Manifest:
-    """Read and check a job manifest and its reference list file.
+class Draft(NamedTuple):
+    """A read manifest: the model when it builds, the problems met reading it, and
+    the outline the shape checks read (from the raw data, so they run either way)."""
 
-    Args:
-        collect: when given, shape problems of a manifest that still builds are
-            appended here instead of raised, so the caller can report them together
-            with the per-task problems of ``validate_manifest``.
+    manifest: Manifest | None
+    problems: list[Problem]
+    outline: Outline
+
+
+def read_manifest(path: Path) -> Draft:
+    """Read a job manifest and its reference list file and build the models.
 
     Raises:
-        ManifestError: with every problem found, one ``FILE: WHERE: FIELD: message``
-            line each; never a raw ValidationError.
+        ManifestError: the TOML cannot be read or parsed at all (one problem line).
     """
     shown = str(path)
     try:
@@ -794,8 +547,15 @@ def load_manifest(path: Path, *, collect: list[str] | None = None) -> Manifest:
         manifest = Manifest.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         problems += _render_manifest_error(exc, origins, all_refs, variants)
+    else:
+        for ref, origin in zip(manifest.references, origins, strict=True):
+            if origin.file is not None:
+                ref._where = f"{origin.file} {origin.label} (id={ref.id})"
 
-    problems += structure_problems(
+    def field(raw_variant: Any, name: str) -> Any:
+        return raw_variant.get(name) if isinstance(raw_variant, Mapping) else None
+
+    outline = Outline(
         raw.get("defaults"),
         [
             (
@@ -806,24 +566,28 @@ def load_manifest(path: Path, *, collect: list[str] | None = None) -> Manifest:
             if isinstance(v, Mapping)
         ],
         raw.get("matrix"),
-        [
-            (_where_ref(origins[i], r), r.get("id") if isinstance(r, Mapping) else None)
-            for i, r in enumerate(all_refs)
-        ],
-        [
-            (_where_variant(i, v), v.get("id") if isinstance(v, Mapping) else None)
-            for i, v in enumerate(variants)
-        ],
-        [
-            (_where_variant(i, v), v.get("only") if isinstance(v, Mapping) else None)
-            for i, v in enumerate(variants)
-        ],
+        [(_where_ref(origins[i], r), field(r, "id")) for i, r in enumerate(all_refs)],
+        [(_where_variant(i, v), field(v, "id")) for i, v in enumerate(variants)],
+        [(_where_variant(i, v), field(v, "only")) for i, v in enumerate(variants)],
+        frozenset(
+            name
+            for name in ("references", "variants")
+            if name in raw and not isinstance(raw[name], list)
+        ),
     )
-    if manifest is None or (problems and collect is None):
-        raise ManifestError([p.render(shown) for p in problems])
-    if collect is not None:
-        collect += [p.render(shown) for p in problems]
-    for ref, origin in zip(manifest.references, origins, strict=True):
-        if origin.file is not None:
-            ref._where = f"{origin.file} {origin.label} (id={ref.id})"
-    return manifest
+    return Draft(manifest, problems, outline)
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read a job manifest and check its shape (not its tasks: see
+    `pipeline.validation.check.check_manifest`, which checks every task too).
+
+    Raises:
+        ManifestError: with every problem found, one ``FILE: WHERE: FIELD: message``
+            line each; never a raw ValidationError.
+    """
+    draft = read_manifest(path)
+    problems = [*draft.problems, *structure_problems(draft.outline)]
+    if draft.manifest is None or problems:
+        raise ManifestError([p.render(str(path)) for p in problems])
+    return draft.manifest

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from functools import cached_property
 from typing import Annotated, Any, Final, Literal
@@ -23,11 +24,13 @@ from pydantic import (
     PlainSerializer,
     Tag,
     TypeAdapter,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 from pydantic.types import UUID4
+from pydantic_core import PydanticCustomError
 
 MODEL_AIR: Final = "ideogram:3@2"
 """The seed page's model: Ideogram 2.0 Remix on Runware."""
@@ -59,6 +62,19 @@ ALLOWED_SIZES: Final[frozenset[tuple[int, int]]] = frozenset(
     {(1024, 1024)} | set(_LANDSCAPE) | {(h, w) for w, h in _LANDSCAPE}
 )
 
+SIZE_NOT_ALLOWED: Final = "size_not_allowed"
+"""Error type of the one request check that spans two fields (width x height)."""
+CROSS_FIELD_CHECKS: Final[Mapping[str, tuple[str, ...]]] = {
+    SIZE_NOT_ALLOWED: ("width", "height"),
+}
+"""Error type of each model-level request check -> the wire fields it concerns.
+
+Such an error has no location of its own (it belongs to no single field); this is how
+a reader (manifest validation) names its fields without parsing the message.
+"""
+
+ModelAir = Literal["ideogram:3@2"]
+"""The one model the request accepts (`MODEL_AIR`)."""
 OutputType = Literal["URL", "dataURI", "base64Data"]
 OutputFormat = Literal["JPG", "PNG", "WEBP"]
 DeliveryMethod = Literal["sync", "async"]
@@ -246,7 +262,7 @@ class ImageInferenceRequest(RequestModel):
 
     task_type: Literal["imageInference"] = "imageInference"
     task_uuid: UUID4 = Field(alias="taskUUID")
-    model: Literal["ideogram:3@2"] = MODEL_AIR
+    model: ModelAir = MODEL_AIR
     positive_prompt: Annotated[str, Field(min_length=1, max_length=2000)]
     negative_prompt: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
     width: int
@@ -275,15 +291,25 @@ class ImageInferenceRequest(RequestModel):
     def _uri(cls, value: str | None) -> str | None:
         return None if value is None else _check_uri(value)
 
-    @model_validator(mode="after")
-    def _size_and_ttl(self) -> ImageInferenceRequest:
-        if (self.width, self.height) not in ALLOWED_SIZES:
-            raise ValueError(
-                f"width x height {self.width}x{self.height} is not a size Ideogram "
-                "Remix supports (e.g. 1024x1024, 1344x768, 768x1344)"
-            )
-        if self.ttl is not None and self.output_type not in (None, "URL"):
+    @field_validator("ttl")
+    @classmethod
+    def _ttl_needs_url(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # outputType is declared before ttl, so it is in info.data once it is valid
+        # (an invalid outputType is reported on its own and skips this check).
+        output_type = info.data.get("output_type")
+        if value is not None and output_type not in (None, "URL"):
             raise ValueError("ttl applies only when outputType is URL")
+        return value
+
+    @model_validator(mode="after")
+    def _size(self) -> ImageInferenceRequest:
+        if (self.width, self.height) not in ALLOWED_SIZES:
+            raise PydanticCustomError(
+                SIZE_NOT_ALLOWED,
+                "width x height {width}x{height} is not a size Ideogram Remix "
+                "supports (e.g. 1024x1024, 1344x768, 768x1344)",
+                {"width": self.width, "height": self.height},
+            )
         return self
 
     @property

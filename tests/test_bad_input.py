@@ -576,7 +576,8 @@ CASES: list[Case] = [
         second_reference(id="r0"),
         "references[1] (id=r0)",
         "id",
-        follow_ons=1,  # the second r0 has no vars for the prompt's {thing}
+        # The second r0 also lacks vars for the prompt's {thing}, but its tasks have
+        # no key of their own (they would be r0/v0 again): only the id is reported.
     ),
     Case(
         "duplicate-variant-id",

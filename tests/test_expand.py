@@ -20,9 +20,9 @@ from pipeline.expand import (
     expand,
     parse_template,
     render_value,
-    validate_manifest,
 )
 from pipeline.manifest import Job, Manifest
+from pipeline.validation.check import validate_manifest
 
 UPLOADED = "11111111-1111-4111-8111-111111111111"
 
@@ -394,9 +394,9 @@ def test_axis_values_that_render_alike_are_a_problem() -> None:
 
 def test_dummy_uuid_is_version_4() -> None:
     """The stand-in taskUUID passes the wire model's UUID4 check."""
-    from pipeline.expand import _DUMMY_UUID
+    from pipeline.validation.tasks import PLACEHOLDER_TASK_UUID
 
-    assert UUID(str(_DUMMY_UUID)).version == 4
+    assert UUID(str(PLACEHOLDER_TASK_UUID)).version == 4
 
 
 def test_requests_leave_the_shared_tables_of_other_tasks_alone(tmp_path: Path) -> None:

@@ -26,9 +26,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ManifestError
-from pipeline.expand import expand, validate_manifest
+from pipeline.expand import expand
 from pipeline.manifest import load_manifest
 from pipeline.sandbox import STATE, SandboxConfig, create_app
+from pipeline.validation.check import check_manifest, validate_manifest
 from pipeline.wire import Envelope
 from tests.conftest import SandboxFactory
 from tests.jobkit import make_ref
@@ -306,20 +307,30 @@ def job_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load_and_validate(path: Path) -> None:
-    """What `remix plan` does: only ManifestError may come out."""
-    problems: list[str] = []
+    """What `remix plan` does: only ManifestError may come out, each problem once.
+
+    `check_manifest` (a file) and `validate_manifest` (a loaded model) are two ways in
+    to the same checks: on a manifest that loads they agree line for line.
+    """
     try:
-        manifest = load_manifest(path)
+        manifest, report = check_manifest(path)
     except ManifestError as exc:
         problems = exc.problems
-    if problems:
+        assert problems
         assert all(line.startswith(f"{path.parent}") for line in problems), problems
+        assert len(set(problems)) == len(problems), problems
+        try:
+            loaded = load_manifest(path)
+        except ManifestError:
+            return
+        again = validate_manifest(loaded, path)
+        assert list(again.problems) == problems
         return
-    report = validate_manifest(manifest, path)
-    assert report.problem_count >= len(report.problems) - 1
-    if report.ok:
-        for spec in itertools.islice(expand(manifest), 20):
-            assert spec.key
+    assert report.ok
+    assert validate_manifest(manifest, path).ok
+    keys = [spec.key for spec in itertools.islice(expand(manifest), 20)]
+    assert all(keys)
+    assert len(set(keys)) == len(keys)
 
 
 @settings(max_examples=300, deadline=None)

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import expand as expand_mod
 from pipeline.errors import ManifestError
-from pipeline.expand import ValidationReport, count_tasks, expand, validate_manifest
+from pipeline.expand import count_tasks, expand
 from pipeline.manifest import Manifest, load_manifest
+from pipeline.validation import files as files_mod
+from pipeline.validation.check import validate_manifest
+from pipeline.validation.problems import ValidationReport
 
 DATA = Path(__file__).parent / "data" / "manifests"
 BAD = sorted(DATA.glob("bad_*.toml"))
@@ -400,13 +402,13 @@ def test_each_local_file_is_checked_once(
     """Images shared by many references and tasks are opened once per path."""
     png(tmp_path / "a.png")
     opened: list[Path] = []
-    real = expand_mod.image_problem
+    real = files_mod.image_problem
 
     def spy(path: Path) -> str | None:
         opened.append(path)
         return real(path)
 
-    monkeypatch.setattr(expand_mod, "image_problem", spy)
+    monkeypatch.setattr(files_mod, "image_problem", spy)
     refs = "".join(
         f'[[references]]\nid = "r{i}"\nimage = "a.png"\nvars = {{ place = "x" }}\n'
         for i in range(5)

@@ -1,0 +1,262 @@
+"""Per-task checks: wire conformance, reference strings, task keys, prompts.
+
+It exploits the task = reference x parameter set structure: each distinct parameter set
+(variant x axis values) goes through the wire model once, each reference string once,
+each template once per reference, and only the filled prompts, the one part that
+differs per task, are checked per task. Unknown parameter names are not reported here
+(`structure` owns them); local image files are checked by `files`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from typing import Any, Final
+from uuid import UUID
+
+from pydantic import TypeAdapter, ValidationError
+
+from pipeline.manifest import (
+    STYLE_REFS_PATH,
+    Manifest,
+    Reference,
+    Variant,
+    dotted,
+    error_message,
+)
+from pipeline.plan import (
+    PROMPT_FIELDS,
+    ParamSet,
+    Plan,
+    Template,
+    substitute_images,
+    unknown_vars,
+)
+from pipeline.validation.files import ImageFiles
+from pipeline.validation.problems import Problem, ProblemSink
+from pipeline.wire import (
+    CROSS_FIELD_CHECKS,
+    MODEL_AIR,
+    ImageInferenceRequest,
+    Inputs,
+    ModelAir,
+)
+
+PROMPT_MAX: Final = 2000
+PLACEHOLDER_TASK_UUID: Final = UUID("00000000-0000-4000-8000-000000000000")
+"""Stands in for a task's taskUUID while validating (each run draws its own)."""
+PLACEHOLDER_IMAGE: Final = "00000000-0000-4000-8000-000000000000"
+"""Stands in for an uploaded local image while validating (the upload is later)."""
+
+_STYLE_FIELD: Final = ".".join(STYLE_REFS_PATH)
+_MODEL: Final = TypeAdapter[str](ModelAir)
+"""The wire's own check of the model AIR, run once for the [job] model."""
+
+
+def wire_problems(exc: ValidationError) -> list[tuple[str, str, str]]:
+    """(error type, camelCase dotted field path, message) for a wire ValidationError.
+
+    A model-level check has no location: its fields come from the wire models'
+    `CROSS_FIELD_CHECKS`, by error type.
+    """
+    out: list[tuple[str, str, str]] = []
+    for error in exc.errors(include_url=False):
+        path = dotted(error["loc"])
+        message = error_message(error, noun="parameter")
+        if not path:
+            fields = CROSS_FIELD_CHECKS.get(error["type"])
+            path = "/".join(fields) if fields else "request"
+        elif error["type"] == "missing" and len(error["loc"]) == 1:
+            message = "required: set it in [defaults], the variant or the matrix"
+        out.append((error["type"], path, message))
+    return out
+
+
+def reference_problems(
+    manifest: Manifest, files: ImageFiles, sink: ProblemSink
+) -> None:
+    """Each reference's image: its file (opened once per path) or its wire form."""
+    for ri, ref in enumerate(manifest.references):
+        where = manifest.reference_where(ri)
+        if (local := ref.local_path) is not None:
+            if (msg := files.problem(local)) is not None:
+                sink.add(Problem(where, "image", msg))
+            continue
+        try:
+            Inputs.model_validate(
+                {"referenceImages": [ref.image]}, by_alias=True, by_name=False
+            )
+        except ValidationError as exc:
+            for _, _, msg in wire_problems(exc):
+                sink.add(Problem(where, "image", msg))
+
+
+def key_part_problems(plan: Plan, sink: ProblemSink) -> None:
+    """Two axis value combinations must not render to the same task key part: one
+    problem for each key part that more than one combination gives."""
+    given = Counter(plan.axes_part(combo) for combo in plan.combos())
+    for part, n in given.items():
+        if n > 1:
+            sink.add(
+                Problem(
+                    "matrix",
+                    "",
+                    f"two value combinations give the same task "
+                    f"key part '{part}': make the axis values distinct",
+                )
+            )
+
+
+class TaskChecks:
+    """Walks every parameter set of a plan, checking each thing once."""
+
+    def __init__(self, plan: Plan, files: ImageFiles, sink: ProblemSink) -> None:
+        self.plan = plan
+        self.files = files
+        self.sink = sink
+        self.images = 0
+        self.images_by_speed: dict[str, int] = {}
+        self._done: set[Hashable] = set()
+
+    def _first(self, thing: Hashable) -> bool:
+        """True the first time `thing` is met: it is checked then, and only then."""
+        if thing in self._done:
+            return False
+        self._done.add(thing)
+        return True
+
+    def run(self) -> None:
+        """Check every task that has a key of its own.
+
+        A reference or variant whose id repeats an earlier one's, or axis values that
+        render like earlier ones, make no such task: its key would name an earlier
+        task, and the run is refused for the repeat itself (`structure`,
+        `key_part_problems`), so these tasks are counted but not checked.
+        """
+        plan = self.plan
+        manifest = plan.manifest
+        keyed_refs = _first_of_each_id(manifest.references)
+        keyed_variants = _first_of_each_id(manifest.variants)
+        keyed_combos: dict[str, tuple[int, ...]] = {}
+        for combo in plan.combos():
+            keyed_combos.setdefault(plan.axes_part(combo), combo)
+        own_combos = set(keyed_combos.values())
+        for vi, variant in enumerate(manifest.variants):
+            refs = plan.refs_for[vi]
+            n_refs = len(refs)
+            own_refs = [r for r in refs if id(r) in keyed_refs]
+            everyone = f" (same for all {n_refs} references)" if n_refs > 1 else ""
+            for combo in plan.combos():
+                pset = plan.param_set(vi, combo)
+                self.images += pset.images * n_refs
+                speed = pset.rendering_speed or "DEFAULT"
+                by_speed = self.images_by_speed
+                by_speed[speed] = by_speed.get(speed, 0) + pset.images * n_refs
+                if id(variant) not in keyed_variants or combo not in own_combos:
+                    continue
+                first = plan.key(refs[0].id if refs else "*", variant.id, pset)
+                if self._first("model"):
+                    self._model(first)
+                for fld, msg in self._wire(pset):
+                    self.sink.add(Problem(first, fld, msg + everyone))
+                for file in pset.style_files:
+                    # Reported at the first task using it; a reference's file is
+                    # reported at each reference (see reference_problems).
+                    if self._first(("style", file)) and (
+                        problem := self.files.problem(file)
+                    ):
+                        self.sink.add(Problem(first, _STYLE_FIELD, problem))
+                self._prompts(vi, pset, own_refs, first, everyone)
+
+    def _model(self, first: str) -> None:
+        """The [job] model, once, at the first task (every task sends it)."""
+        try:
+            _MODEL.validate_python(self.plan.manifest.job.model, strict=True)
+        except ValidationError as exc:
+            for error in exc.errors(include_url=False):
+                self.sink.add(Problem(first, "model", error_message(error)))
+
+    def _wire(self, pset: ParamSet) -> list[tuple[str, str]]:
+        """Wire problems of a parameter set, with neutral prompts and placeholders
+        for what remix sets itself: reserved keys are `structure`'s alone, the model
+        is `_model`'s."""
+        body: dict[str, Any] = dict(pset.params)
+        for name in PROMPT_FIELDS:
+            if isinstance(body.get(name), str):
+                body[name] = "x"  # the filled prompts are checked per task
+        if pset.style_files:
+            local = {str(f) for f in pset.style_files}
+            body = substitute_images(body, dict.fromkeys(local, PLACEHOLDER_IMAGE))
+        body.update(
+            model=MODEL_AIR,
+            taskType="imageInference",
+            taskUUID=PLACEHOLDER_TASK_UUID,
+            inputs={"referenceImages": [PLACEHOLDER_IMAGE]},
+            deliveryMethod="async",
+            includeCost=True,
+        )
+        try:
+            ImageInferenceRequest.model_validate(body, by_alias=True, by_name=False)
+        except ValidationError as exc:
+            return [
+                (fld, msg)
+                for kind, fld, msg in wire_problems(exc)
+                if kind != "extra_forbidden"
+            ]
+        return []
+
+    def _prompts(
+        self,
+        vi: int,
+        pset: ParamSet,
+        refs: Sequence[Reference],
+        first: str,
+        everyone: str,
+    ) -> None:
+        """Parse errors and constant prompts once per variant; templates once per
+        reference (unknown variables); filled prompts per task (their length)."""
+        plan = self.plan
+        variant_id = plan.manifest.variants[vi].id
+        for name, template in pset.templates.items():
+            if isinstance(template, str) or not template.names:
+                if self._first(("prompt", vi, name, template)):
+                    msg = _constant_problem(template)
+                    if msg is not None:
+                        self.sink.add(Problem(first, name, msg + everyone))
+                continue
+            for ref in refs:
+                values = plan.template_values(ref.vars, ref.id, variant_id, pset)
+                key = plan.key(ref.id, variant_id, pset)
+                if missing := template.missing(values):
+                    if self._first(("vars", vi, id(ref), name, template)):
+                        msg = unknown_vars(missing, values)
+                        self.sink.add(Problem(key, name, msg))
+                elif (msg := prompt_problem(template.fill(values))) is not None:
+                    self.sink.add(Problem(key, name, msg))
+
+
+def _first_of_each_id(items: Sequence[Reference] | Sequence[Variant]) -> set[int]:
+    """Python ids of the items whose id no earlier item has."""
+    firsts: dict[str, int] = {}
+    for item in items:
+        firsts.setdefault(item.id, id(item))
+    return set(firsts.values())
+
+
+def _constant_problem(template: Template | str) -> str | None:
+    """A template that is not one (its parse error), or a constant prompt's problem."""
+    if isinstance(template, str):
+        return template
+    return prompt_problem(template.fill({}))
+
+
+def prompt_problem(text: str) -> str | None:
+    """Why a filled prompt cannot be sent, or None."""
+    if not text:
+        return "must not be empty"
+    if len(text) > PROMPT_MAX:
+        return (
+            f"{len(text)} characters after filling the template; "
+            f"the limit is {PROMPT_MAX}"
+        )
+    return None
