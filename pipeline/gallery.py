@@ -9,9 +9,10 @@ than their image) and lazy-loaded, so a 5,000-image run opens fast. Cell details
 stored once; the page only ever sets them as text, and every text in the HTML is
 escaped: prompts and error messages are user and server input.
 
-The grid comes from the journal; the run's manifest (its path is in run.json), when it
-still loads, adds the reference images, the manifest's order, the prompts of tasks
-without a sidecar, and the tasks not run yet. Without it the page still works.
+This module renders; :mod:`pipeline.gallery_grid` builds the grid (from the journal
+and, when it still loads, the run's manifest) and :mod:`pipeline.thumbnails` makes the
+thumbnails. The page's template, CSS and JS are package data in ``pipeline/assets``,
+inlined into each page as it is written.
 """
 
 from __future__ import annotations

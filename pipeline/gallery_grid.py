@@ -54,6 +54,8 @@ CellStatus = Literal["done", "partial", "failed", "pending", "not-run"]
 
 @dataclass(slots=True)
 class GridImage:
+    """One stored image of a cell."""
+
     index: int
     path: str
     """Relative to the run dir."""
@@ -72,6 +74,8 @@ class GridImage:
 
 @dataclass(slots=True)
 class GridCell:
+    """One task's cell: where it sits, its status and what the details panel shows."""
+
     key: str
     reference: str
     variant: int
@@ -90,6 +94,8 @@ class GridCell:
 
 @dataclass(slots=True)
 class GridRef:
+    """One reference row's header: the reference image, or what the manifest names."""
+
     id: str
     source: str | None = None
     """What the manifest names (path, URL, UUID), for the label."""

@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -380,7 +381,7 @@ F = TypeVar("F")
 
 
 @dataclass
-class JournalFold(Generic[C, S, F]):
+class JournalFold(ABC, Generic[C, S, F]):
     """The one place that says what journal events mean, folded with :meth:`apply`.
 
     ``pending`` holds the submissions a resume must poll before anything else:
@@ -429,30 +430,30 @@ class JournalFold(Generic[C, S, F]):
 
     # What is kept of an event, and the event back from what was kept.
 
-    def _keep_completed(self, event: CompletedEvent) -> C:
-        raise NotImplementedError
+    @abstractmethod
+    def _keep_completed(self, event: CompletedEvent) -> C: ...
 
-    def _keep_submitted(self, event: SubmittedEvent) -> S:
-        raise NotImplementedError
+    @abstractmethod
+    def _keep_submitted(self, event: SubmittedEvent) -> S: ...
 
-    def _keep_failed(self, event: FailedEvent) -> F:
-        raise NotImplementedError
+    @abstractmethod
+    def _keep_failed(self, event: FailedEvent) -> F: ...
 
+    @abstractmethod
     def task_of(self, submission: S) -> str:
         """The task UUID of a kept submission."""
-        raise NotImplementedError
 
+    @abstractmethod
     def completed_event(self, kept: C) -> CompletedEvent:
         """The completion event ``kept`` stands for."""
-        raise NotImplementedError
 
+    @abstractmethod
     def submitted_event(self, kept: S) -> SubmittedEvent:
         """The submission event ``kept`` stands for."""
-        raise NotImplementedError
 
+    @abstractmethod
     def failed_event(self, kept: F) -> FailedEvent:
         """The failure event ``kept`` stands for."""
-        raise NotImplementedError
 
     # Questions
 
