@@ -6,7 +6,9 @@ that belong together. The reader is tolerant: a torn or garbled line (a crash
 mid-write, a disk hiccup) is skipped with a warning, never fatal, and event types
 or fields from a newer remix are ignored. :func:`load_state` folds the events into
 a :class:`ResumeState` that tells a resumed run what is done, what is still in
-flight at the API and what it already paid for.
+flight at the API and what it already paid for. :class:`JournalFold` holds what each
+event means, once: resume, the ledger, status, reports and the gallery all fold the
+journal with it (``pipeline.journal_offsets`` keeps line offsets, not events).
 
 This is our own file format, not the wire: keys are snake_case, money is an exact
 decimal string, timestamps are timezone-aware UTC.
@@ -19,12 +21,21 @@ import errno
 import logging
 import os
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Final, Literal, Self
+from typing import (
+    Annotated,
+    BinaryIO,
+    Final,
+    Generic,
+    Literal,
+    Self,
+    TypeVar,
+)
 
 import anyio
 import anyio.to_thread
@@ -316,8 +327,8 @@ def _parse(line: bytes, lineno: int, is_last: bool, path: Path) -> Event | None:
         return None
 
 
-def read_journal(path: Path) -> Iterator[Event]:
-    """Yield the events of ``path`` in order, skipping lines that do not parse.
+def read_journal_lines(path: Path) -> Iterator[tuple[int, Event]]:
+    """Yield ``(byte offset of its line, event)`` for ``path``, in order.
 
     A missing file yields nothing. Bad lines are logged (with their line number)
     and skipped, so a crash mid-write never blocks a resume.
@@ -327,65 +338,124 @@ def read_journal(path: Path) -> Iterator[Event]:
     except FileNotFoundError:
         return
     with f:
-        held: tuple[int, bytes] | None = None
+        held: tuple[int, int, bytes] | None = None
+        end = 0
         for lineno, line in enumerate(f, 1):
+            start, end = end, end + len(line)
             if held is not None:
-                event = _parse(held[1], held[0], False, path)
+                event = _parse(held[2], held[0], False, path)
                 if event is not None:
-                    yield event
-            held = (lineno, line) if line.strip() else None
+                    yield held[1], event
+            held = (lineno, start, line) if line.strip() else None
         if held is not None:
-            event = _parse(held[1], held[0], True, path)
+            event = _parse(held[2], held[0], True, path)
             if event is not None:
-                yield event
+                yield held[1], event
+
+
+def read_journal(path: Path) -> Iterator[Event]:
+    """Yield the events of ``path`` in order, skipping lines that do not parse.
+
+    A missing file yields nothing. Bad lines are logged (with their line number)
+    and skipped, so a crash mid-write never blocks a resume.
+    """
+    for _, event in read_journal_lines(path):
+        yield event
+
+
+def read_event_at(f: BinaryIO, offset: int) -> Event:
+    """The event on the line at ``offset`` of an open journal (one that parsed)."""
+    f.seek(offset)
+    return EVENT_ADAPTER.validate_json(f.readline())
 
 
 # ---------------------------------------------------------------------------
-# Resume state
+# The fold: what the events mean, written once
+
+C = TypeVar("C")
+"""What a fold keeps of a completion (the event, or where its line is)."""
+S = TypeVar("S")
+"""What a fold keeps of a submission."""
+F = TypeVar("F")
+"""What a fold keeps of a failure."""
 
 
 @dataclass
-class ResumeState:
-    """What the journal says about a run, folded event by event with :meth:`apply`.
+class JournalFold(ABC, Generic[C, S, F]):
+    """The one place that says what journal events mean, folded with :meth:`apply`.
 
     ``pending`` holds the submissions a resume must poll before anything else:
     tasks of keys that are not complete, not failed, whose UUID is neither lost
     nor failed nor replaced. ``spent_usd`` counts each paid image once, by
-    (task UUID, index), so a duplicated journal line never bills twice.
+    (task UUID, index), so a duplicated journal line never bills twice; a paid
+    image whose index another task UUID already filled is superseded.
+
+    What is kept of each event is up to the subclass: :class:`ResumeState` keeps
+    the events themselves, ``journal_offsets.JournalOffsets`` only where their lines
+    are, so a
+    100k-image journal folds in a few tens of MB. The ``*_event`` methods give the
+    event back either way.
     """
 
-    completed_images: dict[str, dict[int, CompletedEvent]] = field(default_factory=dict)
+    completed_images: dict[str, dict[int, C]] = field(default_factory=dict)
     """key -> image index -> the first completion of that image."""
-    superseded_images: list[CompletedEvent] = field(default_factory=list)
-    """Paid images of a key whose index was already filled by another task UUID."""
-    pending: dict[str, list[SubmittedEvent]] = field(default_factory=dict)
-    failed: dict[str, FailedEvent] = field(default_factory=dict)
+    superseded: list[tuple[str, int, C]] = field(default_factory=list)
+    """``(key, image index, completion)`` of paid images of an already filled index."""
+    pending: dict[str, list[S]] = field(default_factory=dict)
+    failed: dict[str, F] = field(default_factory=dict)
     """The last failure per key; cleared by a later submission or completion."""
+    submitted: dict[str, S] = field(default_factory=dict, repr=False)
+    """Task UUID -> its (last) submission; every task UUID ever sent."""
+    images_expected: dict[str, int] = field(default_factory=dict)
+    """key -> images its latest submission asked for."""
+    keys: dict[str, None] = field(default_factory=dict, repr=False)
+    """Every key submitted, completed or failed, in first-seen order."""
     lost: set[str] = field(default_factory=set)
     uploads: dict[str, str] = field(default_factory=dict)
     """Reference content sha256 -> uploaded image UUID."""
-    submitted_uuids: set[str] = field(default_factory=set)
-    """Every task UUID ever sent: never send one again."""
     accepted_uuids: set[str] = field(default_factory=set)
     spent_usd: Decimal = Decimal(0)
-    images_expected: dict[str, int] = field(default_factory=dict)
     events_count: int = 0
     run_started: RunStartedEvent | None = None
     """The first run_started event (the original run's identity)."""
     run_ended: RunEndedEvent | None = None
     """The last run_ended event."""
-    submitted: dict[str, SubmittedEvent] = field(default_factory=dict, repr=False)
-    """task UUID -> its submission (for submitted_at and estimates)."""
+    last_started: RunStartedEvent | None = None
+    """The latest run_started: the current totals and plan estimate."""
+    last_ended: RunEndedEvent | None = None
+    """The run_ended that closed the latest run_started, if any."""
+    last_event_at: datetime | None = None
     _paid: set[tuple[str, int]] = field(default_factory=set, repr=False)
     _finished: set[str] = field(default_factory=set, repr=False)
 
-    @classmethod
-    def from_events(cls, events: Iterable[Event]) -> Self:
-        """Fold ``events`` (in journal order) into a new state."""
-        state = cls()
-        for event in events:
-            state.apply(event)
-        return state
+    # What is kept of an event, and the event back from what was kept.
+
+    @abstractmethod
+    def _keep_completed(self, event: CompletedEvent) -> C: ...
+
+    @abstractmethod
+    def _keep_submitted(self, event: SubmittedEvent) -> S: ...
+
+    @abstractmethod
+    def _keep_failed(self, event: FailedEvent) -> F: ...
+
+    @abstractmethod
+    def task_of(self, submission: S) -> str:
+        """The task UUID of a kept submission."""
+
+    @abstractmethod
+    def completed_event(self, kept: C) -> CompletedEvent:
+        """The completion event ``kept`` stands for."""
+
+    @abstractmethod
+    def submitted_event(self, kept: S) -> SubmittedEvent:
+        """The submission event ``kept`` stands for."""
+
+    @abstractmethod
+    def failed_event(self, kept: F) -> FailedEvent:
+        """The failure event ``kept`` stands for."""
+
+    # Questions
 
     def is_complete(self, key: str) -> bool:
         """True when every expected image of ``key`` is stored.
@@ -407,13 +477,21 @@ class ResumeState:
         """Stored images (each key/index once)."""
         return sum(len(v) for v in self.completed_images.values())
 
+    @property
+    def submitted_uuids(self) -> set[str]:
+        """Every task UUID ever sent: never send one again."""
+        return set(self.submitted)
+
     def pending_uuids(self) -> list[str]:
         """Task UUIDs to poll first on resume, in journal order."""
-        return [s.task_uuid for subs in self.pending.values() for s in subs]
+        return [self.task_of(s) for subs in self.pending.values() for s in subs]
+
+    # The rules
 
     def apply(self, event: Event) -> None:
         """Fold one event into the state."""
         self.events_count += 1
+        self.last_event_at = event.ts
         match event:
             case UploadedEvent():
                 self.uploads[event.sha256] = event.image_uuid
@@ -424,7 +502,8 @@ class ResumeState:
             case CompletedEvent():
                 self._on_completed(event)
             case FailedEvent():
-                self.failed[event.key] = event
+                self.keys.setdefault(event.key)
+                self.failed[event.key] = self._keep_failed(event)
                 if event.task_uuid is not None:
                     self._finished.add(event.task_uuid)
                 self.pending.pop(event.key, None)
@@ -435,33 +514,37 @@ class ResumeState:
             case RunStartedEvent():
                 if self.run_started is None:
                     self.run_started = event
+                self.last_started, self.last_ended = event, None
             case RunEndedEvent():
-                self.run_ended = event
+                self.run_ended = self.last_ended = event
 
     def _on_submitted(self, event: SubmittedEvent) -> None:
         key = event.key
-        self.submitted_uuids.add(event.task_uuid)
-        self.submitted[event.task_uuid] = event
+        self.keys.setdefault(key)
+        kept = self._keep_submitted(event)
+        self.submitted[event.task_uuid] = kept
         self.images_expected[key] = event.images
         self.failed.pop(key, None)
         if event.replaces is not None:
             self._finished.add(event.replaces)
             self._drop_pending(key, event.replaces)
         if not self.is_complete(key) and event.task_uuid not in self._finished:
-            self.pending.setdefault(key, []).append(event)
+            self.pending.setdefault(key, []).append(kept)
 
     def _on_completed(self, event: CompletedEvent) -> None:
         paid = (event.task_uuid, event.index)
         if paid in self._paid:
             return  # the same image journaled twice: count it once
         self._paid.add(paid)
+        self.keys.setdefault(event.key)
         if event.cost_usd is not None:
             self.spent_usd += event.cost_usd
         images = self.completed_images.setdefault(event.key, {})
+        kept = self._keep_completed(event)
         if event.index in images:
-            self.superseded_images.append(event)
+            self.superseded.append((event.key, event.index, kept))
         else:
-            images[event.index] = event
+            images[event.index] = kept
         self.failed.pop(event.key, None)
         if self.is_complete(event.key):
             self.pending.pop(event.key, None)
@@ -470,11 +553,50 @@ class ResumeState:
         subs = self.pending.get(key)
         if subs is None:
             return
-        kept = [s for s in subs if s.task_uuid != task_uuid]
+        kept = [s for s in subs if self.task_of(s) != task_uuid]
         if kept:
             self.pending[key] = kept
         else:
             del self.pending[key]
+
+
+@dataclass
+class ResumeState(JournalFold[CompletedEvent, SubmittedEvent, FailedEvent]):
+    """The journal folded with its events kept: what a resumed run needs."""
+
+    @classmethod
+    def from_events(cls, events: Iterable[Event]) -> Self:
+        """Fold ``events`` (in journal order) into a new state."""
+        state = cls()
+        for event in events:
+            state.apply(event)
+        return state
+
+    @property
+    def superseded_images(self) -> list[CompletedEvent]:
+        """Paid images of a key whose index was already filled by another task."""
+        return [event for _, _, event in self.superseded]
+
+    def _keep_completed(self, event: CompletedEvent) -> CompletedEvent:
+        return event
+
+    def _keep_submitted(self, event: SubmittedEvent) -> SubmittedEvent:
+        return event
+
+    def _keep_failed(self, event: FailedEvent) -> FailedEvent:
+        return event
+
+    def task_of(self, submission: SubmittedEvent) -> str:
+        return submission.task_uuid
+
+    def completed_event(self, kept: CompletedEvent) -> CompletedEvent:
+        return kept
+
+    def submitted_event(self, kept: SubmittedEvent) -> SubmittedEvent:
+        return kept
+
+    def failed_event(self, kept: FailedEvent) -> FailedEvent:
+        return kept
 
 
 def load_state(path: Path) -> ResumeState:

@@ -41,7 +41,7 @@ from pipeline.journal import (
     load_state,
     read_journal,
 )
-from pipeline.report import write_ledger
+from pipeline.ledger import write_ledger
 from pipeline.sandbox import SandboxState, serving
 
 IMAGE_SUFFIXES: Final = frozenset({".png", ".jpg", ".webp"})

@@ -27,7 +27,7 @@ from pipeline.journal import (
     load_state,
     read_journal,
 )
-from pipeline.report import write_ledger
+from pipeline.ledger import write_ledger
 from pipeline.sandbox import STATE, SandboxConfig
 from tests.conftest import SandboxFactory
 from tests.jobkit import (

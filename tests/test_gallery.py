@@ -21,12 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipeline.expand import expand
-from pipeline.gallery import (
-    GALLERY_NAME,
-    make_thumbnail,
-    make_thumbnails,
-    write_gallery,
-)
+from pipeline.gallery import GALLERY_NAME, write_gallery
 from pipeline.journal import (
     JOURNAL_NAME,
     CompletedEvent,
@@ -38,6 +33,7 @@ from pipeline.journal import (
 )
 from pipeline.manifest import load_manifest
 from pipeline.storage import encode_sidecar, image_relpath
+from pipeline.thumbnails import make_thumbnail, make_thumbnails
 
 T0 = datetime(2026, 11, 3, 22, 0, tzinfo=UTC)
 NASTY = "<b>\"quoted\" & 'single'</b> </script><script>alert(1)</script>"

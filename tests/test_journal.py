@@ -1,4 +1,5 @@
-"""The journal: round trips, tolerance of torn and garbled lines, resume state."""
+"""The journal: round trips, tolerance of torn and garbled lines, the one fold
+(resume state, and the same fold keeping line offsets)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ from pipeline.journal import (
     RunStartedEvent,
     SubmittedEvent,
     UploadedEvent,
+    encode_events,
     load_state,
     read_journal,
 )
+from pipeline.journal_offsets import JournalOffsets
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -448,6 +451,66 @@ def test_uploads_runs_and_unknown_costs() -> None:
     )
     assert state.run_started == started
     assert state.run_ended == ended
+    assert (state.last_started, state.last_ended) == (later, ended)
+    state.apply(started)  # a resume starts: nothing has ended it yet
+    assert (state.last_started, state.last_ended) == (started, None)
+    assert state.last_event_at == T0
     assert state.uploads == {"h": "img"}
     assert state.spent_usd == 0
     assert state.is_complete("k")  # no submission journaled: never pay twice
+
+
+# ---------------------------------------------------------------------------
+# The fold keeping line offsets
+
+
+@settings(deadline=None, max_examples=40)
+@given(events=st.lists(_events, max_size=25))
+def test_offsets_fold_reads_back_what_resume_state_keeps(events: list[Event]) -> None:
+    """JournalOffsets is the same fold: each offset reads back the event ResumeState
+    kept, for images, superseded images, failures, pending and every submission."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "journal.jsonl"
+        path.write_bytes(encode_events(events))
+        state = load_state(path)
+        offsets = JournalOffsets.of_file(path)
+        with offsets.reading():
+            images = {
+                key: {i: offsets.completed_event(c) for i, c in found.items()}
+                for key, found in offsets.completed_images.items()
+            }
+            superseded = [
+                (key, i, offsets.completed_event(c)) for key, i, c in offsets.superseded
+            ]
+            failed = {k: offsets.failed_event(f) for k, f in offsets.failed.items()}
+            pending = {
+                key: [offsets.submitted_event(s) for s in subs]
+                for key, subs in offsets.pending.items()
+            }
+            submitted = {
+                uuid: offsets.submitted_event(s)
+                for uuid, s in offsets.submitted.items()
+            }
+    assert images == state.completed_images
+    assert superseded == state.superseded
+    assert failed == state.failed
+    assert pending == state.pending
+    assert submitted == state.submitted
+    assert offsets.pending_uuids() == state.pending_uuids()
+    assert list(offsets.keys) == list(state.keys)
+    assert offsets.spent_usd == state.spent_usd
+    assert (offsets.last_started, offsets.last_ended) == (
+        state.last_started,
+        state.last_ended,
+    )
+
+
+def test_offsets_fold_reads_only_inside_reading(tmp_path: Path) -> None:
+    """Events are read back from the open file; outside ``reading()`` it says so."""
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(encode_events([submitted("k", "u"), completed("k", "u")]))
+    offsets = JournalOffsets.of_file(path)
+    with pytest.raises(RuntimeError, match="reading"):
+        offsets.completed_event(offsets.completed_images["k"][0])
+    with offsets.reading(), offsets.reading():  # nested: one open file
+        assert offsets.completed_event(offsets.completed_images["k"][0]).key == "k"

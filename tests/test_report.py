@@ -1,4 +1,5 @@
-"""Reports: the ledger CSV, cost reports grouped and merged over run dirs, status."""
+"""Reports: the ledger CSV, cost reports grouped and merged over run dirs, status,
+and how ``remix report`` and ``remix status`` print them."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.cli.exit import ExitCode
+from pipeline.cli.show import show_report, show_status
+from pipeline.costs import (
+    TOTAL_LABEL,
+    build_report,
+    format_report,
+    parse_by,
+    report_csv,
+)
 from pipeline.journal import (
     JOURNAL_NAME,
     CompletedEvent,
@@ -31,25 +41,18 @@ from pipeline.journal import (
     encode_events,
     load_state,
 )
-from pipeline.report import (
+from pipeline.ledger import (
     LEDGER_NAME,
-    TOTAL_LABEL,
     build_ledger_rows,
-    build_report,
     csv_safe,
     csv_unsafe,
-    format_report,
     ledger_columns,
     ledger_csv,
-    load_run,
-    parse_by,
-    print_report,
-    print_status,
     read_ledger,
-    report_csv,
-    run_status,
     write_ledger,
 )
+from pipeline.rundata import load_run
+from pipeline.status import run_status
 
 T0 = datetime(2026, 11, 3, 22, 0, tzinfo=UTC)
 PRICE = Decimal("0.0625")
@@ -350,7 +353,8 @@ def test_group_totals_always_sum_to_the_grand_total(runs: list[list[Event]]) -> 
 @settings(max_examples=40, deadline=None)
 @given(journals())
 def test_random_ledgers_round_trip(runs: list[list[Event]]) -> None:
-    """Any journal's ledger, written then read, gives the same rows and total."""
+    """Any journal's ledger, written (streamed from line offsets) then read, gives
+    the rows of the fold that keeps every event, and the same total."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = _run_dirs(Path(tmp), runs[:1])[0]
         path = write_ledger(run_dir)
@@ -465,11 +469,11 @@ def test_parse_by_accepts_axis_spellings() -> None:
         parse_by("colour")
 
 
-def test_print_report_formats(
+def test_show_report_formats(
     two_nights: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Table, CSV and JSON output carry the same totals, estimate beside actual."""
-    assert print_report(two_nights, by="variant", fmt="table") == 0
+    assert show_report(two_nights, by="variant", fmt="table") == ExitCode.OK
     table = capsys.readouterr().out
     lines = table.splitlines()
     assert lines[0].split() == [
@@ -496,7 +500,7 @@ def test_print_report_formats(
     ]
     assert "plan estimate $0.375 for 2 run dirs; spent $0.3200" in table
 
-    assert print_report(two_nights, by="variant", fmt="csv") == 0
+    assert show_report(two_nights, by="variant", fmt="csv") == ExitCode.OK
     rows = list(csv.reader(capsys.readouterr().out.splitlines()))
     assert rows[0] == [
         "variant",
@@ -519,20 +523,21 @@ def test_print_report_formats(
         "0.375",
     ]
 
-    assert print_report(two_nights, by="variant", fmt="json") == 0
+    assert show_report(two_nights, by="variant", fmt="json") == ExitCode.OK
     data = json.loads(capsys.readouterr().out)
     assert data["total"]["cost_usd"] == "0.3200"
     assert data["plan_estimate_usd"] == "0.375"
     assert [g["group"] for g in data["groups"]] == ["deco", "paper"]
 
 
-def test_print_report_rejects_bad_input(
+def test_show_report_rejects_bad_input(
     tmp_path: Path, two_nights: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A dir that is not a run dir, or an unknown --by, exits 2 with a message."""
-    assert print_report([*two_nights, tmp_path / "nope"], by="day", fmt="table") == 2
+    not_a_run = [*two_nights, tmp_path / "nope"]
+    assert show_report(not_a_run, by="day", fmt="table") == ExitCode.INVALID
     assert "nope is not a run directory" in capsys.readouterr().err
-    assert print_report(two_nights, by="size", fmt="table") == 2
+    assert show_report(two_nights, by="size", fmt="table") == ExitCode.INVALID
     assert "unknown --by 'size'" in capsys.readouterr().err
 
 
@@ -608,28 +613,28 @@ def test_status_of_finished_runs(tmp_path: Path) -> None:
     assert "budget" in status.detail
 
 
-def test_print_status_table_and_json(
+def test_show_status_table_and_json(
     half_run: HalfRun, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The table names every count and the resume command; JSON is one object."""
-    assert print_status(half_run.run_dir) == 0
+    assert show_status(half_run.run_dir) == ExitCode.OK
     out = capsys.readouterr().out
     assert "3 done, 1 failed, 1 in flight, 1 remaining of 6" in out
     assert "cost          $0.2575 so far (plan estimate $0.4375)" in out
     assert f"in flight     {half_run.pending_uuid}" in out
     assert "resume with   remix run '/jobs/lobby styles.toml' --run-dir" in out
-    assert print_status(half_run.run_dir, fmt="json") == 0
+    assert show_status(half_run.run_dir, fmt="json") == ExitCode.OK
     data = json.loads(capsys.readouterr().out)
     assert data["spent_usd"] == "0.2575"
     assert data["in_flight"] == 1
     assert data["state"] == "interrupted"
 
 
-def test_print_status_of_a_non_run_dir(
+def test_show_status_of_a_non_run_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A directory without run.json or journal exits 2 and says why."""
-    assert print_status(tmp_path) == 2
+    assert show_status(tmp_path) == ExitCode.INVALID
     assert "is not a run directory" in capsys.readouterr().err
 
 
@@ -638,8 +643,8 @@ def test_print_status_of_a_non_run_dir(
 
 BIG_IMAGES = 20_000
 BIG_LEDGER_PEAK = 25 * 1024 * 1024
-"""tracemalloc bound for 20k images: streaming takes ~10 MB, the old ledger (every
-event and row held at once) ~76 MB."""
+"""tracemalloc bound for 20k images: streaming (the fold keeping line offsets) takes
+~17 MB, holding every event and row at once ~76 MB."""
 
 
 def _big_journal(run_dir: Path) -> None:

@@ -21,14 +21,15 @@ import anyio
 from pydantic import SecretStr
 
 from pipeline.cli.exit import ExitCode
+from pipeline.cli.show import show_report, show_status
 from pipeline.config import ENV_API_KEY, Settings, load_settings, loop_options
 from pipeline.errors import ConfigError, ManifestError, PipelineError
 from pipeline.expand import check_manifest
 from pipeline.gallery import write_gallery
+from pipeline.ledger import write_ledger
 from pipeline.manifest import Manifest
 from pipeline.progress import NullProgress, Progress, TqdmProgress
 from pipeline.records import EngineOptions, RunSummary
-from pipeline.report import print_report, print_status, write_ledger
 from pipeline.rundir import open_run_dir
 from pipeline.runner import JobTotals, run_job
 from pipeline.shard import Shard
@@ -594,11 +595,11 @@ async def _with_sandbox(
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    return print_status(args.run_dir, fmt=args.format)
+    return show_status(args.run_dir, fmt=args.format)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    return print_report(args.run_dirs, by=args.by, fmt=args.format)
+    return show_report(args.run_dirs, by=args.by, fmt=args.format)
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:

@@ -1,0 +1,296 @@
+"""Cost reports: ledger rows grouped (by reference, variant, matrix axis, day or run)
+over any number of run dirs (nightly runs, shards), the actual cost set beside the
+plan's estimate.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Final
+
+from pipeline.ledger import PLAIN_NUMBER, LedgerRow, csv_safe, parse_key
+from pipeline.rundata import RunData
+from pipeline.shard import Shard
+
+TOTAL_LABEL: Final = "(total)"
+"""The grand total's group label; parentheses cannot occur in ids."""
+NONE_LABEL: Final = "(none)"
+"""The group of rows that lack the grouped-by value (no such axis, no time)."""
+
+
+@dataclass
+class GroupTotals:
+    """Totals of one report group (or of the whole report)."""
+
+    group: str
+    images: int = 0
+    """Stored images (superseded duplicates are paid, so in cost, but not counted)."""
+    failed: int = 0
+    in_flight: int = 0
+    cost_usd: Decimal = Decimal(0)
+    estimate_usd: Decimal = Decimal(0)
+    """Sum of the submitted tasks' estimates (each task's latest submission)."""
+
+    @property
+    def diff_usd(self) -> Decimal:
+        """Actual minus estimated: positive means it cost more than planned."""
+        return self.cost_usd - self.estimate_usd
+
+    def add_row(self, row: LedgerRow) -> None:
+        """Count one ledger row."""
+        if row.status == "done":
+            self.images += 1
+        elif row.status == "failed":
+            self.failed += 1
+        elif row.status == "pending":
+            self.in_flight += 1
+        if row.cost_usd is not None:
+            self.cost_usd += row.cost_usd
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict with exact decimal strings."""
+        return {
+            "group": self.group,
+            "images": self.images,
+            "failed": self.failed,
+            "in_flight": self.in_flight,
+            "cost_usd": str(self.cost_usd),
+            "estimate_usd": str(self.estimate_usd),
+            "diff_usd": str(self.diff_usd),
+        }
+
+
+@dataclass
+class Report:
+    """A cost report over one or more run dirs."""
+
+    by: str
+    groups: list[GroupTotals]
+    total: GroupTotals
+    plan_estimate_usd: Decimal | None
+    """The plans' estimates (run_started), each job counted once across its shards."""
+    runs: list[str]
+    spent_usd: Decimal
+    """The journals' own spent totals, summed: equals ``total.cost_usd``."""
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict with exact decimal strings."""
+        plan = self.plan_estimate_usd
+        return {
+            "by": self.by,
+            "runs": self.runs,
+            "groups": [g.to_json() for g in self.groups],
+            "total": self.total.to_json(),
+            "plan_estimate_usd": None if plan is None else str(plan),
+            "spent_usd": str(self.spent_usd),
+        }
+
+
+_BY_NAMES: Final = ("reference", "variant", "day", "run")
+
+
+def parse_by(by: str) -> tuple[str, str | None]:
+    """``(kind, axis name)`` from ``reference|variant|day|run|axis:NAME|axis=NAME``.
+
+    Raises:
+        ValueError: an unknown grouping, with the accepted spellings.
+    """
+    text = by.strip()
+    for sep in (":", "=", " "):
+        head, found, name = text.partition(sep)
+        if found and head.strip() == "axis" and name.strip():
+            return "axis", name.strip()
+    if text in _BY_NAMES:
+        return text, None
+    raise ValueError(
+        f"unknown --by {by!r}: use reference, variant, day, run or axis:NAME "
+        "(NAME as in the task keys, e.g. axis:remixStrength)"
+    )
+
+
+def _axis_names(runs: Sequence[RunData]) -> set[str]:
+    names: set[str] = set()
+    for run in runs:
+        for key in run.key_estimates.keys() | {r.key for r in run.rows}:
+            names.update(n for n, _ in parse_key(key)[2])
+    return names
+
+
+def _resolve_axis(name: str, runs: Sequence[RunData]) -> str:
+    """Accept an axis's key name or its full dotted manifest path."""
+    if "." not in name:
+        return name
+    names = _axis_names(runs)
+    if name in names:
+        return name
+    last = name.rsplit(".", 1)[-1]
+    return last if last in names else name
+
+
+def _day(at: datetime | None) -> str:
+    return NONE_LABEL if at is None else at.astimezone(UTC).date().isoformat()
+
+
+def _run_labels(runs: Sequence[RunData]) -> list[str]:
+    names = [r.run_dir.name or str(r.run_dir) for r in runs]
+    if len(set(names)) == len(names):
+        return names
+    return [str(r.run_dir) for r in runs]
+
+
+def _key_grouper(kind: str, axis: str | None) -> Callable[[str], str]:
+    def group(key: str) -> str:
+        reference, variant, axes = parse_key(key)
+        if kind == "reference":
+            return reference
+        if kind == "variant":
+            return variant
+        return dict(axes).get(axis or "", NONE_LABEL)
+
+    return group
+
+
+def _plan_estimate(runs: Sequence[RunData]) -> Decimal | None:
+    """Sum of plan estimates; shards of one job (same manifest hash, same N) once.
+
+    The engine journals the whole job's estimate in every shard's run_started.
+    """
+    total: Decimal | None = None
+    seen: set[tuple[str, int]] = set()
+    for run in runs:
+        started = run.last_started
+        if started is None:
+            continue
+        if (shard := Shard.read(started.shard)) is not None:
+            job = (started.manifest_sha256, shard.count)
+            if job in seen:
+                continue
+            seen.add(job)
+        total = started.estimate_usd + (total or Decimal(0))
+    return total
+
+
+def _sort_key(label: str) -> tuple[int, Decimal, str]:
+    if label == NONE_LABEL:
+        return 2, Decimal(0), label
+    if PLAIN_NUMBER.fullmatch(label):
+        return 0, Decimal(label), label
+    return 1, Decimal(0), label
+
+
+def build_report(runs: Sequence[RunData], *, by: str) -> Report:
+    """Group the ledger rows of ``runs`` (merged) and total them.
+
+    Raises:
+        ValueError: ``by`` is not a known grouping.
+    """
+    kind, axis = parse_by(by)
+    if axis is not None:
+        axis = _resolve_axis(axis, runs)
+    groups: dict[str, GroupTotals] = {}
+    total = GroupTotals(TOTAL_LABEL)
+
+    def get(label: str) -> GroupTotals:
+        found = groups.get(label)
+        if found is None:
+            found = groups[label] = GroupTotals(label)
+        return found
+
+    key_group = _key_grouper(kind, axis)
+    for label, run in zip(_run_labels(runs), runs, strict=True):
+        cache: dict[str, str] = {}
+        for row in run.rows:
+            if kind == "run":
+                name = label
+            elif kind == "day":
+                name = _day(row.completed_at or row.submitted_at)
+            else:
+                name = cache.get(row.key) or cache.setdefault(
+                    row.key, key_group(row.key)
+                )
+            get(name).add_row(row)
+            total.add_row(row)
+        for key, sub in run.key_estimates.items():
+            if kind == "run":
+                name = label
+            elif kind == "day":
+                name = _day(sub.ts)
+            else:
+                name = cache.get(key) or key_group(key)
+            get(name).estimate_usd += sub.estimate_usd
+            total.estimate_usd += sub.estimate_usd
+    ordered = sorted(groups.values(), key=lambda g: _sort_key(g.group))
+    return Report(
+        by=f"axis:{axis}" if kind == "axis" else kind,
+        groups=ordered,
+        total=total,
+        plan_estimate_usd=_plan_estimate(runs),
+        runs=[str(r.run_dir) for r in runs],
+        spent_usd=sum((r.state.spent_usd for r in runs), Decimal(0)),
+    )
+
+
+_REPORT_COLUMNS: Final = (
+    "images",
+    "failed",
+    "in_flight",
+    "cost_usd",
+    "estimate_usd",
+    "diff_usd",
+)
+
+
+def _numbers(g: GroupTotals) -> list[str]:
+    return [
+        str(g.images),
+        str(g.failed),
+        str(g.in_flight),
+        str(g.cost_usd),
+        str(g.estimate_usd),
+        str(g.diff_usd),
+    ]
+
+
+def report_csv(report: Report) -> str:
+    """The report as CSV: one row per group, then the total with the plan estimate."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")
+    writer.writerow([report.by, *_REPORT_COLUMNS, "plan_estimate_usd"])
+    for g in report.groups:
+        writer.writerow([csv_safe(g.group), *_numbers(g), ""])
+    plan = report.plan_estimate_usd
+    writer.writerow(
+        [TOTAL_LABEL, *_numbers(report.total), "" if plan is None else str(plan)]
+    )
+    return buf.getvalue()
+
+
+def format_report(report: Report) -> str:
+    """The report as an aligned text table with a total line."""
+    header = [report.by, "images", "failed", "in flight", "cost $", "est. $", "diff $"]
+    body = [[g.group, *_numbers(g)] for g in report.groups]
+    total = [TOTAL_LABEL, *_numbers(report.total)]
+    widths = [
+        max(len(r[i]) for r in (header, *body, total)) for i in range(len(header))
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "-" * len(line(header))
+    lines = [line(header), rule, *(line(r) for r in body), rule, line(total)]
+    plan = report.plan_estimate_usd
+    if plan is not None:
+        runs = len(report.runs)
+        lines.append(
+            f"plan estimate ${plan} for {runs} run dir{'s' if runs != 1 else ''}; "
+            f"spent ${report.spent_usd} (${plan - report.spent_usd} of the plan left)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,393 @@
+"""The gallery's grid, built from the run dir: what goes in each cell, page by page.
+
+The grid comes from the journal (folded once, keeping line offsets: see
+:mod:`pipeline.journal_offsets`); the run's manifest (its path is in run.json), when
+it still loads, adds the reference images, the manifest's order, the prompts of tasks
+without a sidecar, and the tasks not run yet. Without it the grid still works.
+:mod:`pipeline.gallery` renders it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path, PurePosixPath
+from typing import Any, Final, Literal
+
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.expand import count_tasks, expand
+from pipeline.journal import JOURNAL_NAME
+from pipeline.journal_offsets import JournalOffsets
+from pipeline.ledger import parse_key
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.rundir import read_run_info
+from pipeline.shard import Shard
+from pipeline.storage import safe_part, sidecar_path
+from pipeline.thumbnails import THUMBS_DIR, in_threads, thumb_relpath, thumbnail_or_none
+
+log = logging.getLogger(__name__)
+
+MAX_EXPAND: Final = 20_000
+"""Expand the manifest (not-run cells, prompts of failed tasks) up to this size."""
+_NOISE_PARAMS: Final = frozenset(
+    {
+        "positivePrompt",
+        "negativePrompt",
+        "taskType",
+        "taskUUID",
+        "deliveryMethod",
+        "includeCost",
+    }
+)
+"""Wire keys the details panel shows elsewhere or that say nothing about the look."""
+
+CellStatus = Literal["done", "partial", "failed", "pending", "not-run"]
+
+
+# ---------------------------------------------------------------------------
+# The grid model
+
+
+@dataclass(slots=True)
+class GridImage:
+    """One stored image of a cell."""
+
+    index: int
+    path: str
+    """Relative to the run dir."""
+    seed: int | None
+    cost: str | None
+    """USD, as the journal has it."""
+    image_uuid: str
+    size: tuple[int, int] | None = None
+    """The thumbnail's size; None: no thumbnail (image missing or unreadable)."""
+
+    @property
+    def thumb(self) -> str | None:
+        """The thumbnail's path relative to the run dir, when there is one."""
+        return None if self.size is None else thumb_relpath(self.path).as_posix()
+
+
+@dataclass(slots=True)
+class GridCell:
+    """One task's cell: where it sits, its status and what the details panel shows."""
+
+    key: str
+    reference: str
+    variant: int
+    """Index into the plan's variants."""
+    combo: int
+    """Index into the plan's combos."""
+    status: CellStatus
+    task_uuid: str | None = None
+    prompt: str | None = None
+    negative: str | None = None
+    params: str | None = None
+    """The parameters as shown; "" when known but with nothing to show."""
+    error: tuple[str, str] | None = None
+    images: list[GridImage] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class GridRef:
+    """One reference row's header: the reference image, or what the manifest names."""
+
+    id: str
+    source: str | None = None
+    """What the manifest names (path, URL, UUID), for the label."""
+    local: Path | None = None
+    size: tuple[int, int] | None = None
+    """The thumbnail's size; None: no thumbnail."""
+
+    @property
+    def thumb(self) -> str | None:
+        """The thumbnail's path relative to the run dir, when there is one."""
+        if self.size is None:
+            return None
+        return PurePosixPath(THUMBS_DIR, "refs", safe_part(self.id) + ".jpg").as_posix()
+
+
+@dataclass
+class GridPlan:
+    """The whole grid's layout, small per cell: cell details are built page by page."""
+
+    title: str
+    run_dir: Path
+    journal: JournalOffsets
+    manifest: Manifest | None
+    """Set when the manifest loaded and is small enough to expand."""
+    refs: dict[str, GridRef]
+    variants: list[str]
+    combos: list[str]
+    rows: dict[str, list[str]]
+    """Reference id -> the keys of its cells."""
+    statuses: Counter[str]
+    images: int
+    variant_at: dict[str, int] = field(init=False)
+    combo_at: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.variant_at = {v: i for i, v in enumerate(self.variants)}
+        self.combo_at = {c: i for i, c in enumerate(self.combos)}
+
+    @property
+    def cells(self) -> int:
+        """Cells in the whole grid (all pages)."""
+        return sum(self.statuses.values())
+
+
+def _load_manifest(run_dir: Path, path: str | None) -> Manifest | None:
+    if path is None:
+        return None
+    try:
+        return load_manifest(Path(path))
+    except (PipelineError, OSError, ValueError) as exc:
+        log.warning(
+            "gallery of %s without its manifest %s (%s): no reference images, "
+            "no not-run cells",
+            run_dir,
+            path,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        return None
+
+
+def _read_sidecar(run_dir: Path, relpath: str) -> dict[str, Any]:
+    try:
+        data = json.loads(sidecar_path(run_dir / relpath).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _run_info(run_dir: Path) -> Mapping[str, object]:
+    try:
+        return read_run_info(run_dir) or {}
+    except ConfigError as exc:
+        log.warning("%s", exc)
+        return {}
+
+
+def cell_status(journal: JournalOffsets, key: str) -> CellStatus | None:
+    """A key's cell status, as the journal has it; None: no cell of its own."""
+    status: CellStatus | None = None
+    complete = journal.is_complete(key)
+    if journal.completed_images.get(key):
+        status = "done" if complete else "partial"
+    if journal.pending.get(key) and status != "partial":
+        status = "pending"
+    if key in journal.failed and not complete:
+        status = "failed"
+    return status
+
+
+def _combo(axes: Iterable[tuple[str, str]]) -> str:
+    return ",".join(f"{n}={v}" for n, v in axes)
+
+
+def plan_grid(run_dir: Path) -> GridPlan:
+    journal = JournalOffsets.of_file(run_dir / JOURNAL_NAME)
+    info = _run_info(run_dir)
+    manifest_path = _text(info.get("manifest"))
+    shard_text = _text(info.get("shard"))
+    if shard_text is None and journal.last_started is not None:
+        shard_text = journal.last_started.shard
+    manifest = _load_manifest(run_dir, manifest_path)
+    refs: dict[str, GridRef] = {}
+    rows: dict[str, list[str]] = {}
+    variants: dict[str, None] = {}
+    combos: dict[str, None] = {}
+    statuses: Counter[str] = Counter()
+    planned: set[str] = set()
+    expandable = False
+    if manifest is not None:
+        for reference in manifest.references:
+            refs[reference.id] = GridRef(
+                reference.id, reference.image, reference.local_path
+            )
+            rows[reference.id] = []
+        variants.update((v.id, None) for v in manifest.variants)
+        shard = Shard.read(shard_text)
+        try:
+            if count_tasks(manifest) <= MAX_EXPAND:
+                for spec in expand(manifest):
+                    if shard and not shard.contains(spec.key):
+                        continue
+                    planned.add(spec.key)
+                    rows.setdefault(spec.reference_id, []).append(spec.key)
+                    combos.setdefault(_combo(spec.axes))
+                    statuses[cell_status(journal, spec.key) or "not-run"] += 1
+                expandable = True
+        except (PipelineError, ValueError) as exc:
+            log.warning("gallery: cannot expand %s: %s", manifest_path, exc)
+    images = 0
+    for key in journal.keys:
+        images += len(journal.completed_images.get(key, ()))
+        if key in planned or (status := cell_status(journal, key)) is None:
+            continue
+        statuses[status] += 1
+        ref_id, variant, axes = parse_key(key)
+        rows.setdefault(ref_id, []).append(key)
+        variants.setdefault(variant)
+        combos.setdefault(_combo(axes))
+    for ref_id in rows:
+        refs.setdefault(ref_id, GridRef(ref_id))
+    if manifest is not None:
+        title = manifest.job.name
+    elif manifest_path:
+        title = Path(manifest_path).stem
+    else:
+        title = run_dir.name or str(run_dir)
+    return GridPlan(
+        title=title,
+        run_dir=run_dir,
+        journal=journal,
+        manifest=manifest if expandable else None,
+        refs=refs,
+        variants=list(variants),
+        combos=list(combos),
+        rows=rows,
+        statuses=statuses,
+        images=images,
+    )
+
+
+def split_pages(plan: GridPlan, page_cells: int) -> list[list[str]]:
+    """Reference ids per page: whole rows, about ``page_cells`` cells a page."""
+    pages: list[list[str]] = [[]]
+    count = 0
+    for reference in plan.refs:
+        size = len(plan.rows.get(reference, ()))
+        if pages[-1] and count + size > page_cells:
+            pages.append([])
+            count = 0
+        pages[-1].append(reference)
+        count += size
+    return pages
+
+
+def cells_of(plan: GridPlan, references: Sequence[str]) -> dict[str, list[GridCell]]:
+    """The cells of some reference rows, with their images, prompts and errors.
+
+    Small per cell (slots, parameters kept as the text shown), as a page holds
+    a few thousand of them at once. Reads events back: call it inside
+    ``with plan.journal.reading():``.
+    """
+    journal, run_dir = plan.journal, plan.run_dir
+    grid: dict[str, list[GridCell]] = {}
+    for reference in references:
+        row = grid[reference] = []
+        for key in plan.rows.get(reference, ()):
+            _, variant, axes = parse_key(key)
+            v, c = plan.variant_at.get(variant), plan.combo_at.get(_combo(axes))
+            if v is None or c is None:  # pragma: no cover - the plan has them all
+                continue
+            status = cell_status(journal, key) if key in journal.keys else None
+            cell = GridCell(key, reference, v, c, status or "not-run")
+            row.append(cell)
+            if key not in journal.keys:
+                continue
+            params: dict[str, Any] | None = None
+            images = journal.completed_images.get(key, {})
+            for index in sorted(images):
+                event = journal.completed_event(images[index])
+                cell.task_uuid = event.task_uuid
+                cell.images.append(
+                    GridImage(
+                        event.index,
+                        event.path,
+                        event.seed,
+                        _money(event.cost_usd),
+                        event.image_uuid,
+                    )
+                )
+                meta = _read_sidecar(run_dir, event.path)
+                if meta:
+                    cell.prompt = _text(meta.get("prompt")) or cell.prompt
+                    cell.negative = _text(meta.get("negative_prompt")) or cell.negative
+                    found = meta.get("params")
+                    params = found if isinstance(found, dict) else params
+            if params is not None:
+                cell.params = _display_params(params) or ""
+            if pending := journal.pending.get(key):
+                cell.task_uuid = journal.task_of(pending[-1])
+            failed = journal.failed.get(key)
+            if failed is not None and not journal.is_complete(key):
+                failure = journal.failed_event(failed)
+                cell.task_uuid = failure.task_uuid or cell.task_uuid
+                cell.error = (failure.code, failure.message)
+    if plan.manifest is not None:
+        _fill_from_manifest(plan.manifest, grid)
+    return grid
+
+
+def _fill_from_manifest(manifest: Manifest, grid: Mapping[str, list[GridCell]]) -> None:
+    """Prompts and parameters the sidecars did not give (not-run, failed cells)."""
+    wanted = {
+        c.key: c
+        for row in grid.values()
+        for c in row
+        if c.prompt is None or c.negative is None or c.params is None
+    }
+    if not wanted:
+        return
+    try:
+        for spec in expand(manifest):
+            cell = wanted.get(spec.key)
+            if cell is None:
+                continue
+            cell.prompt = cell.prompt or _text(spec.params.get("positivePrompt"))
+            cell.negative = cell.negative or _text(spec.params.get("negativePrompt"))
+            if cell.params is None:
+                cell.params = _display_params(spec.params) or ""
+    except (PipelineError, ValueError) as exc:  # pragma: no cover - expanded before
+        log.warning("gallery: cannot expand the manifest: %s", exc)
+
+
+def _thumb_of(run_dir: Path, target: GridImage | GridRef) -> None:
+    """Make ``target``'s thumbnail when its image is there; set its size."""
+    if isinstance(target, GridImage):
+        src = run_dir / target.path
+        dst = run_dir / thumb_relpath(target.path)
+    elif target.local is not None:
+        src = target.local
+        dst = run_dir / THUMBS_DIR / "refs" / (safe_part(target.id) + ".jpg")
+    else:
+        return
+    target.size = thumbnail_or_none(src, dst) if src.is_file() else None
+
+
+def make_grid_thumbnails(
+    run_dir: Path, grid: Mapping[str, list[GridCell]], refs: Sequence[GridRef]
+) -> None:
+    targets: list[GridImage | GridRef] = [
+        img for row in grid.values() for cell in row for img in cell.images
+    ]
+    targets.extend(ref for ref in refs if ref.local is not None)
+    in_threads(lambda target: _thumb_of(run_dir, target), targets)
+
+
+def _display_params(params: Mapping[str, Any] | None) -> str | None:
+    if not params:
+        return None
+    shown = {k: v for k, v in params.items() if k not in _NOISE_PARAMS}
+    inputs = shown.get("inputs")
+    if isinstance(inputs, dict):
+        rest = {k: v for k, v in inputs.items() if k != "referenceImages"}
+        if rest:
+            shown["inputs"] = rest
+        else:
+            del shown["inputs"]
+    return json.dumps(shown, indent=2, ensure_ascii=False, default=str)
+
+
+def _money(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
