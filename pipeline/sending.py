@@ -212,6 +212,7 @@ class Sending:
     async def _unsent(self, flights: list[Flight]) -> None:
         """Journaled but never sent (a stop): a rerun submits them afresh. One
         waiting to be sent again was sent before: a rerun asks about it again."""
+        flights = [f for f in flights if not f.finished]  # ended while waiting
         for flight in flights:
             if flight.resend:
                 self._accounts.left_for_rerun(flight)
@@ -237,6 +238,7 @@ class Sending:
         except AuthError:
             # A definite refusal: nothing was accepted now, so nothing to poll later
             # (a task sent before is asked about again by a rerun).
+            flights = [f for f in flights if not f.finished]  # ended meanwhile
             await self._append(*(lost_event(f) for f in flights if not f.resend))
             for flight in flights:
                 if flight.resend:
@@ -276,7 +278,11 @@ class Sending:
             if (flight := by_uuid.get(task_uuid)) is not None:
                 await replies.fail(flight, error)
         if outcome.credit_refused:
-            refused = [by_uuid[u] for u in outcome.credit_refused if u in by_uuid]
+            refused = [
+                by_uuid[u]
+                for u in outcome.credit_refused
+                if u in by_uuid and not by_uuid[u].finished
+            ]
             # Not accepted now; one sent before may have been then: a rerun asks.
             for flight in refused:
                 if flight.last_sent_at is not None:
