@@ -267,8 +267,8 @@ class RunwareClient:
 
     async def _poll_once(self, uuids: list[str]) -> tuple[PollOutcome, Envelope]:
         # The shape of wire.GetResponseRequest, built directly: the UUIDs are the
-        # engine's own (uuid4 or journaled), and a model per UUID per question was
-        # ~3.5 us each, on every poll.
+        # engine's own (uuid4 or journaled), and a model per UUID per question is
+        # CPU on every poll (bench/README.md).
         tasks = [{"taskType": "getResponse", "taskUUID": u} for u in uuids]
         reply = await self._post(tasks)
         envelope, request_level = self._checked(reply, set(uuids))

@@ -1,6 +1,6 @@
 """The fetch/store stage: result images are downloaded by a few fetchers and written,
 with their sidecars, in batches by one collector, which journals their completions
-and hands each image to the engine's accounting. It is off the slots' path: a slot
+and hands each image to the run's accounts. It is off the slots' path: a slot
 is free once its result is seen."""
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ class Collector:
     it in its task group and hands it each answer's images with ``fetch``.
 
     What each stored image or failed download means for the run (the summary, the
-    budget, the slot, a rerun) is the engine's: ``on_stored`` and
-    ``on_fetch_failed`` are called from the collector alone (one writer), and
-    ``on_batch`` after each batch.
+    budget, the slot, a rerun) is the accounts': ``on_stored`` and
+    ``on_fetch_failed`` are called from the collector alone, and ``on_batch`` after
+    each batch.
     """
 
     def __init__(
@@ -109,7 +109,7 @@ class Collector:
         self._urgent = urgent
         self._run_dir_prefix = os.path.join(run_dir, "")
         """The run dir as a string ending in a separator: image paths are built by
-        concatenation, not pathlib (its parsing was a tenth of a stored image's CPU)."""
+        concatenation, not pathlib, whose parsing is dear per image (bench/README)."""
         self._downloads = downloads
         self._append = append
         self._on_stored = on_stored
@@ -210,7 +210,7 @@ class Collector:
     async def _collect(
         self, done: MemoryObjectReceiveStream[Downloaded | FetchFailed]
     ) -> None:
-        """The single writer of images; the engine accounts for each one.
+        """The single writer of images; the accounts count each one.
 
         Images are written in batches: one worker-thread hop for the files, one
         fsync'd journal append for their ``completed`` events. A batch takes what

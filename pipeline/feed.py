@@ -3,6 +3,7 @@ pending or failed, with the references of the next ones uploading ahead of them.
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from pipeline.expand import TaskSpec
 from pipeline.journal import ResumeState
 from pipeline.references import ReferenceUploader
 from pipeline.shard import Shard
+from pipeline.wire import ImageInferenceRequest
 
 _UPLOADS_AHEAD: Final = 8
 """Reference uploads that may run at once ahead of the tasks that need them."""
@@ -82,3 +84,20 @@ def window(
         if len(queued) >= size:
             yield queued.popleft()
     yield from queued
+
+
+async def prepare(spec: TaskSpec, uploader: ReferenceUploader) -> ImageInferenceRequest:
+    """``spec``'s request under a new taskUUID, its local references uploaded."""
+    uploaded = await uploader.resolve_all(spec.local_files)
+    return spec.request(uuid.uuid4(), uploaded)
+
+
+def inherited_uploads(
+    uploader: ReferenceUploader, request: ImageInferenceRequest
+) -> tuple[str, ...]:
+    """The image UUIDs in ``request`` that an earlier run uploaded (they may have
+    expired: the API then refuses the task, and it goes again with fresh ones)."""
+    used = list(request.inputs.reference_images)
+    if request.provider_settings is not None:
+        used += request.provider_settings.ideogram.style_reference_images or []
+    return tuple(uploader.inherited(used))

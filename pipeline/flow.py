@@ -149,9 +149,9 @@ class SlotGate:
         self._notify()
 
     async def acquire(self, want: int) -> int:
-        """Take between 1 and ``want`` slots, as many as are free once one is (no
-        waiting for more to share a submit: a cohort's slots free together anyway,
-        with the poll answer that frees them). Returns 0 once interrupted.
+        """Take between 1 and ``want`` slots, as many as are free once one is (a
+        cohort's slots free together anyway, with the poll answer that frees them).
+        Returns 0 once interrupted.
         """
         while self.free == 0:
             if self._interrupted:
@@ -172,12 +172,27 @@ class SlotGate:
 
 class Queue(Generic[T]):
     """A FIFO between stages: ``put`` waits while ``bound`` items are queued;
-    ``put_urgent`` and ``extend`` never wait."""
+    ``put_urgent`` and ``extend`` never wait. Its producer may ``close`` it: its
+    consumer's ``take_next`` then ends once it is empty."""
 
     def __init__(self, bound: int) -> None:
         self._items: deque[T] = deque()
         self._bound = bound
         self._changed = Signal()
+        self.closed = False
+
+    def close(self) -> None:
+        """Nothing more will be put."""
+        self.closed = True
+        self._notify()
+
+    async def take_next(self, most: int) -> list[T]:
+        """Up to ``most`` items once there are any; [] once closed and empty."""
+        while not self._items:
+            if self.closed:
+                return []
+            await self._changed.wait()
+        return self.take(most)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -195,6 +210,8 @@ class Queue(Generic[T]):
 
     async def put(self, item: T) -> None:
         await self.wait_for_room()
+        if self.closed:
+            raise RuntimeError("put on a closed Queue")
         self._items.append(item)
         self._notify()
 

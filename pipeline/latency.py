@@ -24,17 +24,16 @@ class LatencyEstimate:
     STEP: Final = 0.01
     """The finest timing that answers can resolve (the engine's shortest re-ask gap by
     default), s. Corrections are steps of the spread of the tight samples, at least
-    this: in absolute time, not in shares of the latency, so a 5 s latency is timed
-    as finely as a 0.5 s one (5% of 5 s was a 250 ms swing of the first questions)."""
+    this: in absolute time, not in shares of the latency, so a slow API is timed as
+    finely as a fast one (bench/README.md)."""
     LATE_STREAK: Final = 3
     LATE_CUT: Final = 0.1
     LATE_GROWTH: Final = 4.0
     """After LATE_STREAK questions in a row found every task they first asked about
     done, each further one cuts the estimate by a step that grows LATE_GROWTH-fold
-    with the streak, at most LATE_CUT of it. Samples alone bring a far too late
-    estimate down slowly (a slow first cohort that sets it at 3x the latency took
-    ~20 rounds to forget); near the right value a streak ends at its first cuts of
-    10-40 ms (a flat 10% was 500 ms at a 5 s latency)."""
+    with the streak, at most LATE_CUT of it: samples alone bring a far too late
+    estimate down slowly, and near the right value a streak ends at its first, small
+    cuts (bench/README.md)."""
     SPREAD_LEAD: Final = 1.0
     """First questions go this many mean deviations before the estimate: when the
     latency varies, the tasks of one submit finish spread out, and those done early
@@ -45,8 +44,8 @@ class LatencyEstimate:
     """Re-ask after "processing" within GAP_SPREADS deviations, at most GAP_SHARE of
     the latency: a steady API is re-asked at the finest step, a varying one less
     often (its tasks finish across a wide span anyway). 2%, the share a task's re-asks
-    grow to (_REASK_AGE_SHARE), not 1%: far fewer requests at the same efficiency. A
-    steady latency is unaffected (its spread is small)."""
+    grow to (_REASK_AGE_SHARE): fewer requests at the same efficiency than a finer
+    share (bench/README.md)."""
 
     def __init__(self) -> None:
         self.value: float | None = None
@@ -56,8 +55,7 @@ class LatencyEstimate:
         self._seen_busy = False
         """Whether any task was ever found processing. Until then every sample is
         "done by then" and the estimate only an upper bound: a late verdict halves
-        it (an API 10x faster than the first guess was found in a few rounds, not
-        ~20 of 10% cuts)."""
+        it, so an API much faster than the first guess is found in a few rounds."""
 
     @property
     def step(self) -> float:

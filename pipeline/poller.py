@@ -1,6 +1,6 @@
 """Poll timing: when to ask about each task in flight and which tasks share a
-getResponse. The engine hands it each sent task and each answer's verdicts; its loop
-hands each due question back to the engine to send and handle."""
+getResponse. The submit path hands it each sent task, and the replies each answer's
+verdicts; its loop hands each due question to the replies to send and handle."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ class Poller:
     them: the first when the latency estimate says a task is done, then less and
     less often; several due tasks (and some about due) in one request.
 
-    ``ask`` sends one getResponse about its tasks and handles the answer (the
-    engine's); ``tasks_waiting`` says whether tasks not yet sent remain.
+    ``ask`` sends one getResponse about its tasks and handles the answer
+    (``replies``); ``tasks_waiting`` says whether tasks not yet sent remain.
     """
 
     def __init__(

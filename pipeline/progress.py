@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 
 class Progress(Protocol):
-    """What the engine reports as a run goes; one writer (the engine's collector)."""
+    """What the engine reports as a run goes; one writer (the run's accounts)."""
 
     def start(self, total_images: int, done_images: int) -> None: ...
 

@@ -90,6 +90,10 @@ class Prepared:
     request: ImageInferenceRequest
     replaces: str | None = None
 
+    @property
+    def task_uuid(self) -> str:
+        return str(self.request.task_uuid)
+
 
 @dataclass(eq=False)
 class Flight:
