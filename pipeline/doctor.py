@@ -10,8 +10,8 @@ Each free check is one getResponse request (runware-protocol.md §3, §10):
    the first, refused, or nothing (``PollMode``).
 4. **Round trip**: the median and max time of these requests.
 
-``spend_one`` adds one real task end to end (the cheapest rendering speed at the
-smallest size), announced with its price before it is sent.
+``spend_one`` adds one real task end to end (``pipeline.spend_one``: the cheapest
+rendering speed at the smallest size), announced with its price before it is sent.
 
 The findings are a ``Dialect`` written to ``cache_path(base_url)``, where ``remix
 run`` finds it (``load_dialect``). Nothing here prints: the CLI renders ``Findings``.
@@ -19,25 +19,19 @@ run`` finds it (``load_dialect``). Nothing here prints: the CLI renders ``Findin
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import os
 import statistics
-import textwrap
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, get_args
+from typing import Any, Final
 from urllib.parse import urlsplit
 
-import anyio
-from PIL import Image, ImageDraw
-
+from pipeline import spend_one as paid
 from pipeline.answers import PollOutcome, describe
 from pipeline.client import RunwareClient
 from pipeline.config import ENV_API_KEY, Settings
@@ -53,18 +47,15 @@ from pipeline.errors import (
     ApiError,
     AuthError,
     InsufficientCreditError,
-    PipelineError,
     ProtocolError,
     RateLimitedError,
     RequestTimeoutError,
     ServerError,
 )
+from pipeline.exit_codes import ExitCode
+from pipeline.spend_one import Spend
 from pipeline.wire import (
-    ALLOWED_SIZES,
     Envelope,
-    ImageInferenceRequest,
-    ImageResult,
-    RenderingSpeed,
 )
 
 __all__ = [
@@ -73,12 +64,9 @@ __all__ = [
     "RoundTrip",
     "Spend",
     "examine",
-    "render_table",
 ]
 
 log = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
 
 ROUND_TRIP_SAMPLES: Final = 3
 """At least this many timed requests, when the checks themselves made fewer."""
@@ -86,11 +74,6 @@ DOCTOR_ATTEMPTS: Final = 3
 DOCTOR_RETRY_TOTAL_S: Final = 15.0
 """The doctor answers in seconds: a host that refuses three attempts is reported,
 not retried for ``retry.total_s``."""
-SPEED_ORDER: Final[tuple[str, ...]] = get_args(RenderingSpeed)
-"""TURBO, DEFAULT, QUALITY: the tie-break between equal prices (fastest first)."""
-FOUND_WIDTH: Final = 44
-ACTION_WIDTH: Final = 56
-PROMPT: Final = "a small test picture: a yellow sun over green hills"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,25 +96,6 @@ class RoundTrip:
     samples: int
 
 
-@dataclass(frozen=True, slots=True)
-class Spend:
-    """The one real task of ``--spend-one``."""
-
-    task_uuid: str
-    rendering_speed: str
-    width: int
-    height: int
-    price_usd: Decimal
-    """What remix expected to pay (``settings.prices_usd``)."""
-    seconds: float | None = None
-    """From submit to the answer that carried the result."""
-    cost_usd: Decimal | None = None
-    """What the API reported (``includeCost``)."""
-    image_bytes: int | None = None
-    error: str | None = None
-    credit_refused: bool = False
-
-
 @dataclass(slots=True)
 class Findings:
     base_url: str
@@ -148,17 +112,17 @@ class Findings:
     """Why it was not written, when it was not."""
 
     @property
-    def exit_code(self) -> int:
-        """0 usable; 3 unusable or unable to pay (as ``run``); 1 the paid task
-        failed."""
+    def exit_code(self) -> ExitCode:
+        """STOPPED unusable or unable to pay (as ``run``); FAILED the paid task
+        failed; else OK."""
         if not self.usable:
-            return EXIT_STOPPED
+            return ExitCode.STOPPED
         if self.spend is not None:
             if self.spend.credit_refused:
-                return EXIT_STOPPED
+                return ExitCode.STOPPED
             if self.spend.error is not None:
-                return EXIT_FAILED
-        return EXIT_OK
+                return ExitCode.FAILED
+        return ExitCode.OK
 
     @property
     def problem(self) -> str | None:
@@ -296,7 +260,7 @@ async def examine(
         else:
             findings.cache_note = "not written"
         if spend_one:
-            findings.spend = await _spend_one(client, settings, announce, out)
+            findings.spend = await paid.spend_one(client, settings, announce, out)
             findings.checks.append(_spend_check(findings.spend))
     return findings
 
@@ -427,147 +391,6 @@ def _batching(
     return PollMode.SINGLE, Check(name, "nothing answered for 2 tasks", single)
 
 
-# ---------------------------------------------------------------------- spend
-
-
-def cheapest_speed(settings: Settings) -> tuple[str, Decimal]:
-    """The rendering speed with the lowest price (ties: the fastest)."""
-    prices = [
-        (settings.price_for(speed), SPEED_ORDER.index(speed), speed)
-        for speed in SPEED_ORDER
-    ]
-    price, _, speed = min(prices)
-    return speed, price
-
-
-def smallest_size() -> tuple[int, int]:
-    """The allowed size with the fewest pixels (ties: a documented landscape one)."""
-    return min(ALLOWED_SIZES, key=lambda wh: (wh[0] * wh[1], wh[1] > wh[0], wh))
-
-
-def tiny_reference() -> str:
-    """A small real picture as a PNG data URI (a few kB)."""
-    img = Image.new("RGB", (256, 256), (70, 130, 200))
-    draw = ImageDraw.Draw(img)
-    draw.rectangle((0, 170, 256, 256), fill=(60, 150, 70))
-    draw.ellipse((150, 30, 210, 90), fill=(250, 220, 90))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-async def _spend_one(
-    client: RunwareClient,
-    settings: Settings,
-    announce: Callable[[str], None] | None,
-    out: Path | None,
-) -> Spend:
-    speed, price = cheapest_speed(settings)
-    width, height = smallest_size()
-    task_uuid = uuid.uuid4()
-    request = ImageInferenceRequest.model_validate(
-        {
-            "taskUUID": task_uuid,
-            "positivePrompt": PROMPT,
-            "width": width,
-            "height": height,
-            "inputs": {"referenceImages": [tiny_reference()]},
-            "deliveryMethod": "async",
-            "includeCost": True,
-            "numberResults": 1,
-            "providerSettings": {"ideogram": {"renderingSpeed": speed}},
-        },
-        by_alias=True,
-        by_name=False,
-    )
-    spend = Spend(str(task_uuid), speed, width, height, price)
-    if announce is not None:
-        announce(
-            f"--spend-one: sending 1 {speed} task at {width}x{height}; "
-            f"it will cost about ${price}"
-        )
-    started = time.monotonic()
-    try:
-        result = await _run_one(client, settings, request, started)
-    except InsufficientCreditError as exc:
-        return replace(spend, error=str(exc), credit_refused=True)
-    except _SpendFailedError as exc:
-        return replace(spend, error=str(exc), credit_refused=exc.credit)
-    except PipelineError as exc:
-        return replace(spend, error=str(exc))
-    seconds = time.monotonic() - started
-    try:
-        data = await client.fetch_image(result)
-    except PipelineError as exc:
-        return replace(
-            spend, seconds=seconds, cost_usd=result.cost, error=f"download: {exc}"
-        )
-    spend = replace(spend, seconds=seconds, cost_usd=result.cost, image_bytes=len(data))
-    if out is not None:
-        try:
-            await anyio.Path(out).write_bytes(data)
-        except OSError as exc:
-            return replace(spend, error=f"cannot write {out}: {exc.strerror or exc}")
-    return spend
-
-
-class _SpendFailedError(Exception):
-    def __init__(self, message: str, *, credit: bool = False) -> None:
-        super().__init__(message)
-        self.credit = credit
-
-
-async def _run_one(
-    client: RunwareClient,
-    settings: Settings,
-    request: ImageInferenceRequest,
-    started: float,
-) -> ImageResult:
-    """Submit, then poll until the result (protocol §7: an unknown submit outcome is
-    asked about, then sent again under the same taskUUID once)."""
-    task_uuid = str(request.task_uuid)
-    outcome = await client.submit([request])
-    if (credit := outcome.credit_refused.get(task_uuid)) is not None:
-        raise _SpendFailedError(f"refused: {describe([credit])}", credit=True)
-    if (error := outcome.failed.get(task_uuid)) is not None:
-        raise _SpendFailedError(f"refused: {describe([error])}")
-    for result in outcome.results:
-        if result.task_uuid == task_uuid:
-            return result
-    resent = task_uuid not in outcome.ambiguous
-    poll = settings.poll
-    gap = max(poll.interval_s, poll.min_interval_s)
-    while True:
-        await anyio.sleep(gap)
-        gap = min(max(gap * 1.5, poll.min_interval_s), poll.max_interval_s)
-        now = time.monotonic()
-        if now - started > poll.deadline_s:
-            raise _SpendFailedError(
-                f"no result after {now - started:.0f}s (poll.deadline_s); "
-                "the task may still finish and be billed"
-            )
-        try:
-            answer = await client.poll([task_uuid])
-        except PipelineError as exc:
-            if exc.run_fatal:
-                raise
-            log.warning("--spend-one: a poll failed (%s); asking again", exc)
-            continue
-        for result in answer.results:
-            if result.task_uuid == task_uuid:
-                return result
-        if (error := answer.failed.get(task_uuid)) is not None:
-            raise _SpendFailedError(f"failed: {describe([error])}")
-        if not resent and now - started >= poll.not_found_grace_s:
-            # Safe whatever the answers said: a conflict means it was accepted.
-            resent = True
-            again = await client.submit_wire([request.wire])
-            if (credit := again.credit_refused.get(task_uuid)) is not None:
-                raise _SpendFailedError(f"refused: {describe([credit])}", credit=True)
-            if (error := again.failed.get(task_uuid)) is not None:
-                raise _SpendFailedError(f"refused: {describe([error])}")
-
-
 def _spend_check(spend: Spend) -> Check:
     name = "one real task"
     what = f"{spend.rendering_speed} {spend.width}x{spend.height}"
@@ -587,46 +410,6 @@ def _spend_check(spend: Spend) -> Check:
         f"image {size:,} bytes",
         "submit, poll and download work end to end",
     )
-
-
-# ---------------------------------------------------------------------- output
-
-
-def render_table(findings: Findings) -> str:
-    """The findings as a text table, one row per check, then the cache line."""
-    rows = [
-        ("check", "found", "remix will"),
-        *((c.name, c.found, c.action) for c in findings.checks),
-    ]
-    first = max(len(row[0]) for row in rows)
-    widths = (first, FOUND_WIDTH, ACTION_WIDTH)
-    lines = [f"remix doctor: {findings.base_url}", ""]
-    for i, row in enumerate(rows):
-        cells = [
-            textwrap.wrap(text, width) or [""]
-            for text, width in zip(row, widths, strict=True)
-        ]
-        for n in range(max(len(cell) for cell in cells)):
-            parts = [cell[n] if n < len(cell) else "" for cell in cells]
-            lines.append(
-                f"{parts[0]:<{widths[0]}}  {parts[1]:<{widths[1]}}  {parts[2]}".rstrip()
-            )
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    lines.append("")
-    if findings.cache is not None:
-        lines.append(f"findings written to {findings.cache}")
-    else:
-        lines.append(f"findings {findings.cache_note}")
-    if not findings.usable:
-        lines.append("NOT usable")
-    elif findings.exit_code == EXIT_OK:
-        lines.append("usable")
-    elif findings.spend is not None and findings.spend.credit_refused:
-        lines.append("the key works, but the account cannot pay: top it up")
-    else:
-        lines.append("usable, but the real task did not finish")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -8,6 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from pipeline.exit_codes import ExitCode
 from pipeline.expand import TaskSpec
 from pipeline.journal import LostEvent, utc_now
 from pipeline.shard import Shard
@@ -54,6 +55,8 @@ class RunSummary:
     stop_message: str | None = None
     wall_s: float = 0.0
     failures: list[tuple[str, str, str]] = field(default_factory=list)
+    outputs_error: str | None = None
+    """Why ledger.csv or gallery.html could not be written after the run, if so."""
 
     @property
     def api_requests(self) -> int:
@@ -61,17 +64,20 @@ class RunSummary:
         return self.submit_requests + self.poll_requests + self.uploads
 
     @property
-    def exit_code(self) -> int:
-        """0 all done; 1 some tasks failed for good; 3 stopped early, resumable."""
+    def exit_code(self) -> ExitCode:
+        """STOPPED while anything is left to do (resumable), FAILED when tasks failed
+        for good, else OK; a ledger or gallery that could not be written is STOPPED
+        too (a rerun writes them)."""
         if (
             self.stop_reason is not None
             or self.tasks_unfinished
-            or (self.tasks_unsubmitted)
+            or self.tasks_unsubmitted
+            or self.outputs_error is not None
         ):
-            return 3
+            return ExitCode.STOPPED
         if self.tasks_failed or self.tasks_skipped_failed:
-            return 1
-        return 0
+            return ExitCode.FAILED
+        return ExitCode.OK
 
 
 @dataclass(frozen=True)

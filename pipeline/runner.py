@@ -1,10 +1,13 @@
-"""Run setup around the engine: count the job (or its shard), journal the run's
-start, open the journal, and run the engine under the run's logging and GC settings."""
+"""``remix run`` as a library: load and validate the job, lock its run dir, count the
+job (or its shard), journal the run's start, run the engine under the run's logging
+and GC settings, then write the ledger and gallery. The CLI and tests take this one
+path."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -16,7 +19,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pipeline.config import Settings
 from pipeline.dialect import load_dialect
 from pipeline.engine import Engine
+from pipeline.errors import PipelineError
 from pipeline.expand import check_manifest, expand
+from pipeline.gallery import write_gallery
 from pipeline.gc_tuning import sparing_collector
 from pipeline.journal import (
     JOURNAL_NAME,
@@ -25,10 +30,15 @@ from pipeline.journal import (
     load_state,
     utc_now,
 )
+from pipeline.ledger import write_ledger
 from pipeline.manifest import Manifest
 from pipeline.progress import Progress
 from pipeline.records import EngineOptions, RunSummary
 from pipeline.rundir import open_run_dir
+from pipeline.shard import Shard
+from pipeline.validation.problems import ValidationReport
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,58 @@ class JobTotals:
     tasks: int
     images: int
     estimate_usd: Decimal
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated manifest and what its validation counted."""
+
+    manifest: Manifest
+    path: Path
+    report: ValidationReport
+
+    def totals(self, settings: Settings) -> JobTotals:
+        return JobTotals(
+            tasks=self.report.tasks,
+            images=self.report.images,
+            estimate_usd=self.report.estimated_cost_usd(settings.prices_usd),
+        )
+
+
+def load_job(manifest_path: Path) -> Job:
+    """Read and validate a manifest: every problem at once, before anything is sent.
+
+    Raises:
+        ManifestError: the manifest is invalid.
+    """
+    manifest, report = check_manifest(manifest_path)
+    return Job(manifest=manifest, path=manifest_path, report=report)
+
+
+def default_run_dir(
+    settings: Settings, manifest: Manifest, shard: Shard | None
+) -> Path:
+    """``<run.runs_dir>/<job name>``, with ``-shardIofN`` for a shard."""
+    return settings.run.runs_dir / (
+        manifest.job.name + ("" if shard is None else shard.dir_suffix)
+    )
+
+
+def write_outputs(run_dir: Path) -> str | None:
+    """ledger.csv and gallery.html, rebuilt from the journal; why not, when not.
+
+    They are derived from the journal, so failing to write them (a full disk) loses
+    nothing: a rerun writes them.
+    """
+    try:
+        write_ledger(run_dir)
+        write_gallery(run_dir)
+    except (PipelineError, OSError) as exc:
+        log.error(
+            "could not write the ledger or gallery (%s); rerun to write them", exc
+        )
+        return str(exc)
+    return None
 
 
 async def run_job(
@@ -110,38 +172,44 @@ async def run_manifest(
     settings: Settings,
     options: EngineOptions,
     *,
+    job: Job | None = None,
+    outputs: bool = True,
     progress: Progress | None = None,
     on_engine: Callable[[Engine], None] | None = None,
 ) -> RunSummary:
-    """``remix run`` as a library call: validate, lock the run dir, run or resume.
+    """``remix run`` as a library call: validate, lock the run dir, run or resume,
+    then write the ledger and gallery (unless ``outputs`` is False).
 
-    ``options.budget_usd`` of None falls back to the manifest's ``budget_usd``.
+    ``job`` is the manifest already loaded by ``load_job`` (not read again);
+    ``options.budget_usd`` of None falls back to the manifest's ``budget_usd``. A
+    ledger or gallery that could not be written is ``summary.outputs_error``.
 
     Raises:
         ManifestError: the manifest is invalid (nothing was sent).
         ConfigError: the run dir holds another manifest or another run.
     """
-    manifest, report = check_manifest(manifest_path)
-    totals = JobTotals(
-        tasks=report.tasks,
-        images=report.images,
-        estimate_usd=report.estimated_cost_usd(settings.prices_usd),
-    )
-    if options.budget_usd is None and manifest.job.budget_usd is not None:
-        options = dataclasses.replace(options, budget_usd=manifest.job.budget_usd)
+    job = job or load_job(manifest_path)
+    budget = job.manifest.job.budget_usd
+    if options.budget_usd is None and budget is not None:
+        options = dataclasses.replace(options, budget_usd=budget)
     with open_run_dir(
         run_dir,
         manifest_path=manifest_path,
         settings_public=settings.public_dict(),
         shard=None if options.shard is None else options.shard.label,
-    ):
-        return await run_job(
-            manifest=manifest,
+    ) as resuming:
+        if resuming:
+            log.warning("resuming the run in %s", run_dir)
+        summary = await run_job(
+            manifest=job.manifest,
             manifest_path=manifest_path,
-            totals=totals,
+            totals=job.totals(settings),
             run_dir=run_dir,
             settings=settings,
             options=options,
             progress=progress,
             on_engine=on_engine,
         )
+        if outputs:
+            summary.outputs_error = write_outputs(run_dir)
+    return summary

@@ -16,12 +16,11 @@ from aiohttp.test_utils import TestServer
 from PIL import Image, ImageDraw
 
 from pipeline import runner
+from pipeline.cli.sandboxed import SANDBOX_KEY as SANDBOX_KEY
 from pipeline.config import Settings, load_settings
 from pipeline.engine import Engine
 from pipeline.progress import Progress
 from pipeline.records import EngineOptions, RunSummary
-
-SANDBOX_KEY = "sandbox"
 
 
 def make_ref(path: Path, seed: int = 0, size: tuple[int, int] = (96, 64)) -> Path:
@@ -144,8 +143,10 @@ async def run_manifest(
     retry_failed: bool = False,
     on_engine: Callable[[Engine], None] | None = None,
     progress: Progress | None = None,
+    outputs: bool = False,
 ) -> RunSummary:
-    """What ``remix run`` does after parsing flags: validate, lock the dir, run."""
+    """What ``remix run`` does after parsing flags: validate, lock the dir, run
+    (and write the ledger and gallery when ``outputs``: most tests need neither)."""
     options = EngineOptions(
         concurrency=concurrency, budget_usd=budget_usd, retry_failed=retry_failed
     )
@@ -154,6 +155,7 @@ async def run_manifest(
         run_dir,
         settings,
         options,
+        outputs=outputs,
         progress=progress,
         on_engine=on_engine,
     )

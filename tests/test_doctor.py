@@ -18,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from pipeline.cli import main
+from pipeline.cli.doctor import render_table
 from pipeline.config import load_settings
 from pipeline.dialect import (
     Dialect,
@@ -26,7 +27,7 @@ from pipeline.dialect import (
     cache_path,
     load_dialect,
 )
-from pipeline.doctor import examine, render_table
+from pipeline.doctor import examine
 from pipeline.sandbox import STATE, SandboxConfig
 from pipeline.sandbox.answers import PollBatch
 from pipeline.sandbox.answers import UnknownTask as SandboxUnknownTask

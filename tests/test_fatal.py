@@ -25,7 +25,7 @@ from aiohttp import web
 from anyio.from_thread import BlockingPortal
 
 from pipeline import cli
-from pipeline.cli import ExitCode
+from pipeline.exit_codes import ExitCode
 from pipeline.journal import JOURNAL_NAME, load_state
 from pipeline.sandbox import STATE, SandboxConfig, SandboxState, create_app
 from tests.faultkit import (

@@ -19,7 +19,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.cli.exit import ExitCode
 from pipeline.cli.show import show_report, show_status
 from pipeline.costs import (
     TOTAL_LABEL,
@@ -28,6 +27,7 @@ from pipeline.costs import (
     parse_by,
     report_csv,
 )
+from pipeline.exit_codes import ExitCode
 from pipeline.journal import (
     JOURNAL_NAME,
     CompletedEvent,

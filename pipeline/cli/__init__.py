@@ -1,6 +1,7 @@
-"""The ``remix`` command: parsing, the commands, what they print, and exit codes."""
+"""The ``remix`` command: grammar (parser), commands (run, doctor, show), and main."""
 
-from pipeline.cli.app import build_parser, main, sandbox_config
-from pipeline.cli.exit import ExitCode
+from pipeline.cli.app import main
+from pipeline.cli.parser import build_parser, sandbox_config
+from pipeline.exit_codes import ExitCode
 
 __all__ = ["ExitCode", "build_parser", "main", "sandbox_config"]

@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.cli.exit import ExitCode
 from pipeline.costs import build_report, format_report, parse_by, report_csv
 from pipeline.errors import ConfigError
+from pipeline.exit_codes import ExitCode
 from pipeline.rundata import check_run_dir, load_run
 from pipeline.status import format_status, run_status
 

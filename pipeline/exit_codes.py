@@ -1,4 +1,5 @@
-"""The exit codes of every ``remix`` command, in one place (the README's table)."""
+"""What a run (or a doctor check) ended as, as the number cron and CI read: the
+exit codes of every ``remix`` command, in one place (the README's table)."""
 
 from __future__ import annotations
 
