@@ -96,7 +96,8 @@ async def _remix_run(
     concurrency: int,
     overrides: dict[str, dict[str, Any]],
 ) -> Any:
-    """What ``remix run MANIFEST --concurrency C`` does after parsing its flags."""
+    """What ``remix run MANIFEST --concurrency C`` does after parsing its flags, up to
+    the end of the run: the ledger and gallery written after it are not timed."""
     from pipeline.config import load_settings
     from pipeline.progress import NullProgress
     from pipeline.records import EngineOptions
@@ -115,6 +116,7 @@ async def _remix_run(
         run_dir,
         settings,
         EngineOptions(concurrency=concurrency),
+        outputs=False,
         progress=NullProgress(),
     )
 

@@ -3,8 +3,7 @@
 Tasks are references x variants x the cartesian product of the matrix axes, in manifest
 order, produced by a generator: a 100k-task job is never held as a list. Expansion is
 pure: it reads no file (local images are checked by `pipeline.validation`, and read
-only when uploaded). `check_manifest` and the names the CLI, runner and gallery have
-always imported from here are re-exported.
+only when uploaded).
 """
 
 from __future__ import annotations
@@ -20,33 +19,11 @@ from pydantic import ValidationError
 
 from pipeline.errors import ManifestError
 from pipeline.manifest import Manifest
-from pipeline.plan import (
-    Plan,
-    Template,
-    axes_of,
-    count_tasks,
-    parse_template,
-    render_value,
-    substitute_images,
-    unknown_vars,
-)
-from pipeline.validation.check import check_manifest, validate_manifest
-from pipeline.validation.problems import ValidationReport
+from pipeline.plan import Plan, substitute_images, unknown_vars
 from pipeline.validation.tasks import wire_problems
 from pipeline.wire import ImageInferenceRequest
 
-__all__ = [  # what callers have always imported from here
-    "TaskSpec",
-    "Template",
-    "ValidationReport",
-    "axes_of",
-    "check_manifest",
-    "count_tasks",
-    "expand",
-    "parse_template",
-    "render_value",
-    "validate_manifest",
-]
+__all__ = ["TaskSpec", "expand"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Final, Literal
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.expand import count_tasks, expand
+from pipeline.expand import expand
 from pipeline.journal import JOURNAL_NAME
 from pipeline.journal_offsets import JournalOffsets
 from pipeline.ledger import parse_key
 from pipeline.manifest import Manifest, load_manifest
+from pipeline.plan import count_tasks
 from pipeline.rundir import read_run_info
 from pipeline.shard import Shard
 from pipeline.storage import safe_part, sidecar_path

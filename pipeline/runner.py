@@ -20,7 +20,7 @@ from pipeline.config import Settings
 from pipeline.dialect import load_dialect
 from pipeline.engine import Engine
 from pipeline.errors import PipelineError
-from pipeline.expand import check_manifest, expand
+from pipeline.expand import expand
 from pipeline.gallery import write_gallery
 from pipeline.gc_tuning import sparing_collector
 from pipeline.journal import (
@@ -36,6 +36,7 @@ from pipeline.progress import Progress
 from pipeline.records import EngineOptions, RunSummary
 from pipeline.rundir import open_run_dir
 from pipeline.shard import Shard
+from pipeline.validation.check import check_manifest
 from pipeline.validation.problems import ValidationReport
 
 log = logging.getLogger(__name__)

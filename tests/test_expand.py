@@ -13,15 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.expand import (
+from pipeline.expand import expand
+from pipeline.manifest import Job, Manifest
+from pipeline.plan import (
     Template,
     axes_of,
     count_tasks,
-    expand,
     parse_template,
     render_value,
 )
-from pipeline.manifest import Job, Manifest
 from pipeline.validation.check import validate_manifest
 
 UPLOADED = "11111111-1111-4111-8111-111111111111"

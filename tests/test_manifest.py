@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import ManifestError
-from pipeline.expand import count_tasks, expand
+from pipeline.expand import expand
 from pipeline.manifest import Manifest, load_manifest
+from pipeline.plan import count_tasks
 from pipeline.validation import files as files_mod
 from pipeline.validation.check import validate_manifest
 from pipeline.validation.problems import ValidationReport
