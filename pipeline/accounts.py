@@ -56,6 +56,7 @@ class Accounts:
         self._open: dict[str, int] = {}
         """Open tasks by taskUUID (a count: a resumed journal may name one twice)."""
         self._feeding = True
+        self._admitting = True
         self.all_ended = anyio.Event()
         """Set once feeding is over and every task that entered has its ending."""
         summary.adaptive_floor = concurrency
@@ -80,9 +81,17 @@ class Accounts:
         self._open[task_uuid] = self._open.get(task_uuid, 0) + 1
 
     def resumed(self, flight: Flight) -> None:
-        """A task an earlier run sent is taken over: asked about before anything."""
+        """A task an earlier run sent is taken over: asked about before anything.
+
+        Its price is reserved first, past the cap if need be: it is paid when it
+        finishes, so new tasks may only spend what is left beside it.
+        """
         self.entered(flight.task_uuid)
         self.summary.resumed += 1
+        flight.reserved_per_image = self.price_per_image(flight.spec)
+        self._budget.commit(
+            flight.reserved_per_image * (flight.spec.images - flight.stored)
+        )
 
     def replaced(self, flight: Flight, prepared: Prepared) -> None:
         """``flight``'s task goes on under ``prepared``'s new taskUUID (no ending)."""
@@ -116,13 +125,33 @@ class Accounts:
         """What to reserve per image: the list price, or the most the API charged."""
         return max(self._list_price(spec), self._max_price_seen)
 
+    @property
+    def admitting(self) -> bool:
+        """Whether new tasks may still be sent: False once one did not fit the
+        budget (what was reserved still goes out)."""
+        return self._admitting
+
     def reserve(self, spec: TaskSpec) -> Decimal | None:
         """Reserve ``spec``'s estimate; returns the price per image reserved, or
-        None if it does not fit under the budget."""
+        None if it does not fit under the budget (the run then stops admitting)."""
         per_image = self.price_per_image(spec)
-        if self._budget.try_reserve(per_image * spec.images):
+        price = per_image * spec.images
+        if self._budget.try_reserve(price):
             return per_image
+        if self._admitting:
+            self._admitting = False
+            self._out_of_budget(price)
         return None
+
+    def _out_of_budget(self, price: Decimal) -> None:
+        budget = self._budget
+        self.summary.budget_next_usd = price
+        message = (
+            f"budget ${budget.cap_usd} reached: ${budget.remaining_usd} of it is "
+            f"left and the next task costs ${price}; raise --budget to continue"
+        )
+        if self.stop("budget", message, first=True):
+            log.warning("%s (the tasks it covers are still sent)", message)
 
     @property
     def spent_usd(self) -> Decimal:

@@ -256,7 +256,6 @@ class Engine:
         )
         self._sending = Sending(
             settings=self._settings,
-            budget_usd=self._options.budget_usd,
             clock=self._clock,
             accounts=self._accounts,
             client=client,
@@ -380,7 +379,7 @@ class Engine:
                 )
                 size = 2 * max(1, self._options.concurrency) + limits.submit_batch
                 for spec in window(fresh, ahead, size):
-                    if self._draining.is_set():
+                    if self._draining.is_set() or not self._accounts.admitting:
                         break
                     item = Prepared(spec, await prepare(spec, uploader))
                     self._accounts.entered(item.task_uuid)

@@ -233,6 +233,14 @@ class Budget:
         self._reserved += amount
         return True
 
+    def commit(self, amount: Decimal) -> None:
+        """Reserve money already committed (a task an earlier run sent): it is
+        paid when it finishes, so it counts even past the cap."""
+        _require_decimal("amount", amount)
+        if amount < 0:
+            raise ValueError(f"amount must not be negative, got {amount}")
+        self._reserved += amount
+
     def settle(self, reserved: Decimal, actual: Decimal) -> None:
         """Release a reservation and record what the API actually charged."""
         _require_decimal("actual", actual)

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.exit_codes import ExitCode
 from pipeline.expand import TaskSpec
-from pipeline.journal import LostEvent, utc_now
+from pipeline.journal import JournalFold, LostEvent, utc_now
 from pipeline.shard import Shard
 from pipeline.wire import ImageInferenceRequest, ImageResult
 
@@ -21,6 +21,51 @@ def lost_event(flight: Flight) -> LostEvent:
     return LostEvent(ts=utc_now(), key=flight.spec.key, task_uuid=flight.task_uuid)
 
 
+FAILURES_SHOWN = 5
+"""Failed tasks whose reasons the summary names (the ledger lists them all)."""
+
+
+@dataclass(frozen=True)
+class RunDirCounts:
+    """Where the run dir's tasks (the job's, or the shard's) stand, folded from the
+    journal: what ``remix status`` counts, and what the exit code follows."""
+
+    total: int
+    done: int
+    failed: int
+    """Failed for good (``--retry-failed`` sends them again)."""
+    in_flight: int
+    """Sent and not collected: a rerun asks about them."""
+    not_sent: int
+    failures: tuple[tuple[str, str, str], ...] = ()
+    """``(key, code, message)`` of the first few failed tasks."""
+
+    @property
+    def left(self) -> int:
+        """Neither done nor failed: a rerun sends or collects them."""
+        return self.in_flight + self.not_sent
+
+    @classmethod
+    def of(cls, state: JournalFold[Any, Any, Any], total: int) -> RunDirCounts:
+        """The counts as ``status.run_status`` makes them, for ``total`` tasks."""
+        done = len(state.done_keys)
+        failed_keys = [k for k in state.failed if not state.is_complete(k)]
+        in_flight = len(state.pending)
+        failures = tuple(
+            (key, event.code, event.message)
+            for key in failed_keys[:FAILURES_SHOWN]
+            for event in [state.failed_event(state.failed[key])]
+        )
+        return cls(
+            total=total,
+            done=done,
+            failed=len(failed_keys),
+            in_flight=in_flight,
+            not_sent=max(0, total - done - len(failed_keys) - in_flight),
+            failures=failures,
+        )
+
+
 @dataclass
 class RunSummary:
     """Public counters of one run (also what tests assert on)."""
@@ -28,6 +73,9 @@ class RunSummary:
     tasks_total: int = 0
     images_total: int = 0
     tasks_done: int = 0
+    """Tasks done by this run (the run dir's count is ``after.done``)."""
+    tasks_done_before: int = 0
+    """Tasks an earlier run had done."""
     images_done: int = 0
     images_new: int = 0
     tasks_failed: int = 0
@@ -57,6 +105,10 @@ class RunSummary:
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     outputs_error: str | None = None
     """Why ledger.csv or gallery.html could not be written after the run, if so."""
+    budget_next_usd: Decimal | None = None
+    """The price of the first task the budget did not cover, if one did not fit."""
+    after: RunDirCounts | None = None
+    """The run dir's tasks after the run (the runner folds the journal)."""
 
     @property
     def api_requests(self) -> int:
@@ -67,7 +119,17 @@ class RunSummary:
     def exit_code(self) -> ExitCode:
         """STOPPED while anything is left to do (resumable), FAILED when tasks failed
         for good, else OK; a ledger or gallery that could not be written is STOPPED
-        too (a rerun writes them)."""
+        too (a rerun writes them).
+
+        It follows the run dir (``after``), not what this run did: a rerun with
+        nothing to do exits as the dir stands.
+        """
+        if self.outputs_error is not None:
+            return ExitCode.STOPPED
+        if self.after is not None:
+            if self.after.left:
+                return ExitCode.STOPPED
+            return ExitCode.FAILED if self.after.failed else ExitCode.OK
         if (
             self.stop_reason is not None
             or self.tasks_unfinished

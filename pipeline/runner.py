@@ -19,8 +19,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pipeline.config import Settings
 from pipeline.dialect import load_dialect
 from pipeline.engine import Engine
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.expand import expand
+from pipeline.feed import selected
 from pipeline.gallery import write_gallery
 from pipeline.gc_tuning import sparing_collector
 from pipeline.journal import (
@@ -33,7 +34,7 @@ from pipeline.journal import (
 from pipeline.ledger import write_ledger
 from pipeline.manifest import Manifest
 from pipeline.progress import Progress
-from pipeline.records import EngineOptions, RunSummary
+from pipeline.records import EngineOptions, RunDirCounts, RunSummary
 from pipeline.rundir import open_run_dir
 from pipeline.shard import Shard
 from pipeline.validation.check import check_manifest
@@ -86,6 +87,38 @@ def default_run_dir(
     )
 
 
+def check_budget(
+    manifest: Manifest, settings: Settings, options: EngineOptions
+) -> None:
+    """Refuse a budget that cannot pay for one task of the run: it would send
+    nothing, night after night.
+
+    Raises:
+        ConfigError: the budget is below the cheapest task's price.
+    """
+    budget = options.budget_usd
+    if budget is None:
+        return
+    cheapest: Decimal | None = None
+    for spec in selected(lambda: expand(manifest), options.shard):
+        price = settings.price_for(spec.rendering_speed) * spec.images
+        if cheapest is None or price < cheapest:
+            cheapest = price
+            if price <= budget:
+                return
+    if cheapest is not None:
+        raise ConfigError(
+            f"the budget ${budget} is less than one task's price (${cheapest}): "
+            f"nothing would be sent; give --budget ${cheapest} or more"
+        )
+
+
+def settle_summary(summary: RunSummary, run_dir: Path) -> None:
+    """Count the run dir's tasks after the run (the exit code follows them)."""
+    state = load_state(run_dir / JOURNAL_NAME)
+    summary.after = RunDirCounts.of(state, summary.tasks_total)
+
+
 def write_outputs(run_dir: Path) -> str | None:
     """ledger.csv and gallery.html, rebuilt from the journal; why not, when not.
 
@@ -132,6 +165,7 @@ async def run_job(
         tasks_total=tasks,
         images_total=images,
         images_done=state.images_done,
+        tasks_done_before=len(state.done_keys),
         spent_usd=state.spent_usd,
         tasks_skipped_failed=0
         if options.retry_failed
@@ -187,12 +221,14 @@ async def run_manifest(
 
     Raises:
         ManifestError: the manifest is invalid (nothing was sent).
-        ConfigError: the run dir holds another manifest or another run.
+        ConfigError: the run dir holds another manifest or another run, or the
+            budget is below one task's price (nothing was sent).
     """
     job = job or load_job(manifest_path)
     budget = job.manifest.job.budget_usd
     if options.budget_usd is None and budget is not None:
         options = dataclasses.replace(options, budget_usd=budget)
+    check_budget(job.manifest, settings, options)
     with open_run_dir(
         run_dir,
         manifest_path=manifest_path,
@@ -211,6 +247,7 @@ async def run_manifest(
             progress=progress,
             on_engine=on_engine,
         )
+        settle_summary(summary, run_dir)
         if outputs:
             summary.outputs_error = write_outputs(run_dir)
     return summary

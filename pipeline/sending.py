@@ -62,7 +62,6 @@ class Sending:
         self,
         *,
         settings: Settings,
-        budget_usd: Decimal | None,
         clock: Callable[[], float],
         accounts: Accounts,
         client: RunwareClient,
@@ -79,7 +78,6 @@ class Sending:
         replies: Callable[[], Replies],
     ) -> None:
         self._settings = settings
-        self._budget_usd = budget_usd
         self._clock = clock
         self._accounts = accounts
         self._client = client
@@ -138,18 +136,16 @@ class Sending:
         wall = utc_now()  # one timestamp for the batch: one append, one moment
         flights: list[Flight] = []
         for item in items:
-            if self._draining.is_set():  # the budget ran out for an earlier one
+            # Task by task: those reserved before the budget ran out still go
+            # out; none after it (a task going again may still fit).
+            if self._draining.is_set() or (
+                not self._accounts.admitting and item.replaces is None
+            ):
                 self._accounts.unsent([item])
             elif (per_image := self._accounts.reserve(item.spec)) is not None:
                 flights.append(self._new_flight(item, wall, per_image))
             else:
                 self._accounts.unsent([item])
-                self._request_stop(
-                    "budget",
-                    f"budget ${self._budget_usd} reached (spent "
-                    f"${self._accounts.spent_usd}); raise --budget and rerun to "
-                    "continue",
-                )
         if flights and self._draining.is_set():  # a stop: none of them goes out
             self._accounts.unsent(flights)
             return []
