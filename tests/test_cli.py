@@ -90,7 +90,7 @@ def test_run_resume_status_report_gallery(
     code = main(args)
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "2 done, 0 failed" in out
+    assert "2 of 2 tasks (2 new this run, 0 before)" in out
     assert len(image_files(run_dir)) == 4
     assert (run_dir / "ledger.csv").is_file()
     assert (run_dir / "gallery.html").is_file()

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ from pipeline.cli.sandboxed import with_sandbox
 from pipeline.config import ENV_API_KEY, Settings, load_settings, loop_options
 from pipeline.errors import ConfigError
 from pipeline.exit_codes import ExitCode
+from pipeline.gallery import GALLERY_NAME
+from pipeline.ledger import LEDGER_NAME
 from pipeline.progress import NullProgress, Progress, TqdmProgress
-from pipeline.records import EngineOptions, RunSummary
+from pipeline.records import FAILURES_SHOWN, EngineOptions, RunDirCounts, RunSummary
 from pipeline.runner import Job, load_job
 
 log = logging.getLogger("pipeline")
@@ -105,54 +108,110 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
     backend_options = loop_options(settings.run.event_loop)
     log.debug("event loop: %s", "uvloop" if backend_options else "asyncio")
     summary = anyio.run(run, backend="asyncio", backend_options=backend_options)
-    print_summary(summary, run_dir, args.argv)
+    print_summary(summary, run_dir, args.argv, verbose=args.verbose)
     return summary.exit_code
 
 
-def print_summary(summary: RunSummary, run_dir: Path, argv: list[str]) -> None:
-    """The run's numbers; how to resume when it stopped early."""
+def print_summary(
+    summary: RunSummary, run_dir: Path, argv: list[str], *, verbose: int = 0
+) -> None:
+    """What a person (or cron's mail) reads after a run: where the run dir stands,
+    what it cost, where the results are, and the next command; the request
+    figures only with ``-v``."""
+    print("\n".join(summary_lines(summary, run_dir, argv, verbose=verbose)))
+
+
+def summary_lines(
+    summary: RunSummary, run_dir: Path, argv: list[str], *, verbose: int = 0
+) -> list[str]:
+    after = summary.after or RunDirCounts(
+        total=summary.tasks_total,
+        done=summary.tasks_done_before + summary.tasks_done,
+        failed=summary.tasks_failed + summary.tasks_skipped_failed,
+        in_flight=summary.tasks_unfinished,
+        not_sent=summary.tasks_unsubmitted,
+        failures=tuple(summary.failures[:FAILURES_SHOWN]),
+    )
+    code = summary.exit_code
+    command = shlex.join(["remix", *argv])
+    if code == ExitCode.OK:
+        headline = f"finished: all {after.total:,} tasks are done"
+    elif code == ExitCode.FAILED:
+        headline = (
+            f"finished with failures: {after.failed:,} of {after.total:,} tasks "
+            "failed for good"
+        )
+    else:
+        headline = "stopped early, " + _why_stopped(summary, after)
+    lines = [
+        headline,
+        f"run dir   {run_dir}",
+        f"done      {after.done:,} of {after.total:,} tasks "
+        f"({summary.tasks_done:,} new this run, {summary.tasks_done_before:,} "
+        f"before); {summary.images_done:,} of {summary.images_total:,} images",
+    ]
+    if after.failed:
+        lines.append(f"failed    {after.failed:,} for good, first reasons:")
+        lines += [f"            {k}: {c}: {m}" for k, c, m in after.failures]
+        if after.failed > len(after.failures):
+            more = after.failed - len(after.failures)
+            lines.append(f"            ... and {more:,} more (see the ledger)")
+    else:
+        lines.append("failed    0")
+    if after.left:
+        parts = [f"{after.in_flight:,} sent, to collect"] if after.in_flight else []
+        parts += [f"{after.not_sent:,} not sent yet"] if after.not_sent else []
+        lines.append(f"left      {after.left:,} ({', '.join(parts)})")
+    lines.append(
+        f"cost      ${summary.spent_this_run_usd} this run, ${summary.spent_usd} in all"
+    )
+    if summary.missing_cost_images:
+        lines.append(
+            f"          ({summary.missing_cost_images:,} image(s) came without a "
+            "cost from the API and are not counted)"
+        )
+    if summary.outputs_error is None:
+        lines.append(f"ledger    {run_dir / LEDGER_NAME}")
+        lines.append(f"gallery   {run_dir / GALLERY_NAME}")
+    if verbose:
+        lines += _engineering_lines(summary)
+    if code == ExitCode.STOPPED:
+        budget = summary.stop_reason == "budget"
+        first = " (after raising --budget)" if budget else ""
+        lines.append(f"resume with{first}: {command}")
+        if after.failed:
+            lines.append(f"(then {after.failed:,} failed task(s) need --retry-failed)")
+    elif code == ExitCode.FAILED:
+        retry = command if "--retry-failed" in argv else f"{command} --retry-failed"
+        lines.append(f"retry the failed with: {retry}")
+    return lines
+
+
+def _why_stopped(summary: RunSummary, after: RunDirCounts) -> str:
+    if summary.outputs_error is not None and not after.left:
+        return f"the ledger or gallery not written: {summary.outputs_error}"
+    left = f"{after.left:,} of {after.total:,} tasks left"
+    why = summary.stop_message or summary.stop_reason
+    return left if why is None else f"{left}: {why}"
+
+
+def _engineering_lines(summary: RunSummary) -> list[str]:
+    """Per-request figures for whoever tunes the run (``-v``)."""
     rate = summary.images_new / summary.wall_s if summary.wall_s > 0 else 0.0
     lines = [
-        f"run dir      {run_dir}",
-        f"tasks        {summary.tasks_done:,} done, {summary.tasks_failed:,} failed, "
-        f"{summary.tasks_unfinished + summary.tasks_unsubmitted:,} left "
-        f"of {summary.tasks_total:,}",
-        f"images       {summary.images_done:,} of {summary.images_total:,} "
-        f"({summary.images_new:,} new, {rate:.1f}/s)",
-        f"cost         ${summary.spent_usd} total, ${summary.spent_this_run_usd} "
-        "this run",
-        f"api requests {summary.api_requests:,} "
-        f"({summary.api_requests / max(1, summary.images_new):.3f} per new image)",
-        f"wall time    {summary.wall_s:.1f}s",
-        f"ledger       {run_dir / 'ledger.csv'}",
+        f"wall time {summary.wall_s:.1f}s ({rate:.1f} new images/s)",
+        f"requests  {summary.api_requests:,} api requests "
+        f"({summary.api_requests / max(1, summary.images_new):.3f} per new image: "
+        f"{summary.submit_requests:,} submits, {summary.poll_requests:,} polls, "
+        f"{summary.uploads:,} uploads)",
+        f"in flight up to {summary.max_in_flight:,} (concurrency floor "
+        f"{summary.adaptive_floor:,}); resumed {summary.resumed:,}, resent "
+        f"{summary.resent:,}, resubmitted {summary.resubmitted:,}, lost "
+        f"{summary.lost:,}",
     ]
     if summary.latency_s is not None:
-        lines.insert(
-            -2,
-            f"api latency  {summary.latency_s:.2f}s per task (learnt this run; "
-            "tasks/s cannot pass concurrency / latency)",
-        )
-    if summary.failures:
-        lines.append("failures:")
-        lines += [f"  {key}: {code}: {msg}" for key, code, msg in summary.failures[:20]]
-        if len(summary.failures) > 20:
-            lines.append(f"  ... and {len(summary.failures) - 20} more (see ledger)")
-    if summary.tasks_skipped_failed:
         lines.append(
-            f"{summary.tasks_skipped_failed} task(s) failed in an earlier run; "
-            "add --retry-failed to submit them again"
+            f"latency   {summary.latency_s:.2f}s per task (learnt this run; "
+            "tasks/s cannot pass concurrency / latency)"
         )
-    if summary.exit_code == ExitCode.STOPPED:
-        why = (
-            summary.stop_message
-            or summary.stop_reason
-            or (
-                None
-                if summary.outputs_error is None
-                else f"the ledger or gallery was not written: {summary.outputs_error}"
-            )
-            or "unfinished tasks"
-        )
-        lines.append(f"stopped early: {why}")
-        lines.append("resume with: " + " ".join(["remix", *argv]))
-    print("\n".join(lines))
+    return lines
