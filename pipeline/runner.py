@@ -31,6 +31,7 @@ from pipeline.journal import (
     load_state,
     utc_now,
 )
+from pipeline.journal_offsets import JournalOffsets
 from pipeline.ledger import write_ledger
 from pipeline.manifest import Manifest
 from pipeline.progress import Progress
@@ -115,8 +116,9 @@ def check_budget(
 
 def settle_summary(summary: RunSummary, run_dir: Path) -> None:
     """Count the run dir's tasks after the run (the exit code follows them)."""
-    state = load_state(run_dir / JOURNAL_NAME)
-    summary.after = RunDirCounts.of(state, summary.tasks_total)
+    state = JournalOffsets.of_file(run_dir / JOURNAL_NAME)  # the fold, light
+    with state.reading():
+        summary.after = RunDirCounts.of(state, summary.tasks_total)
 
 
 def write_outputs(run_dir: Path) -> str | None:
