@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from pipeline.cli import main
+from pipeline.cli import run_command
 
-raise SystemExit(main())
+run_command()

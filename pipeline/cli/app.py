@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from pipeline.cli.doctor import cmd_doctor
 from pipeline.cli.parser import build_parser, sandbox_config
@@ -89,3 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # the one catch-all: a bug gets a logged traceback and exit 1
         log.exception("remix: unexpected error")
         return ExitCode.FAILED
+
+
+def run_command() -> NoReturn:
+    """The ``remix`` executable: ``main``, then exit with its code."""
+    code = main()
+    # The outcome is decided: a Ctrl-C while the interpreter exits (joining worker
+    # threads) would otherwise end the process by SIGINT instead of with ``code``.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise SystemExit(code)
