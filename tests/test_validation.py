@@ -341,3 +341,17 @@ def test_a_defaults_mistake_a_variant_overrides_counts_only_the_others(
     assert naming(lines, "[defaults]: providerSettings.ideogram.remixStrength: ")
     assert lines[0].endswith("(so for 3 of 9 tasks)"), lines
     assert naming(lines, "r0/v2: providerSettings.ideogram.remixStrength: ")
+
+
+def test_a_constant_prompt_mistake_in_defaults_is_one_problem(tmp_path: Path) -> None:
+    """An empty negativePrompt in [defaults] came out once per variant (and
+    matrix value); it is one line at [defaults]."""
+    lines = problems(
+        tmp_path,
+        THREE_REFS + TWO_VARIANTS + "[matrix]\noutputQuality = [50, 60]\n",
+        defaults='negativePrompt = ""',
+    )
+    assert lines == [
+        f"{tmp_path}/job.toml: [defaults]: negativePrompt: must not be empty "
+        "(so for all 12 tasks)"
+    ]

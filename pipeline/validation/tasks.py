@@ -31,6 +31,7 @@ from pipeline.plan import (
     Plan,
     Template,
     count_tasks,
+    parse_template,
     substitute_images,
     unknown_vars,
 )
@@ -175,7 +176,7 @@ class TaskChecks:
                         problem := self.files.problem(file)
                     ):
                         self.sink.add(Problem(first, _STYLE_FIELD, problem))
-                self._prompts(vi, pset, own_refs, first, everyone)
+                self._prompts(vi, pset, own_refs, first, everyone, inherited)
         self._report_defaults(at)
 
     def _defaults_problems(self) -> Counter[tuple[str, str]]:
@@ -185,6 +186,12 @@ class TaskChecks:
             return Counter()
         # A prompt lets the request's own cross-field checks (the size) run.
         problems = self._wire({"positivePrompt": "x", **defaults}, missing=False)
+        for name in PROMPT_FIELDS:
+            if isinstance(text := defaults.get(name), str):
+                template = parse_template(text)
+                constant = isinstance(template, str) or not template.names
+                if constant and (msg := _constant_problem(template)) is not None:
+                    problems.append((name, msg))
         return Counter(dict.fromkeys(problems, 0))
 
     def _inherited(self, variant: Variant) -> set[tuple[str, str]]:
@@ -261,13 +268,20 @@ class TaskChecks:
         refs: Sequence[Reference],
         first: str,
         everyone: str,
+        inherited: set[tuple[str, str]],
     ) -> None:
-        """Parse errors and constant prompts once per variant; templates once per
-        reference (unknown variables); filled prompts per task (their length)."""
+        """Parse errors and constant prompts once per variant (once in all when they
+        come from [defaults]); templates once per reference (unknown variables);
+        filled prompts per task (their length)."""
         plan = self.plan
         variant_id = plan.manifest.variants[vi].id
         for name, template in pset.templates.items():
             if isinstance(template, str) or not template.names:
+                if inherited:
+                    msg = _constant_problem(template)
+                    if msg is not None and (name, msg) in inherited:
+                        self._from_defaults[name, msg] += len(plan.refs_for[vi])
+                        continue
                 if self._first(("prompt", vi, name, template)):
                     msg = _constant_problem(template)
                     if msg is not None:
