@@ -18,12 +18,15 @@ import base64
 import binascii
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
@@ -52,6 +55,7 @@ from pipeline.errors import (
     RequestTimeoutError,
     ServerError,
     TransportError,
+    UnreachableError,
     UnusableImageError,
 )
 from pipeline.limits import Pacer
@@ -70,6 +74,8 @@ __all__ = [
     "RunwareClient",
     "SubmitOutcome",
     "UnusableImageError",
+    "connection_cause",
+    "host_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,7 +83,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEY_HINT: Final = (
-    "set RUNWARE_API_KEY to a valid Runware API key "
+    "set RUNWARE_API_KEY (or RUNWARE_API_KEY_FILE, a file holding it) to a valid "
+    "Runware API key "
     "(create one at https://my.runware.ai/keys), or run with --sandbox"
 )
 CREDIT_HINT: Final = "top up the account, then rerun the same command to resume"
@@ -85,6 +92,34 @@ CREDIT_HINT: Final = "top up the account, then rerun the same command to resume"
 TRANSIENT_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 CONGESTION_STATUSES: Final = frozenset({429, 503, 504})
 _CHUNK_BYTES: Final = 64 * 1024
+NAME_UNRESOLVED: Final = "name does not resolve"
+
+
+def host_of(url: str) -> str:
+    """The host (and port, when given) of a URL: what a person checks when it is
+    unreachable, without any user info the URL may carry."""
+    parts = urlsplit(url)
+    host = parts.hostname or url
+    return f"{host}:{parts.port}" if parts.port is not None else host
+
+
+def connection_cause(exc: BaseException) -> str:
+    """Why a connection failed, in a few plain words ("name does not resolve",
+    "Connection refused"), from ``exc`` and its causes: never a repr."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror | aiohttp.ClientConnectorDNSError):
+            return NAME_UNRESOLVED
+        if isinstance(seen, OSError):
+            if seen.errno is not None and seen.errno > 0:
+                return os.strerror(seen.errno)
+            if seen.strerror:
+                return str(seen.strerror)
+        if seen.__cause__ is None:
+            text = str(seen) or type(seen).__name__
+            return " ".join(text.split())
+        seen = seen.__cause__
+    return type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +162,9 @@ class RunwareClient:
         """API POSTs sent (for requests-per-image figures)."""
         self.retries = 0
         """Retried polls, uploads and downloads."""
+        self._answered = False
+        """Whether the API has answered once: a name that resolved before and fails
+        now is a blip worth retrying; one that never resolved is no network."""
 
     def __repr__(self) -> str:
         auth = "body" if self._settings.api.auth_in_body else "header"
@@ -352,7 +390,8 @@ class RunwareClient:
             ) from exc
         except aiohttp.ClientError as exc:
             raise DownloadError(
-                f"download of result {result.image_uuid} failed: {exc!r}",
+                f"download of result {result.image_uuid} from {host_of(url)} "
+                f"failed: {connection_cause(exc)}",
                 url=url,
                 task_id=result.task_uuid,
             ) from exc
@@ -432,15 +471,25 @@ class RunwareClient:
                 url=self._url,
             ) from exc
         except aiohttp.ClientError as exc:
-            raise TransportError(
-                f"POST {self._url} failed: {exc!r}", url=self._url
-            ) from exc
+            raise self._transport_error(exc) from exc
+        self._answered = True
         if self._pacer is not None:
             if reply.status in CONGESTION_STATUSES:
                 self._pacer.congested(reply.retry_after_s)
             elif 200 <= reply.status < 300:
                 self._pacer.relieved()
         return reply
+
+    def _transport_error(self, exc: aiohttp.ClientError) -> TransportError:
+        """One plain line naming the host and the cause, never the exception's repr."""
+        host = host_of(self._url)
+        cause = connection_cause(exc)
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            message = f"cannot reach {host}: {cause}"
+            if not self._answered and cause == NAME_UNRESOLVED:
+                return UnreachableError(message, url=self._url)
+            return TransportError(message, url=self._url)
+        return TransportError(f"connection to {host} failed: {cause}", url=self._url)
 
     def _parse(self, reply: _Reply) -> Envelope:
         """The envelope, with the key scrubbed from everything the server echoed.

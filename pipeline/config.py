@@ -1,7 +1,8 @@
 """Settings: config.toml, then environment, then command-line flags, in that order.
 
-The API key comes only from the environment (``RUNWARE_API_KEY``) and is held as a
-``SecretStr`` so it never reaches a repr, a log line or ``run.json``.
+The API key comes only from the environment: ``RUNWARE_API_KEY``, or a file named by
+``RUNWARE_API_KEY_FILE`` (for cron and systemd, whose environment is bare). It is held
+as a ``SecretStr`` so it never reaches a repr, a log line or ``run.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pipeline.wire import DEFAULT_PRICE_USD
 
 DEFAULT_BASE_URL: Final = "https://api.runware.ai/v1"
 ENV_API_KEY: Final = "RUNWARE_API_KEY"
+ENV_API_KEY_FILE: Final = "RUNWARE_API_KEY_FILE"
 ENV_BASE_URL: Final = "REMIX_BASE_URL"
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -178,7 +180,7 @@ def load_settings(
         data = _merge(data, {"api": {"base_url": base_url}})
     if overrides:
         data = _merge(data, overrides)
-    if key := env.get(ENV_API_KEY):
+    if key := api_key_from(env):
         data["api_key"] = key
     try:
         return Settings.model_validate(data)
@@ -189,6 +191,41 @@ def load_settings(
             for err in exc.errors(include_url=False, include_input=False)
         ]
         raise ConfigError("\n".join(problems)) from None
+
+
+def api_key_from(env: Mapping[str, str]) -> str | None:
+    """The key from ``RUNWARE_API_KEY`` or the file ``RUNWARE_API_KEY_FILE`` names.
+
+    Raises:
+        ConfigError: both are set, or the file is unreadable, empty, or open to
+            group or others (a key file is a password: mode 600). The key itself
+            is never part of a message.
+    """
+    key = env.get(ENV_API_KEY)
+    file = env.get(ENV_API_KEY_FILE)
+    if not file:
+        return key or None
+    if key:
+        raise ConfigError(
+            f"both {ENV_API_KEY} and {ENV_API_KEY_FILE} are set: unset one of them"
+        )
+    path = Path(file).expanduser()
+    try:
+        mode = path.stat().st_mode
+        if os.name == "posix" and mode & 0o077:
+            raise ConfigError(
+                f"{ENV_API_KEY_FILE}={path}: the key file is open to group or others "
+                f"(mode {mode & 0o777:03o}); run: chmod 600 {path}"
+            )
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not text"
+        raise ConfigError(
+            f"{ENV_API_KEY_FILE}={path}: cannot read the key file: {why}"
+        ) from None
+    if not (key := text.strip()):
+        raise ConfigError(f"{ENV_API_KEY_FILE}={path}: the key file is empty")
+    return key
 
 
 def loop_options(choice: str) -> dict[str, Any]:

@@ -20,7 +20,6 @@ run`` finds it (``load_dialect``). Nothing here prints: the CLI renders ``Findin
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import time
 import uuid
@@ -33,7 +32,7 @@ from urllib.parse import urlsplit
 
 from pipeline import spend_one as paid
 from pipeline.answers import PollOutcome, describe
-from pipeline.client import RunwareClient
+from pipeline.client import RunwareClient, connection_cause, host_of
 from pipeline.config import ENV_API_KEY, Settings
 from pipeline.dialect import (
     Dialect,
@@ -241,7 +240,7 @@ async def examine(
             findings.checks.append(
                 Check(
                     "API reachable",
-                    f"unreachable: {_host(base_url)} ({_cause(exc, settings)})",
+                    f"unreachable: {host_of(base_url)} ({_cause(exc, settings)})",
                     "nothing can run: check the network, api.base_url or "
                     "REMIX_BASE_URL",
                     ok=False,
@@ -425,12 +424,6 @@ def _shown_url(base_url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-def _host(base_url: str) -> str:
-    parts = urlsplit(base_url)
-    host = parts.hostname or base_url
-    return f"{host}:{parts.port}" if parts.port is not None else host
-
-
 def _cause(exc: ApiError, settings: Settings) -> str:
     """Why a request got no usable answer, in a few plain words."""
     if isinstance(exc, RequestTimeoutError):
@@ -439,15 +432,6 @@ def _cause(exc: ApiError, settings: Settings) -> str:
         return f"HTTP {exc.status}, {DOCTOR_ATTEMPTS} attempts"
     if isinstance(exc, ProtocolError):
         return f"HTTP {exc.status}: not a Runware answer"
-    seen: BaseException | None = exc.__cause__
-    while seen is not None:
-        if isinstance(seen, OSError):
-            if seen.errno is not None and seen.errno > 0:
-                return os.strerror(seen.errno)
-            if seen.strerror:
-                return str(seen.strerror)
-        if seen.__cause__ is None:
-            text = str(seen) or type(seen).__name__
-            return " ".join(text.split())
-        seen = seen.__cause__
+    if exc.__cause__ is not None:
+        return connection_cause(exc.__cause__)
     return " ".join(str(exc).split()) or type(exc).__name__

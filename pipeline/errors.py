@@ -5,7 +5,8 @@ PipelineError
 ├── ConfigError, ManifestError       # user input; exit code 2
 ├── ApiError                         # .url, .status, .task_id where known
 │   ├── TransportError               # connect/read failure           retryable
-│   │   └── RequestTimeoutError      # the HTTP call timed out        retryable
+│   │   ├── RequestTimeoutError      # the HTTP call timed out        retryable
+│   │   └── UnreachableError         # name unresolved, never answered run-fatal
 │   ├── RateLimitedError             # 429, .retry_after_s            retryable
 │   ├── ServerError                  # 5xx                            retryable
 │   ├── RequestRejectedError         # other 4xx
@@ -73,6 +74,15 @@ class TransportError(ApiError):
 
 class RequestTimeoutError(TransportError, TimeoutError):
     retryable = True
+
+
+class UnreachableError(TransportError):
+    """The API's host name does not resolve and it has not answered once this run:
+    no network or a wrong base_url, which waiting seconds will not fix. The run
+    stops at once (resumable) instead of retrying into the same answer."""
+
+    retryable = False
+    run_fatal = True
 
 
 class _BusyError(ApiError):

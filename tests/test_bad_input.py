@@ -494,7 +494,7 @@ CASES: list[Case] = [
     Case(
         "toml-nested-300",
         None,
-        KEY,
+        "[defaults]",
         "width",
         raw=nested(300),
     ),

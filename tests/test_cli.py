@@ -69,14 +69,14 @@ def test_run_without_key_or_sandbox_says_how_to_fix(
 def test_invalid_manifest_exits_2_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A bad manifest: exit 2, the file, key and field named, no traceback."""
+    """A bad manifest: exit 2, the file, table and field named, no traceback."""
     job = write_job(tmp_path, defaults={"outputQuality": 100})
     code = main(["run", str(job), "--sandbox", "--run-dir", str(tmp_path / "run")])
     captured = capsys.readouterr()
     assert code == 2
     assert "job.toml" in captured.err
     assert "outputQuality" in captured.err
-    assert "r0/v0" in captured.err
+    assert "[defaults]" in captured.err
     assert "Traceback" not in captured.err + captured.out
 
 

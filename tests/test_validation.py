@@ -295,3 +295,63 @@ def test_axis_values_that_render_alike_make_one_problem_per_key_part(
         "matrix: two value combinations give the same task key part "
         "'outputQuality=50,numberResults=1': make the axis values distinct"
     ]
+
+
+def test_a_size_mistake_in_defaults_is_one_problem_for_all_tasks(
+    tmp_path: Path,
+) -> None:
+    """width = 1000 in [defaults] was one line per parameter set (6 here); it is
+    one line naming [defaults] and how many tasks it reaches."""
+    path = tmp_path / "job.toml"
+    path.write_text(
+        HEAD.format(job="", defaults="").replace("width = 1024", "width = 1000")
+        + THREE_REFS
+        + TWO_VARIANTS
+        + "[matrix]\noutputQuality = [50, 60, 70]\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ManifestError) as info:
+        check_manifest(path)
+    assert info.value.problems == [
+        f"{path}: [defaults]: width/height: width x height 1000x1024 "
+        "is not a size Ideogram Remix supports (e.g. 1024x1024, 1344x768, "
+        "768x1344) (so for all 18 tasks)"
+    ]
+
+
+def test_a_defaults_mistake_a_variant_overrides_counts_only_the_others(
+    tmp_path: Path,
+) -> None:
+    """A variant that sets the field itself does not inherit the mistake; its own
+    value is checked as before."""
+    body = (
+        THREE_REFS
+        + '[[variants]]\nid = "v0"\n'
+        + '[[variants]]\nid = "v1"\nproviderSettings = { ideogram = '
+        + "{ remixStrength = 50 } }\n"
+        + '[[variants]]\nid = "v2"\nproviderSettings = { ideogram = '
+        + "{ remixStrength = 500 } }\n"
+    )
+    lines = problems(
+        tmp_path,
+        body,
+        defaults="providerSettings = { ideogram = { remixStrength = 101 } }",
+    )
+    assert len(lines) == 2, lines
+    assert naming(lines, "[defaults]: providerSettings.ideogram.remixStrength: ")
+    assert lines[0].endswith("(so for 3 of 9 tasks)"), lines
+    assert naming(lines, "r0/v2: providerSettings.ideogram.remixStrength: ")
+
+
+def test_a_constant_prompt_mistake_in_defaults_is_one_problem(tmp_path: Path) -> None:
+    """An empty negativePrompt in [defaults] came out once per variant (and
+    matrix value); it is one line at [defaults]."""
+    lines = problems(
+        tmp_path,
+        THREE_REFS + TWO_VARIANTS + "[matrix]\noutputQuality = [50, 60]\n",
+        defaults='negativePrompt = ""',
+    )
+    assert lines == [
+        f"{tmp_path}/job.toml: [defaults]: negativePrompt: must not be empty "
+        "(so for all 12 tasks)"
+    ]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cli.sandboxed import SANDBOX_KEY
+from pipeline.rundir import remix_version
 from pipeline.shard import Shard
 
 if TYPE_CHECKING:  # imported when serving: the sandbox is not every run's cost
@@ -41,70 +42,205 @@ def _shard(text: str) -> Shard:
         raise argparse.ArgumentTypeError(f"--shard: {exc}") from None
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default (unless it is None or off, which the help text
+    words itself) and keeps the examples' lines as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(EXAMPLES):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and "(default:" not in text
+            and action.option_strings
+            and default is not None
+            and default is not False
+            and default != argparse.SUPPRESS
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+EXAMPLES = "examples:"
+
+
+def _examples(*lines: str) -> str:
+    return EXAMPLES + "\n" + "\n".join(f"  {line}" for line in lines)
+
+
+VERBOSE_HELP = "more log lines on stderr: -v info, -vv debug (default: warnings only)"
+QUIET_HELP = "no progress bar (default: a bar on a terminal)"
+
+
+CONFIG_HELP = "settings file (default: ./config.toml if present)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="remix",
-        description="Batch image-to-image runs on Runware's Ideogram Remix API.",
+        description="Batch image-to-image runs on Runware's Ideogram Remix API. "
+        "The key comes from RUNWARE_API_KEY, or from the file RUNWARE_API_KEY_FILE "
+        "names (mode 600); REMIX_BASE_URL points remix at another API (e.g. a "
+        "standalone `remix sandbox`).",
+        formatter_class=_Help,
+        epilog=_examples(
+            "remix plan jobs/demo.toml",
+            "remix run jobs/demo.toml --sandbox --run-dir runs/demo",
+            "remix COMMAND --help",
+        ),
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--version", action="version", version=f"remix {remix_version()}"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     # The same flags after the subcommand; SUPPRESS keeps them from resetting the above.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS)
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help=VERBOSE_HELP,
+    )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=QUIET_HELP,
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", title="commands"
+    )
 
     plan = sub.add_parser(
-        "plan", parents=[common], help="validate, count and estimate; spends nothing"
+        "plan",
+        parents=[common],
+        help="validate, count and estimate; spends nothing",
+        formatter_class=_Help,
+        epilog=_examples("remix plan jobs/nightly.toml", "remix plan --sizes"),
     )
-    plan.add_argument("manifest", type=Path)
-    plan.add_argument("--config", type=Path)
-    plan.add_argument("--format", choices=["table", "json"], default="table")
+    plan.add_argument("manifest", type=Path, nargs="?", help="the job manifest (.toml)")
+    plan.add_argument("--config", type=Path, help=CONFIG_HELP)
+    plan.add_argument(
+        "--format", choices=["table", "json"], default="table", help="output format"
+    )
+    plan.add_argument(
+        "--sizes",
+        action="store_true",
+        help="list the width x height pairs Ideogram Remix accepts, and exit",
+    )
 
-    run = sub.add_parser("run", parents=[common], help="run or resume a job")
-    run.add_argument("manifest", type=Path)
-    run.add_argument("--run-dir", type=Path)
-    run.add_argument("--config", type=Path)
-    run.add_argument(
-        "--sandbox", action="store_true", help="start the local sandbox API in-process"
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run or resume a job",
+        description="Run a job, or resume it: the same command continues where it "
+        "stopped and never pays twice for a task. Exit 0 all done, 1 some tasks "
+        "failed for good, 2 invalid input (nothing sent), 3 stopped early "
+        "(resumable).",
+        formatter_class=_Help,
+        epilog=_examples(
+            "remix run jobs/demo.toml --sandbox --run-dir runs/demo",
+            "remix run jobs/nightly.toml --run-dir 'runs/nightly-{date}' -q"
+            "   # cron: deploy/",
+        ),
     )
-    run.add_argument("--concurrency", type=_positive_int)
-    run.add_argument("--budget", type=_decimal, help="hard cap in USD for the run dir")
+    run.add_argument("manifest", type=Path, help="the job manifest (.toml)")
     run.add_argument(
-        "--shard", type=_shard, help="run shard I of N (0-based), e.g. 0/4"
+        "--run-dir",
+        type=Path,
+        help="where the images, journal and ledger go; '{date}' in it is the date "
+        "of the run's first start, so a resume after midnight continues the "
+        "night's run (default: runs/<job name>, plus -shardIofN for a shard)",
+    )
+    run.add_argument("--config", type=Path, help=CONFIG_HELP)
+    run.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="start the local sandbox API in-process (no key, nothing paid)",
     )
     run.add_argument(
-        "--retry-failed", action="store_true", help="submit failed tasks again"
+        "--concurrency",
+        type=_positive_int,
+        help="most tasks in flight at the API (default: limits.concurrency, 64)",
+    )
+    run.add_argument(
+        "--budget",
+        type=_decimal,
+        help="hard cap in USD for the run dir (default: the manifest's "
+        "job.budget_usd, else none)",
+    )
+    run.add_argument(
+        "--shard",
+        type=_shard,
+        help="run shard I of N (0-based), e.g. 0/4 (default: every task)",
+    )
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="submit tasks that failed in an earlier run again",
     )
 
     status = sub.add_parser(
-        "status", parents=[common], help="progress, failures and cost of a run dir"
+        "status",
+        parents=[common],
+        help="progress, failures and cost of a run dir",
+        formatter_class=_Help,
+        epilog=_examples(
+            "remix status runs/demo", "remix status runs/demo --format json"
+        ),
     )
-    status.add_argument("run_dir", type=Path)
-    status.add_argument("--format", choices=["table", "json"], default="table")
+    status.add_argument("run_dir", type=Path, help="a run directory")
+    status.add_argument(
+        "--format", choices=["table", "json"], default="table", help="output format"
+    )
 
     report = sub.add_parser(
-        "report", parents=[common], help="cost report over one or more run dirs"
+        "report",
+        parents=[common],
+        help="cost report over one or more run dirs",
+        formatter_class=_Help,
+        epilog=_examples(
+            "remix report runs/demo", "remix report runs/nightly-* --by day"
+        ),
     )
-    report.add_argument("run_dirs", type=Path, nargs="+")
+    report.add_argument("run_dirs", type=Path, nargs="+", help="run directories")
     report.add_argument(
         "--by",
         default="variant",
         help="reference, variant, day, run or axis:NAME (e.g. axis:remixStrength)",
     )
-    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="output format",
+    )
 
     gallery = sub.add_parser(
-        "gallery", parents=[common], help="write RUN_DIR/gallery.html"
+        "gallery",
+        parents=[common],
+        help="write RUN_DIR/gallery.html",
+        formatter_class=_Help,
+        epilog=_examples("remix gallery runs/demo"),
     )
-    gallery.add_argument("run_dir", type=Path)
+    gallery.add_argument("run_dir", type=Path, help="a run directory")
 
     doctor = sub.add_parser(
         "doctor",
         parents=[common],
         help="check the key and how the API answers, spending nothing; remember it",
+        formatter_class=_Help,
+        epilog=_examples("remix doctor", "remix doctor --spend-one --out one.jpg"),
     )
-    doctor.add_argument("--config", type=Path)
+    doctor.add_argument("--config", type=Path, help=CONFIG_HELP)
     doctor.add_argument(
         "--sandbox", action="store_true", help="check a local sandbox API in-process"
     )
@@ -114,9 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run one real task end to end (costs one image, price shown first)",
     )
     doctor.add_argument(
-        "--out", type=Path, help="with --spend-one: write its image to this file"
+        "--out",
+        type=Path,
+        help="with --spend-one: write its image to this file (default: not kept)",
     )
-    doctor.add_argument("--format", choices=["table", "json"], default="table")
+    doctor.add_argument(
+        "--format", choices=["table", "json"], default="table", help="output format"
+    )
 
     sandbox = sub.add_parser(
         "sandbox",
@@ -126,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         "REMIX_BASE_URL=<the URL it prints> and RUNWARE_API_KEY=<--api-key>. The "
         "dialect options make it answer the undocumented parts of the protocol as "
         "other servers might (runware-protocol.md §10).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
+        epilog=_examples(
+            "remix sandbox        # terminal 1: serves http://127.0.0.1:8080/v1",
+            "REMIX_BASE_URL=http://127.0.0.1:8080/v1 RUNWARE_API_KEY=sandbox \\",
+            "  remix run jobs/demo.toml --run-dir runs/demo-standalone   # terminal 2",
+        ),
     )
     sandbox.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sandbox.add_argument(
@@ -171,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument(
         "--max-in-flight",
         type=int,
-        help="queue capacity in tasks; a submit beyond it gets 429 (None: no cap)",
+        help="queue capacity in tasks; a submit beyond it gets 429 (default: no cap)",
     )
     dialect = sandbox.add_argument_group("dialects")
     dialect.add_argument(
@@ -227,12 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     dialect.add_argument(
         "--credit-usd",
         type=_decimal,
-        help="the account balance in USD (None: unlimited). Each imageInference "
+        help="the account balance in USD. Each imageInference "
         "costs its price x numberResults when accepted, refunded if it fails; one "
         "that does not fit is refused with insufficientCredits (402 when every "
         "imageInference of the request was). Top up a running sandbox with "
         'POST /sandbox/credit {"add_usd": "5.00"} and the Bearer key; GET it for '
-        "the balance",
+        "the balance (default: unlimited)",
     )
     return parser
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import shlex
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,22 @@ import anyio
 
 from pipeline import runner
 from pipeline.cli.sandboxed import with_sandbox
-from pipeline.config import ENV_API_KEY, Settings, load_settings, loop_options
+from pipeline.config import (
+    ENV_API_KEY,
+    ENV_API_KEY_FILE,
+    Settings,
+    load_settings,
+    loop_options,
+)
 from pipeline.errors import ConfigError
 from pipeline.exit_codes import ExitCode
 from pipeline.gallery import GALLERY_NAME
 from pipeline.ledger import LEDGER_NAME
+from pipeline.nightly import resolve_run_dir
 from pipeline.progress import NullProgress, Progress, TqdmProgress
 from pipeline.records import FAILURES_SHOWN, EngineOptions, RunDirCounts, RunSummary
 from pipeline.runner import Job, load_job
+from pipeline.wire import ALLOWED_SIZES
 
 log = logging.getLogger("pipeline")
 
@@ -43,6 +52,11 @@ def plan_of(job: Job, settings: Settings) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> ExitCode:
+    if args.sizes:
+        print_sizes(args.format)
+        return ExitCode.OK
+    if args.manifest is None:
+        raise ConfigError("plan needs a MANIFEST (or --sizes for the allowed sizes)")
     settings = load_settings(args.config)
     plan = plan_of(load_job(args.manifest), settings)
     if args.format == "json":
@@ -67,6 +81,30 @@ def cmd_plan(args: argparse.Namespace) -> ExitCode:
     return ExitCode.OK
 
 
+def print_sizes(fmt: str) -> None:
+    """The width x height pairs the API accepts, grouped by orientation."""
+    sizes = sorted(ALLOWED_SIZES, key=lambda wh: (-wh[0], -wh[1]))
+    if fmt == "json":
+        print(json.dumps([{"width": w, "height": h} for w, h in sizes], indent=2))
+        return
+    groups = {
+        "landscape": [(w, h) for w, h in sizes if w > h],
+        "square": [(w, h) for w, h in sizes if w == h],
+        "portrait": [(w, h) for w, h in sizes if w < h],
+    }
+    for shape, pairs in groups.items():
+        text = ", ".join(f"{w}x{h}" for w, h in pairs)
+        print(
+            textwrap.fill(
+                text,
+                width=88,
+                initial_indent=f"{shape:<10}  ",
+                subsequent_indent=" " * 12,
+            )
+        )
+    print(f"{len(sizes)} sizes: set width and height to one of these pairs")
+
+
 def cmd_run(args: argparse.Namespace) -> ExitCode:
     overrides: dict[str, Any] = {}
     if args.concurrency is not None:
@@ -75,12 +113,15 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
     job = load_job(args.manifest)
     if not args.sandbox and settings.api_key is None:
         raise ConfigError(
-            f"no API key: set {ENV_API_KEY} (from your Runware dashboard, API keys) "
-            "to run against the real API, or add --sandbox to run against the "
-            "local sandbox"
+            f"no API key: set {ENV_API_KEY} (from your Runware dashboard, API keys), "
+            f"or {ENV_API_KEY_FILE} to a file holding it (mode 600; cron and systemd "
+            "pass no login environment), to run against the real API, or add "
+            "--sandbox to run against the local sandbox"
         )
-    run_dir: Path = args.run_dir or runner.default_run_dir(
-        settings, job.manifest, args.shard
+    run_dir: Path = (
+        resolve_run_dir(args.run_dir)
+        if args.run_dir
+        else runner.default_run_dir(settings, job.manifest, args.shard)
     )
     options = EngineOptions(
         concurrency=settings.limits.concurrency,

@@ -48,6 +48,14 @@ class ProblemSink:
         if len(self.lines) < self.limit:
             self.lines.append(problem.render(self.file))
 
+    def insert(self, at: int, problem: Problem) -> None:
+        """Add ``problem`` as the ``at``-th line (one whose count is known only once
+        every task was seen, listed where it belongs); the cap still holds."""
+        self.count += 1
+        if at < self.limit:
+            self.lines.insert(at, problem.render(self.file))
+            del self.lines[self.limit :]
+
     def listing(self) -> tuple[str, ...]:
         more = self.count - len(self.lines)
         return (*self.lines, f"... and {more} more") if more else tuple(self.lines)

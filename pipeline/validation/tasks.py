@@ -10,7 +10,7 @@ differs per task, are checked per task. Unknown parameter names are not reported
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any, Final
 from uuid import UUID
 
@@ -23,12 +23,15 @@ from pipeline.manifest import (
     Variant,
     dotted,
     error_message,
+    is_local_image,
 )
 from pipeline.plan import (
     PROMPT_FIELDS,
     ParamSet,
     Plan,
     Template,
+    count_tasks,
+    parse_template,
     substitute_images,
     unknown_vars,
 )
@@ -117,6 +120,8 @@ class TaskChecks:
         self.images = 0
         self.images_by_speed: dict[str, int] = {}
         self._done: set[Hashable] = set()
+        self._from_defaults = self._defaults_problems()
+        """The wire problems [defaults] has on its own -> the tasks inheriting them."""
 
     def _first(self, thing: Hashable) -> bool:
         """True the first time `thing` is met: it is checked then, and only then."""
@@ -141,11 +146,13 @@ class TaskChecks:
         for combo in plan.combos():
             keyed_combos.setdefault(plan.axes_part(combo), combo)
         own_combos = set(keyed_combos.values())
+        at = len(self.sink.lines)
         for vi, variant in enumerate(manifest.variants):
             refs = plan.refs_for[vi]
             n_refs = len(refs)
             own_refs = [r for r in refs if id(r) in keyed_refs]
             everyone = f" (same for all {n_refs} references)" if n_refs > 1 else ""
+            inherited = self._inherited(variant)
             for combo in plan.combos():
                 pset = plan.param_set(vi, combo)
                 self.images += pset.images * n_refs
@@ -157,8 +164,11 @@ class TaskChecks:
                 first = plan.key(refs[0].id if refs else "*", variant.id, pset)
                 if self._first("model"):
                     self._model(first)
-                for fld, msg in self._wire(pset):
-                    self.sink.add(Problem(first, fld, msg + everyone))
+                for fld, msg in self._wire(pset.params):
+                    if (fld, msg) in inherited:
+                        self._from_defaults[fld, msg] += n_refs
+                    else:
+                        self.sink.add(Problem(first, fld, msg + everyone))
                 for file in pset.style_files:
                     # Reported at the first task using it; a reference's file is
                     # reported at each reference (see reference_problems).
@@ -166,7 +176,50 @@ class TaskChecks:
                         problem := self.files.problem(file)
                     ):
                         self.sink.add(Problem(first, _STYLE_FIELD, problem))
-                self._prompts(vi, pset, own_refs, first, everyone)
+                self._prompts(vi, pset, own_refs, first, everyone, inherited)
+        self._report_defaults(at)
+
+    def _defaults_problems(self) -> Counter[tuple[str, str]]:
+        """[defaults] checked on its own, the parameters it leaves to others aside."""
+        defaults = self.plan.manifest.defaults
+        if not defaults:
+            return Counter()
+        # A prompt lets the request's own cross-field checks (the size) run.
+        problems = self._wire({"positivePrompt": "x", **defaults}, missing=False)
+        for name in PROMPT_FIELDS:
+            if isinstance(text := defaults.get(name), str):
+                template = parse_template(text)
+                constant = isinstance(template, str) or not template.names
+                if constant and (msg := _constant_problem(template)) is not None:
+                    problems.append((name, msg))
+        return Counter(dict.fromkeys(problems, 0))
+
+    def _inherited(self, variant: Variant) -> set[tuple[str, str]]:
+        """The [defaults] problems a variant's tasks inherit: those in fields that
+        neither the variant nor a matrix axis sets (either way round a prefix)."""
+        if not self._from_defaults:
+            return set()
+        own = [*_paths(variant.params), *(axis.path for axis in self.plan.axes)]
+        return {
+            (fld, msg)
+            for fld, msg in self._from_defaults
+            if not any(
+                _overlap(tuple(path.split(".")), mine)
+                for path in fld.split("/")
+                for mine in own
+            )
+        }
+
+    def _report_defaults(self, at: int) -> None:
+        """Each [defaults] mistake once, with how many tasks it reaches."""
+        total = count_tasks(self.plan.manifest)
+        for (fld, msg), n in self._from_defaults.items():
+            if n:
+                reach = f"all {n:,}" if n == total else f"{n:,} of {total:,}"
+                self.sink.insert(
+                    at, Problem("[defaults]", fld, f"{msg} (so for {reach} tasks)")
+                )
+                at += 1
 
     def _model(self, first: str) -> None:
         """The [job] model, once, at the first task (every task sends it)."""
@@ -176,17 +229,20 @@ class TaskChecks:
             for error in exc.errors(include_url=False):
                 self.sink.add(Problem(first, "model", error_message(error)))
 
-    def _wire(self, pset: ParamSet) -> list[tuple[str, str]]:
+    def _wire(
+        self, params: dict[str, Any], *, missing: bool = True
+    ) -> list[tuple[str, str]]:
         """Wire problems of a parameter set, with neutral prompts and placeholders
         for what remix sets itself: reserved keys are `structure`'s alone, the model
-        is `_model`'s."""
-        body: dict[str, Any] = dict(pset.params)
+        is `_model`'s. ``missing=False`` leaves out required parameters not set
+        (for [defaults], which leaves some to the variants)."""
+        body: dict[str, Any] = dict(params)
         for name in PROMPT_FIELDS:
             if isinstance(body.get(name), str):
                 body[name] = "x"  # the filled prompts are checked per task
-        if pset.style_files:
-            local = {str(f) for f in pset.style_files}
-            body = substitute_images(body, dict.fromkeys(local, PLACEHOLDER_IMAGE))
+        styles = _style_files(body)
+        if styles:
+            body = substitute_images(body, dict.fromkeys(styles, PLACEHOLDER_IMAGE))
         body.update(
             model=MODEL_AIR,
             taskType="imageInference",
@@ -201,7 +257,7 @@ class TaskChecks:
             return [
                 (fld, msg)
                 for kind, fld, msg in wire_problems(exc)
-                if kind != "extra_forbidden"
+                if kind != "extra_forbidden" and (missing or kind != "missing")
             ]
         return []
 
@@ -212,13 +268,20 @@ class TaskChecks:
         refs: Sequence[Reference],
         first: str,
         everyone: str,
+        inherited: set[tuple[str, str]],
     ) -> None:
-        """Parse errors and constant prompts once per variant; templates once per
-        reference (unknown variables); filled prompts per task (their length)."""
+        """Parse errors and constant prompts once per variant (once in all when they
+        come from [defaults]); templates once per reference (unknown variables);
+        filled prompts per task (their length)."""
         plan = self.plan
         variant_id = plan.manifest.variants[vi].id
         for name, template in pset.templates.items():
             if isinstance(template, str) or not template.names:
+                if inherited:
+                    msg = _constant_problem(template)
+                    if msg is not None and (name, msg) in inherited:
+                        self._from_defaults[name, msg] += len(plan.refs_for[vi])
+                        continue
                 if self._first(("prompt", vi, name, template)):
                     msg = _constant_problem(template)
                     if msg is not None:
@@ -233,6 +296,35 @@ class TaskChecks:
                         self.sink.add(Problem(key, name, msg))
                 elif (msg := prompt_problem(template.fill(values))) is not None:
                     self.sink.add(Problem(key, name, msg))
+
+
+def _style_files(params: dict[str, Any]) -> set[str]:
+    """The local style reference files a parameter set names (as the plan sees them)."""
+    styles: Any = params
+    for seg in STYLE_REFS_PATH:
+        styles = styles.get(seg) if isinstance(styles, Mapping) else None
+    return {
+        s
+        for s in (styles if isinstance(styles, list) else [])
+        if isinstance(s, str) and is_local_image(s)
+    }
+
+
+def _paths(
+    table: Mapping[str, Any], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    """Every leaf path a (nested) parameter table sets."""
+    for key, value in table.items():
+        if isinstance(value, Mapping) and value:
+            yield from _paths(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+def _overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether one path lies under the other (setting one changes the other)."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
 
 
 def _first_of_each_id(items: Sequence[Reference] | Sequence[Variant]) -> set[int]:
