@@ -153,10 +153,10 @@ async def test_resume_after_midnight_continues_the_nights_run(
 
     code, out = await remix(sandbox, *args, "--budget", "0.16")
     assert code == 0, out
-    assert f"run dir      {night}" in out
+    assert f"run dir   {night}\n" in out
     assert _date_dirs(tmp_path) == [f"nightly-{yesterday}"]
     assert len(image_files(night)) == 2
-    assert "cost         $0.16 total" in out
+    assert "cost      $0.08 this run, $0.16 in all" in out
     state = sandbox.app[STATE]
     assert state.billed_total_usd == Decimal("0.16")  # each task paid for once
     assert state.content_billed_twice == 0
@@ -217,8 +217,8 @@ def test_a_run_with_no_network_stops_with_one_plain_line(
     assert main(["-q", "run", str(job), "--run-dir", str(tmp_path / "run")]) == 3
     captured = capsys.readouterr()
     assert (
-        f"stopped early: cannot reach {NOWHERE}: name does not resolve; check the "
-        f"network and https://{NOWHERE}/v1, then rerun to resume"
+        f"stopped early, 2 of 2 tasks left: cannot reach {NOWHERE}: name does not "
+        f"resolve; check the network and https://{NOWHERE}/v1, then rerun to resume"
     ) in captured.out
     assert "Error(" not in captured.out + captured.err
     assert KEY not in captured.out + captured.err
