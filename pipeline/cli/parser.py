@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--retry-failed", action="store_true", help="submit failed tasks again"
     )
+    run.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="the manifest changed tasks this run dir already ran: run exactly those "
+        "again (their earlier images stay, superseded); dropped tasks keep results",
+    )
 
     status = sub.add_parser(
         "status", parents=[common], help="progress, failures and cost of a run dir"
