@@ -214,11 +214,13 @@ def _judge_changes(
         what = []
         if rerun:
             what.append(
-                f"changed the parameters of {len(rerun)} task(s) it already ran: "
-                f"{_listed(rerun)}"
+                f"changed the parameters of {len(rerun)} task(s) that have images "
+                f"here: {_listed(rerun)}"
             )
         if keep:
-            what.append(f"dropped {len(keep)} task(s) it already ran: {_listed(keep)}")
+            what.append(
+                f"dropped {len(keep)} task(s) that have images here: {_listed(keep)}"
+            )
         raise ConfigError(
             f"{run_dir}: the manifest {'; and '.join(what)}. Nothing was sent. Add "
             "--rerun-changed to run exactly the changed tasks again (their earlier "

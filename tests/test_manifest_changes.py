@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tracemalloc
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from pipeline.manifest import load_manifest
 from pipeline.records import EngineOptions, RunSummary
 from pipeline.run_identity import supersede, task_fingerprint
 from pipeline.sandbox import STATE
-from pipeline.task_prints import PRINTS_NAME
+from pipeline.task_prints import PRINTS_NAME, compare_prints, read_prints
 from tests.jobkit import base_url, fast_settings, run_manifest, write_job
 
 PROMPTS = [
@@ -44,7 +46,7 @@ async def rerun(job: Path, run_dir: Path, settings: Settings) -> RunSummary:
     """``remix run --rerun-changed``, as the CLI calls it."""
     options = EngineOptions(concurrency=8)
     return await runner.run_manifest(
-        job, run_dir, settings, options, outputs=False, rerun_changed=True
+        job, run_dir, settings, options, rerun_changed=True
     )
 
 
@@ -166,6 +168,7 @@ async def test_rerun_changed_reruns_exactly_those_and_keeps_the_old_images(
     summary = await rerun(job, run_dir, settings)
     assert summary.exit_code == 0
     assert summary.images_new == 2
+    assert summary.outputs_error is None  # ledger and gallery written
     assert sandbox.app[STATE].submissions == 6
 
     rows = read_ledger(write_ledger(run_dir))
@@ -177,6 +180,8 @@ async def test_rerun_changed_reruns_exactly_those_and_keeps_the_old_images(
         assert moved.path.startswith("superseded/")
         data = (run_dir / moved.path).read_bytes()
         assert hashlib.sha256(data).hexdigest() == old[key].sha256
+        sidecar = json.loads((run_dir / moved.path).with_suffix(".json").read_text())
+        assert sidecar["task_uuid"] == old[key].task_uuid
         new = by_status[key, "done"]
         assert new.task_uuid != old[key].task_uuid
         assert (run_dir / str(new.path)).is_file()
@@ -315,3 +320,23 @@ async def test_a_run_dir_of_an_older_remix(tmp_path: Path, sandbox: TestServer) 
     assert (run_dir / PRINTS_NAME).is_file()
     job.write_text(text + "# edited\n")
     assert (await run_manifest(job, run_dir, settings)).exit_code == 0
+
+
+def test_a_big_jobs_fingerprints_stay_small(tmp_path: Path) -> None:
+    """Comparing 20k tasks holds only the stored fingerprints (~170 bytes a task):
+    a 100k-task job resumes within ~17 MB."""
+
+    def prints(changed: int) -> Iterator[tuple[str, bytes]]:
+        for i in range(20_000):
+            key = f"ref{i:06d}/v{i % 4}/remixStrength={i % 5 * 20}"
+            yield key, hashlib.sha256(f"{key}{i < changed}".encode()).digest()[:16]
+
+    compare_prints(tmp_path, None, prints(0)).commit()
+    tracemalloc.start()
+    try:
+        changes = compare_prints(tmp_path, read_prints(tmp_path), prints(3))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (changes.added, len(changes.changed), len(changes.removed)) == (0, 3, 0)
+    assert peak < 5 * 2**20, f"{peak / 2**20:.1f} MB"
