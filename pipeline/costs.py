@@ -1,6 +1,7 @@
 """Cost reports: ledger rows grouped (by reference, variant, matrix axis, day or run)
 over any number of run dirs (nightly runs, shards), the actual cost set beside the
-plan's estimate.
+plan's estimate. Dollars of run dirs made against a local sandbox are counted apart
+as ``sandbox_usd`` and marked, so they are never read as a bill.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
@@ -35,14 +36,16 @@ class GroupTotals:
     cost_usd: Decimal = Decimal(0)
     estimate_usd: Decimal = Decimal(0)
     """Sum of the submitted tasks' estimates (each task's latest submission)."""
+    sandbox_usd: Decimal = Decimal(0)
+    """The part of ``cost_usd`` a local sandbox reported (not billed)."""
 
     @property
     def diff_usd(self) -> Decimal:
         """Actual minus estimated: positive means it cost more than planned."""
         return self.cost_usd - self.estimate_usd
 
-    def add_row(self, row: LedgerRow) -> None:
-        """Count one ledger row."""
+    def add_row(self, row: LedgerRow, *, sandbox: bool = False) -> None:
+        """Count one ledger row (of a sandbox run dir when ``sandbox``)."""
         if row.status == "done":
             self.images += 1
         elif row.status == "failed":
@@ -51,6 +54,8 @@ class GroupTotals:
             self.in_flight += 1
         if row.cost_usd is not None:
             self.cost_usd += row.cost_usd
+            if sandbox:
+                self.sandbox_usd += row.cost_usd
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict with exact decimal strings."""
@@ -62,7 +67,18 @@ class GroupTotals:
             "cost_usd": str(self.cost_usd),
             "estimate_usd": str(self.estimate_usd),
             "diff_usd": str(self.diff_usd),
+            "sandbox_usd": str(self.sandbox_usd),
         }
+
+    @property
+    def sandbox_note(self) -> str:
+        """``(sandbox)`` when all its dollars are a sandbox's, ``($x sandbox)`` when
+        some are, else empty."""
+        if not self.sandbox_usd:
+            return ""
+        if self.sandbox_usd == self.cost_usd:
+            return "(sandbox)"
+        return f"(${self.sandbox_usd} sandbox)"
 
 
 @dataclass
@@ -77,6 +93,8 @@ class Report:
     runs: list[str]
     spent_usd: Decimal
     """The journals' own spent totals, summed: equals ``total.cost_usd``."""
+    sandbox_runs: list[str] = field(default_factory=list)
+    """The run dirs made against a local sandbox (their dollars: ``sandbox_usd``)."""
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict with exact decimal strings."""
@@ -84,6 +102,8 @@ class Report:
         return {
             "by": self.by,
             "runs": self.runs,
+            "sandbox_runs": self.sandbox_runs,
+            "sandbox_usd": str(self.total.sandbox_usd),
             "groups": [g.to_json() for g in self.groups],
             "total": self.total.to_json(),
             "plan_estimate_usd": None if plan is None else str(plan),
@@ -204,6 +224,7 @@ def build_report(runs: Sequence[RunData], *, by: str) -> Report:
     key_group = _key_grouper(kind, axis)
     for label, run in zip(_run_labels(runs), runs, strict=True):
         cache: dict[str, str] = {}
+        sandbox = run.is_sandbox
         for row in run.rows:
             if kind == "run":
                 name = label
@@ -213,8 +234,8 @@ def build_report(runs: Sequence[RunData], *, by: str) -> Report:
                 name = cache.get(row.key) or cache.setdefault(
                     row.key, key_group(row.key)
                 )
-            get(name).add_row(row)
-            total.add_row(row)
+            get(name).add_row(row, sandbox=sandbox)
+            total.add_row(row, sandbox=sandbox)
         for key, sub in run.key_estimates.items():
             if kind == "run":
                 name = label
@@ -232,6 +253,7 @@ def build_report(runs: Sequence[RunData], *, by: str) -> Report:
         plan_estimate_usd=_plan_estimate(runs),
         runs=[str(r.run_dir) for r in runs],
         spent_usd=sum((r.state.spent_usd for r in runs), Decimal(0)),
+        sandbox_runs=[str(r.run_dir) for r in runs if r.is_sandbox],
     )
 
 
@@ -257,15 +279,20 @@ def _numbers(g: GroupTotals) -> list[str]:
 
 
 def report_csv(report: Report) -> str:
-    """The report as CSV: one row per group, then the total with the plan estimate."""
+    """The report as CSV: one row per group, then the total with the plan estimate;
+    a last ``sandbox_usd`` column when a run dir is a sandbox's."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
-    writer.writerow([report.by, *_REPORT_COLUMNS, "plan_estimate_usd"])
+    sandbox = bool(report.sandbox_runs)
+    extra = ["sandbox_usd"] if sandbox else []
+    writer.writerow([report.by, *_REPORT_COLUMNS, "plan_estimate_usd", *extra])
     for g in report.groups:
-        writer.writerow([csv_safe(g.group), *_numbers(g), ""])
+        more = [str(g.sandbox_usd)] if sandbox else []
+        writer.writerow([csv_safe(g.group), *_numbers(g), "", *more])
     plan = report.plan_estimate_usd
+    more = [str(report.total.sandbox_usd)] if sandbox else []
     writer.writerow(
-        [TOTAL_LABEL, *_numbers(report.total), "" if plan is None else str(plan)]
+        [TOTAL_LABEL, *_numbers(report.total), "" if plan is None else str(plan), *more]
     )
     return buf.getvalue()
 
@@ -284,13 +311,22 @@ def format_report(report: Report) -> str:
         rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
         return "  ".join([first, *rest]).rstrip()
 
+    def marked(cells: Sequence[str], g: GroupTotals) -> str:
+        return f"{line(cells)}  {g.sandbox_note}".rstrip()
+
     rule = "-" * len(line(header))
-    lines = [line(header), rule, *(line(r) for r in body), rule, line(total)]
+    rows = (marked(r, g) for r, g in zip(body, report.groups, strict=True))
+    lines = [line(header), rule, *rows, rule, marked(total, report.total)]
     plan = report.plan_estimate_usd
     if plan is not None:
         runs = len(report.runs)
         lines.append(
             f"plan estimate ${plan} for {runs} run dir{'s' if runs != 1 else ''}; "
             f"spent ${report.spent_usd} (${plan - report.spent_usd} of the plan left)"
+        )
+    if report.sandbox_runs:
+        lines.append(
+            f"sandbox: ${report.total.sandbox_usd} of the cost is a local sandbox's, "
+            f"not billed ({', '.join(report.sandbox_runs)})"
         )
     return "\n".join(lines)

@@ -157,6 +157,18 @@ class RunStartedEvent(_EventBase):
     shard: str | None = None
 
 
+class RerunEvent(_EventBase):
+    """A task's parameters changed and ``--rerun-changed`` runs it again: the images it
+    has are superseded (moved aside, never overwritten) and it counts as not sent."""
+
+    event: Literal["rerun"] = "rerun"
+    key: str
+    fingerprint: str
+    """The task's new fingerprint (``pipeline.task_prints``)."""
+    moved: list[tuple[str, int, str]] = Field(default_factory=list)
+    """``(task UUID, image index, new path)`` of each image moved aside."""
+
+
 class RunEndedEvent(_EventBase):
     """A run ended (finished, or stopped resumable)."""
 
@@ -175,7 +187,8 @@ Event = Annotated[
     | FailedEvent
     | LostEvent
     | RunStartedEvent
-    | RunEndedEvent,
+    | RunEndedEvent
+    | RerunEvent,
     Field(discriminator="event"),
 ]
 """Any journal event, discriminated on ``event``."""
@@ -425,6 +438,8 @@ class JournalFold(ABC, Generic[C, S, F]):
     last_ended: RunEndedEvent | None = None
     """The run_ended that closed the latest run_started, if any."""
     last_event_at: datetime | None = None
+    moved_paths: dict[tuple[str, int], str] = field(default_factory=dict, repr=False)
+    """(task UUID, image index) -> where a rerun moved that image."""
     _paid: set[tuple[str, int]] = field(default_factory=set, repr=False)
     _finished: set[str] = field(default_factory=set, repr=False)
 
@@ -517,6 +532,8 @@ class JournalFold(ABC, Generic[C, S, F]):
                 self.last_started, self.last_ended = event, None
             case RunEndedEvent():
                 self.run_ended = self.last_ended = event
+            case RerunEvent():
+                self._on_rerun(event)
 
     def _on_submitted(self, event: SubmittedEvent) -> None:
         key = event.key
@@ -548,6 +565,21 @@ class JournalFold(ABC, Generic[C, S, F]):
         self.failed.pop(event.key, None)
         if self.is_complete(event.key):
             self.pending.pop(event.key, None)
+
+    def _on_rerun(self, event: RerunEvent) -> None:
+        """The key's images become superseded and it is open to be sent again."""
+        key = event.key
+        self.keys.setdefault(key)
+        images = self.completed_images.pop(key, {})
+        for index in sorted(images):
+            kept = images[index]
+            self.superseded.append((key, index, kept))
+        for sub in self.pending.pop(key, ()):
+            self._finished.add(self.task_of(sub))
+        self.images_expected.pop(key, None)
+        self.failed.pop(key, None)
+        for task_uuid, index, path in event.moved:
+            self.moved_paths[task_uuid, index] = path
 
     def _drop_pending(self, key: str, task_uuid: str) -> None:
         subs = self.pending.get(key)

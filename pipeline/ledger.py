@@ -3,7 +3,9 @@ in-flight task, rebuilt from the journal alone.
 
 Its ``cost_usd`` column sums, exactly as decimals, to the journal's ``spent_usd``:
 every paid image has a row, including one superseded by another task filling the
-same slot. Text cells are made safe for spreadsheets (a quote before a leading
+same slot (or by a ``--rerun-changed``). The last column, ``api``, names the API the
+run dir belongs to (run.json): ``sandbox`` dollars are the local sandbox's, not billed.
+Text cells are made safe for spreadsheets (a quote before a leading
 ``= + - @``), reversibly: :func:`read_ledger` gives back the exact rows.
 """
 
@@ -20,8 +22,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Final, Literal
 
+from pipeline.errors import ConfigError
 from pipeline.journal import JOURNAL_NAME, C, CompletedEvent, F, JournalFold, S
 from pipeline.journal_offsets import JournalOffsets
+from pipeline.rundir import SANDBOX_API, read_run_info, recorded_api
 from pipeline.storage import write_atomic_text_stream
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,9 @@ _TAIL: Final = (
     "error_code",
     "error_message",
 )
-_FIXED: Final = frozenset(_HEAD) | frozenset(_TAIL)
+API_COLUMN: Final = "api"
+"""After every other column: ``sandbox``, the API's host, or empty when unknown."""
+_FIXED: Final = frozenset(_HEAD) | frozenset(_TAIL) | {API_COLUMN}
 
 
 def parse_key(key: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
@@ -121,9 +127,13 @@ class LedgerRow:
 
 
 def _image_row(
-    event: CompletedEvent, status: Status, submitted_at: datetime | None
+    event: CompletedEvent,
+    status: Status,
+    submitted_at: datetime | None,
+    path: str | None = None,
 ) -> LedgerRow:
-    """One image's ledger row; ``submitted_at`` fills in for older journals."""
+    """One image's ledger row; ``submitted_at`` fills in for older journals, ``path``
+    for an image a rerun moved aside."""
     return LedgerRow(
         key=event.key,
         status=status,
@@ -132,7 +142,7 @@ def _image_row(
         image_uuid=event.image_uuid,
         seed=event.seed,
         cost_usd=event.cost_usd,
-        path=event.path,
+        path=path or event.path,
         submitted_at=event.submitted_at or submitted_at,
         completed_at=event.ts,
     )
@@ -164,7 +174,9 @@ def iter_ledger_rows(state: JournalFold[C, S, F]) -> Iterator[LedgerRow]:
         # sorted() is stable: equal indices keep their journal order
         for _, kept in sorted(superseded.get(key, ()), key=lambda p: p[0]):
             event = state.completed_event(kept)
-            yield _image_row(event, "superseded", _submit_time(state, event.task_uuid))
+            moved = state.moved_paths.get((event.task_uuid, event.index))
+            submitted_at = _submit_time(state, event.task_uuid)
+            yield _image_row(event, "superseded", submitted_at, moved)
         if (failed := state.failed.get(key)) is not None:
             failure = state.failed_event(failed)
             yield LedgerRow(
@@ -212,7 +224,7 @@ def _columns_of_keys(keys: Iterable[str]) -> list[str]:
         seen.add(axes_text[0])
         for name, _ in parse_key(key)[2]:
             axes.setdefault(_axis_column(name))
-    return [*_HEAD, *axes, *_TAIL]
+    return [*_HEAD, *axes, *_TAIL, API_COLUMN]
 
 
 def _cell(value: object) -> str:
@@ -229,9 +241,12 @@ def _cell(value: object) -> str:
             return str(value)
 
 
-def _csv_record(row: LedgerRow, columns: Sequence[str]) -> list[str]:
+def _csv_record(
+    row: LedgerRow, columns: Sequence[str], api: str | None = None
+) -> list[str]:
     reference, variant, axes = parse_key(row.key)
     values: dict[str, object] = {
+        API_COLUMN: api,
         "key": row.key,
         "reference": reference,
         "variant": variant,
@@ -253,13 +268,14 @@ def _csv_record(row: LedgerRow, columns: Sequence[str]) -> list[str]:
     return [_cell(values.get(c)) for c in columns]
 
 
-def ledger_csv(rows: Sequence[LedgerRow]) -> str:
-    """The ledger as CSV text (RFC 4180: CRLF rows, quoting; exact decimal costs)."""
+def ledger_csv(rows: Sequence[LedgerRow], api: str | None = None) -> str:
+    """The ledger as CSV text (RFC 4180: CRLF rows, quoting; exact decimal costs),
+    every row's ``api`` cell ``api``."""
     columns = ledger_columns(rows)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(columns)
-    writer.writerows(_csv_record(row, columns) for row in rows)
+    writer.writerows(_csv_record(row, columns, api) for row in rows)
     return buf.getvalue()
 
 
@@ -327,6 +343,11 @@ def write_ledger(run_dir: Path) -> Path:
         StorageError: the ledger could not be written.
     """
     state = JournalOffsets.of_file(run_dir / JOURNAL_NAME)
+    try:
+        api = recorded_api(read_run_info(run_dir))
+    except ConfigError as exc:  # the ledger is the journal's: run.json is a label
+        log.warning("%s", exc)
+        api = None
     target = run_dir / LEDGER_NAME
     count = 0
 
@@ -338,7 +359,7 @@ def write_ledger(run_dir: Path) -> Path:
         writer.writerow(columns)
         with state.reading():
             for row in iter_ledger_rows(state):
-                writer.writerow(_csv_record(row, columns))
+                writer.writerow(_csv_record(row, columns, api))
                 count += 1
                 if buf.tell() > 1 << 16:
                     yield buf.getvalue()
@@ -347,5 +368,11 @@ def write_ledger(run_dir: Path) -> Path:
         yield buf.getvalue()
 
     write_atomic_text_stream(target, lines())
-    log.info("ledger %s: %d row(s), spent $%s", target, count, state.spent_usd)
+    log.info(
+        "ledger %s: %d row(s), spent $%s%s",
+        target,
+        count,
+        state.spent_usd,
+        " (sandbox dollars, not billed)" if api == SANDBOX_API else "",
+    )
     return target

@@ -22,7 +22,7 @@ from pipeline.journal import (
     load_state,
 )
 from pipeline.ledger import LedgerRow, build_ledger_rows
-from pipeline.rundir import RUN_INFO_NAME, read_run_info
+from pipeline.rundir import RUN_INFO_NAME, SANDBOX_API, read_run_info, recorded_api
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,16 @@ class RunData:
         """The manifest path recorded in run.json."""
         value = self.info.get("manifest")
         return value if isinstance(value, str) else None
+
+    @property
+    def api(self) -> str | None:
+        """The API the run dir belongs to (run.json), None when unknown."""
+        return recorded_api(self.info)
+
+    @property
+    def is_sandbox(self) -> bool:
+        """True for a run against a local sandbox: its dollars are not billed."""
+        return self.api == SANDBOX_API
 
     @property
     def shard(self) -> str | None:

@@ -36,7 +36,8 @@ from pipeline.ledger import write_ledger
 from pipeline.manifest import Manifest
 from pipeline.progress import Progress
 from pipeline.records import EngineOptions, RunDirCounts, RunSummary
-from pipeline.rundir import open_run_dir
+from pipeline.run_identity import supersede, task_fingerprints
+from pipeline.rundir import api_identity, open_run_dir
 from pipeline.shard import Shard
 from pipeline.validation.check import check_manifest
 from pipeline.validation.problems import ValidationReport
@@ -213,6 +214,7 @@ async def run_manifest(
     outputs: bool = True,
     progress: Progress | None = None,
     on_engine: Callable[[Engine], None] | None = None,
+    rerun_changed: bool = False,
 ) -> RunSummary:
     """``remix run`` as a library call: validate, lock the run dir, run or resume,
     then write the ledger and gallery (unless ``outputs`` is False).
@@ -220,25 +222,39 @@ async def run_manifest(
     ``job`` is the manifest already loaded by ``load_job`` (not read again);
     ``options.budget_usd`` of None falls back to the manifest's ``budget_usd``. A
     ledger or gallery that could not be written is ``summary.outputs_error``.
+    ``rerun_changed`` lets tasks that already ran have changed parameters: they run
+    again, their earlier images kept as superseded (see ``pipeline.run_identity``).
 
     Raises:
         ManifestError: the manifest is invalid (nothing was sent).
-        ConfigError: the run dir holds another manifest or another run, or the
-            budget is below one task's price (nothing was sent).
+        ConfigError: the run dir holds another API's run, changed tasks (without
+            ``rerun_changed``) or another run, or the budget is below one task's
+            price (nothing was sent).
     """
     job = job or load_job(manifest_path)
     budget = job.manifest.job.budget_usd
     if options.budget_usd is None and budget is not None:
         options = dataclasses.replace(options, budget_usd=budget)
     check_budget(job.manifest, settings, options)
+    key = settings.api_key
     with open_run_dir(
         run_dir,
         manifest_path=manifest_path,
         settings_public=settings.public_dict(),
         shard=None if options.shard is None else options.shard.label,
-    ) as resuming:
-        if resuming:
+        api=api_identity(
+            settings.api.base_url, None if key is None else key.get_secret_value()
+        ),
+        task_prints=task_fingerprints(
+            selected(lambda: expand(job.manifest), options.shard), manifest_path.parent
+        ),
+        rerun_changed=rerun_changed,
+    ) as opened:
+        if opened.resuming:
             log.warning("resuming the run in %s", run_dir)
+        if opened.rerun:
+            await supersede(run_dir, opened.rerun)
+            opened.commit()
         summary = await run_job(
             manifest=job.manifest,
             manifest_path=manifest_path,

@@ -114,15 +114,19 @@ def test_run_resume_status_report_gallery(
 def test_run_dir_of_another_manifest_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Resuming a run dir with a different manifest is refused before any request."""
+    """Resuming a run dir with a manifest that changed its tasks is refused before any
+    request, naming the changed tasks and the ways on."""
     first = write_job(tmp_path / "a")
-    second = write_job(tmp_path / "b", refs=3)
+    other = [{"id": "v0", "positivePrompt": "a {thing} in oil"}]
+    second = write_job(tmp_path / "b", refs=3, variants=other)
     run_dir = tmp_path / "run"
     assert main(["-q", "run", str(first), "--sandbox", "--run-dir", str(run_dir)]) == 0
     capsys.readouterr()
     code = main(["-q", "run", str(second), "--sandbox", "--run-dir", str(run_dir)])
     assert code == 2
-    assert "different manifest" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "r0/v0, r1/v0" in err
+    assert "--rerun-changed" in err
 
 
 def test_shards_split_the_job_and_report_merges_them(

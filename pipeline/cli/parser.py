@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="submit tasks that failed in an earlier run again",
     )
+    run.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="the manifest changed tasks this run dir already ran: run exactly those "
+        "again (their earlier images stay, superseded); dropped tasks keep results",
+    )
 
     status = sub.add_parser(
         "status",

@@ -144,6 +144,7 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
                 options,
                 job=job,
                 progress=progress,
+                rerun_changed=args.rerun_changed,
             )
 
     backend_options = loop_options(settings.run.event_loop)
