@@ -182,7 +182,8 @@ async def run_manifest(
     then write the ledger and gallery (unless ``outputs`` is False).
 
     ``job`` is the manifest already loaded by ``load_job`` (not read again);
-    ``options.budget_usd`` of None falls back to the manifest's ``budget_usd``. A
+    ``options.budget_usd`` of None falls back to the manifest's ``budget_usd``, split
+    evenly across the shards of a sharded run (N shards run at once: N x the cap). A
     ledger or gallery that could not be written is ``summary.outputs_error``.
 
     Raises:
@@ -191,8 +192,9 @@ async def run_manifest(
     """
     job = job or load_job(manifest_path)
     budget = job.manifest.job.budget_usd
-    if options.budget_usd is None and budget is not None:
-        options = dataclasses.replace(options, budget_usd=budget)
+    if options.budget_usd is None and budget is not None:  # a shard: budget / N
+        share = budget if options.shard is None else options.shard.budget_share(budget)
+        options = dataclasses.replace(options, budget_usd=share)
     with open_run_dir(
         run_dir,
         manifest_path=manifest_path,

@@ -24,7 +24,9 @@ log = logging.getLogger("pipeline")
 
 
 def cmd_status(args: argparse.Namespace) -> ExitCode:
-    return show_status(args.run_dir, fmt=args.format)
+    if len(args.run_dirs) > 1:
+        raise ConfigError("status takes one run dir")
+    return show_status(args.run_dirs[0], fmt=args.format)
 
 
 def cmd_report(args: argparse.Namespace) -> ExitCode:
@@ -32,7 +34,9 @@ def cmd_report(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_gallery(args: argparse.Namespace) -> ExitCode:
-    print(write_gallery(args.run_dir))
+    if len(args.run_dirs) > 1 or args.out is not None:
+        raise ConfigError("gallery takes one run dir")
+    print(write_gallery(args.run_dirs[0]))
     return ExitCode.OK
 
 

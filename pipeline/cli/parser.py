@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,10 +36,11 @@ def _positive_int(text: str) -> int:
 
 
 def _shard(text: str) -> Shard:
+    """``I/N``, or ``auto/N`` resolved here from the scheduler's environment."""
     try:
-        return Shard.parse(text)
+        return Shard.resolve(text, os.environ)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--shard: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("manifest", type=Path)
     plan.add_argument("--config", type=Path)
     plan.add_argument("--format", choices=["table", "json"], default="table")
+    plan.add_argument(
+        "--shard",
+        type=_shard,
+        help="count shard I of N (0-based) only, e.g. 0/4; auto/N as for run",
+    )
 
     run = sub.add_parser("run", parents=[common], help="run or resume a job")
     run.add_argument("manifest", type=Path)
@@ -71,16 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=_positive_int)
     run.add_argument("--budget", type=_decimal, help="hard cap in USD for the run dir")
     run.add_argument(
-        "--shard", type=_shard, help="run shard I of N (0-based), e.g. 0/4"
+        "--shard",
+        type=_shard,
+        help="run shard I of N (0-based), e.g. 0/4; auto/N takes I from "
+        "JOB_COMPLETION_INDEX (Kubernetes) or SLURM_ARRAY_TASK_ID (Slurm)",
     )
     run.add_argument(
         "--retry-failed", action="store_true", help="submit failed tasks again"
     )
 
     status = sub.add_parser(
-        "status", parents=[common], help="progress, failures and cost of a run dir"
+        "status",
+        parents=[common],
+        help="progress, failures and cost of a run dir (or of one job's shards)",
     )
-    status.add_argument("run_dir", type=Path)
+    status.add_argument(
+        "run_dirs", type=Path, nargs="+", help="a run dir, or the run dirs of shards"
+    )
     status.add_argument("--format", choices=["table", "json"], default="table")
 
     report = sub.add_parser(
@@ -95,9 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     gallery = sub.add_parser(
-        "gallery", parents=[common], help="write RUN_DIR/gallery.html"
+        "gallery",
+        parents=[common],
+        help="write RUN_DIR/gallery.html, or one page for one job's shards",
     )
-    gallery.add_argument("run_dir", type=Path)
+    gallery.add_argument(
+        "run_dirs", type=Path, nargs="+", help="a run dir, or the run dirs of shards"
+    )
+    gallery.add_argument(
+        "--out",
+        type=Path,
+        help="the page to write (default: RUN_DIR/gallery.html for one run dir; "
+        "JOB-gallery.html beside the run dirs for several)",
+    )
 
     doctor = sub.add_parser(
         "doctor",
