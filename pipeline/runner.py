@@ -148,6 +148,7 @@ async def run_job(
                 images=images,
                 estimate_usd=totals.estimate_usd,
                 shard=None if options.shard is None else options.shard.label,
+                journals_sent=True,
             )
         )
         engine = Engine(
