@@ -100,9 +100,10 @@ class SubmittedEvent(_EventBase):
 
 
 class SentEvent(_EventBase):
-    """These tasks' submit request left: one line per request, not fsynced ahead of
-    it. ``submitted`` is journaled ahead of sending; this tells a task at the API
-    from one still queued behind the concurrency limit (``remix status``)."""
+    """These tasks' submit requests left: one line per burst of requests, written
+    beside them, never ahead. ``submitted`` is journaled ahead of sending; this tells
+    a task at the API from one queued behind the concurrency limit (``remix
+    status``). Resume does not read it: it asks about every pending task anyway."""
 
     event: Literal["sent"] = "sent"
     task_uuids: list[str]

@@ -3,6 +3,7 @@ ahead), the live run's pid, and the run dirs of one job's shards shown as one jo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from datetime import UTC, datetime
@@ -236,3 +237,18 @@ def test_status_refuses_run_dirs_that_are_not_one_jobs_shards(
     for dirs, message in cases:
         assert main(["status", *map(str, dirs)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_status_of_shards_names_the_running_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While a shard's run holds its run dir, the job is running, with that pid."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_journal(a, [started(1, shard="0/2")])
+    write_journal(b, [started(1, shard="1/2")])
+    with (b / ".lock").open("a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["status", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert f"running: 1 of 2 shard(s) running (pid {os.getpid()})" in out
+    assert f"shard 1/2     running (pid {os.getpid()})" in out
