@@ -1,4 +1,5 @@
-"""The static HTML contact sheet of a run dir: ``gallery.html`` plus ``thumbs/``.
+"""The static HTML contact sheet of a run dir: ``gallery.html`` plus ``thumbs/``;
+or one page for the run dirs of one job's shards (``remix gallery S0 S1 --out P``).
 
 References run down the side (with the reference image itself), variants across,
 matrix axis combinations as sub-columns (and selectable), one cell per task. The
@@ -17,10 +18,10 @@ inlined into each page as it is written.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache
@@ -39,7 +40,7 @@ from pipeline.gallery_grid import (
     split_pages,
 )
 from pipeline.ledger import parse_key
-from pipeline.storage import write_atomic_text_stream
+from pipeline.storage import safe_part, write_atomic_text_stream
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _cell_data(cell: GridCell, strings: _Strings) -> dict[str, object]:
         "i": [
             {
                 "n": img.index,
-                "f": img.path,
+                "f": img.href,
                 "th": img.thumb,
                 "seed": img.seed,
                 "cost": img.cost,
@@ -144,13 +145,13 @@ def _cell_html(cell: GridCell, index: int, variant: str) -> str:
             thumb = img.thumb
             if thumb is None or img.size is None:
                 parts.append(
-                    f'<a class="missing" data-i="{i}" href="{_e(img.path)}">'
+                    f'<a class="missing" data-i="{i}" href="{_e(img.href)}">'
                     "image missing or unreadable</a>"
                 )
                 continue
             w, h = img.size
             parts.append(
-                f'<a data-i="{i}" href="{_e(img.path)}" target="_blank">'
+                f'<a data-i="{i}" href="{_e(img.href)}" target="_blank">'
                 f'<img src="{_e(thumb)}" width="{w}" height="{h}" alt="{alt}" '
                 'loading="lazy" decoding="async"></a>'
             )
@@ -212,23 +213,34 @@ def _summary(plan: GridPlan) -> str:
     for status, label in labels:
         if n := statuses[status]:
             bits.append(f"{n:,} {label}")
-    bits.append(f"${plan.journal.spent_usd} spent")
+    if len(plan.sources) > 1:
+        given = ", ".join(str(s) for s in sorted(plan.shards, key=lambda s: s.index))
+        bits.append(f"shards {given}")
+    bits.append(f"${plan.spent_usd} spent")
     return " · ".join(bits)
 
 
 def page_name(number: int) -> str:
     """Page ``number``'s file name: ``gallery.html``, then ``gallery-2.html``..."""
-    return GALLERY_NAME if number == 1 else f"gallery-{number}.html"
+    return page_path(Path(GALLERY_NAME), number).name
 
 
-def _nav(number: int, count: int, first_row: int, rows: int) -> str:
+def page_path(first: Path, number: int) -> Path:
+    """Page ``number`` of the gallery whose first page is ``first``: ``P.html``,
+    then ``P-2.html``..."""
+    if number == 1:
+        return first
+    return first.with_name(f"{first.stem}-{number}{first.suffix}")
+
+
+def _nav(first: Path, number: int, count: int, first_row: int, rows: int) -> str:
     """Links between the pages (nothing when there is only one)."""
     if count <= 1:
         return ""
 
     def link(n: int, text: str, rel: str = "") -> str:
         extra = f' rel="{rel}"' if rel else ""
-        return f'<a href="{page_name(n)}"{extra}>{text}</a>'
+        return f'<a href="{_e(page_path(first, n).name)}"{extra}>{text}</a>'
 
     prev = link(number - 1, "\u2039 prev", "prev") if number > 1 else ""
     nxt = link(number + 1, "next \u203a", "next") if number < count else ""
@@ -313,7 +325,8 @@ def _page_chunks(
                 data.append(_script_json(_cell_data(cell, strings)))
         newline = "\n" if number else ""
         yield f"{newline}<tr>{_ref_html(plan.refs[ref_id])}{''.join(tds)}</tr>"
-    yield page_foot.format(run_dir=_e(plan.run_dir), generated=_e(generated))
+    run_dirs = ", ".join(str(d) for d in plan.run_dirs)
+    yield page_foot.format(run_dir=_e(run_dirs), generated=_e(generated))
     combos = [dict(parse_key(f"_/_/{c}")[2]) if c else {} for c in plan.combos]
     # The JSON of {"combos", "strings", "cells"}, the cells' parts made above.
     yield f'{{"combos":{_script_json(combos)},"strings":{_script_json(strings.table)}'
@@ -323,10 +336,10 @@ def _page_chunks(
     yield page_tail.format(js=_asset("gallery.js"))
 
 
-def _remove_stale_pages(run_dir: Path, count: int) -> None:
-    """Drop ``gallery-N.html`` pages beyond ``count`` left by a bigger earlier grid."""
-    for path in run_dir.glob("gallery-*.html"):
-        number = path.stem.removeprefix("gallery-")
+def _remove_stale_pages(first: Path, count: int) -> None:
+    """Drop ``P-N.html`` pages beyond ``count`` left by a bigger earlier grid."""
+    for path in first.parent.glob(f"{first.stem}-*{first.suffix}"):
+        number = path.name[len(first.stem) + 1 : len(path.name) - len(first.suffix)]
         if number.isdigit() and int(number) > count:
             try:
                 path.unlink()
@@ -344,22 +357,51 @@ def write_gallery(run_dir: Path, *, page_cells: int = PAGE_CELLS) -> Path:
     Raises:
         StorageError: a page could not be written.
     """
-    plan = plan_grid(run_dir)
+    return write_job_gallery([run_dir], page_cells=page_cells)
+
+
+def default_gallery_path(run_dirs: Sequence[Path], title: str) -> Path:
+    """``RUN_DIR/gallery.html`` for one run dir; for several (one job's shards),
+    ``JOB-gallery.html`` in the directory that holds them all."""
+    if len(run_dirs) == 1:
+        return run_dirs[0] / GALLERY_NAME
+    parent = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
+    if parent in {d.resolve() for d in run_dirs}:  # one run dir inside another
+        parent = parent.parent
+    return parent / f"{safe_part(title)}-gallery.html"
+
+
+def write_job_gallery(
+    run_dirs: Sequence[Path],
+    *,
+    out: Path | None = None,
+    page_cells: int = PAGE_CELLS,
+) -> Path:
+    """Write one gallery of ``run_dirs`` (a run dir, or one job's shards) at ``out``
+    (default: :func:`default_gallery_path`), its later pages beside it as
+    ``OUT-2.html``...; thumbnails go in each image's run dir. Returns ``out``.
+
+    Raises:
+        ConfigError: several run dirs that are not distinct shards of one manifest.
+        StorageError: a page could not be written.
+    """
+    plan = plan_grid(run_dirs)
+    target = out or default_gallery_path(run_dirs, plan.title)
+    page_dir = target.parent
+    plan.place(page_dir)
     pages = split_pages(plan, page_cells)
     first_row = 0
-    journal = plan.journal
-    with journal.reading() if journal.keys else contextlib.nullcontext():
+    with plan.reading():
         for number, references in enumerate(pages, 1):
-            grid = cells_of(plan, references) if journal.keys else {}
-            make_grid_thumbnails(run_dir, grid, [plan.refs[r] for r in references])
-            nav = _nav(number, len(pages), first_row, len(references))
+            grid = cells_of(plan, references) if plan.has_tasks else {}
+            make_grid_thumbnails(page_dir, grid, [plan.refs[r] for r in references])
+            nav = _nav(target, number, len(pages), first_row, len(references))
             write_atomic_text_stream(
-                run_dir / page_name(number),
+                page_path(target, number),
                 _page_chunks(plan, references, grid, nav),
             )
             del grid
             first_row += len(references)
-    _remove_stale_pages(run_dir, len(pages))
-    target = run_dir / GALLERY_NAME
+    _remove_stale_pages(target, len(pages))
     log.info("gallery %s: %d cell(s), %d page(s)", target, plan.cells, len(pages))
     return target

@@ -1,22 +1,27 @@
-"""The gallery's grid, built from the run dir: what goes in each cell, page by page.
+"""The gallery's grid, built from a run dir (or the run dirs of one job's shards):
+what goes in each cell, page by page.
 
-The grid comes from the journal (folded once, keeping line offsets: see
+The grid comes from the journals (each folded once, keeping line offsets: see
 :mod:`pipeline.journal_offsets`); the run's manifest (its path is in run.json), when
 it still loads, adds the reference images, the manifest's order, the prompts of tasks
-without a sidecar, and the tasks not run yet. Without it the grid still works.
+without a sidecar, and the tasks not run yet. Without it the grid still works. Every
+path in the grid is relative to the page's directory, which need not be a run dir's.
 :mod:`pipeline.gallery` renders it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from typing import Any, Final, Literal
+from urllib.parse import quote
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.expand import expand
@@ -26,7 +31,7 @@ from pipeline.ledger import parse_key
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.plan import count_tasks
 from pipeline.rundir import read_run_info
-from pipeline.shard import Shard
+from pipeline.shard import Shard, missing_shards
 from pipeline.storage import safe_part, sidecar_path
 from pipeline.thumbnails import THUMBS_DIR, in_threads, thumb_relpath, thumbnail_or_none
 
@@ -66,11 +71,20 @@ class GridImage:
     image_uuid: str
     size: tuple[int, int] | None = None
     """The thumbnail's size; None: no thumbnail (image missing or unreadable)."""
+    home: str = ""
+    """Its run dir, relative to the page's directory ("" when the page is in it)."""
+
+    @property
+    def href(self) -> str:
+        """The image, relative to the page."""
+        return _under(self.home, self.path)
 
     @property
     def thumb(self) -> str | None:
-        """The thumbnail's path relative to the run dir, when there is one."""
-        return None if self.size is None else thumb_relpath(self.path).as_posix()
+        """The thumbnail, relative to the page, when there is one."""
+        if self.size is None:
+            return None
+        return _under(self.home, thumb_relpath(self.path).as_posix())
 
 
 @dataclass(slots=True)
@@ -103,13 +117,33 @@ class GridRef:
     local: Path | None = None
     size: tuple[int, int] | None = None
     """The thumbnail's size; None: no thumbnail."""
+    home: str = ""
+    """The run dir its thumbnail goes in, relative to the page's directory."""
+
+    @property
+    def thumb_relpath(self) -> str:
+        """The thumbnail's path inside its run dir."""
+        return PurePosixPath(THUMBS_DIR, "refs", safe_part(self.id) + ".jpg").as_posix()
 
     @property
     def thumb(self) -> str | None:
-        """The thumbnail's path relative to the run dir, when there is one."""
-        if self.size is None:
-            return None
-        return PurePosixPath(THUMBS_DIR, "refs", safe_part(self.id) + ".jpg").as_posix()
+        """The thumbnail, relative to the page, when there is one."""
+        return None if self.size is None else _under(self.home, self.thumb_relpath)
+
+
+def _under(home: str, relpath: str) -> str:
+    return relpath if not home else f"{quote(home)}/{relpath}"
+
+
+@dataclass
+class GridSource:
+    """One run dir of the grid and its journal."""
+
+    run_dir: Path
+    journal: JournalOffsets
+    shard: Shard | None
+    home: str = ""
+    """The run dir relative to the page's directory ("" when the page is in it)."""
 
 
 @dataclass
@@ -117,8 +151,8 @@ class GridPlan:
     """The whole grid's layout, small per cell: cell details are built page by page."""
 
     title: str
-    run_dir: Path
-    journal: JournalOffsets
+    sources: list[GridSource]
+    """The run dirs, each key in one of them (shards of one job do not overlap)."""
     manifest: Manifest | None
     """Set when the manifest loaded and is small enough to expand."""
     refs: dict[str, GridRef]
@@ -139,6 +173,48 @@ class GridPlan:
     def cells(self) -> int:
         """Cells in the whole grid (all pages)."""
         return sum(self.statuses.values())
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        return [source.run_dir for source in self.sources]
+
+    @property
+    def spent_usd(self) -> Decimal:
+        return sum((s.journal.spent_usd for s in self.sources), Decimal(0))
+
+    @property
+    def has_tasks(self) -> bool:
+        """Whether any journal names a task."""
+        return any(s.journal.keys for s in self.sources)
+
+    @property
+    def shards(self) -> list[Shard]:
+        return [s.shard for s in self.sources if s.shard is not None]
+
+    def source_of(self, key: str) -> GridSource | None:
+        """The run dir whose journal has ``key`` (None: not run anywhere)."""
+        for source in self.sources:
+            if key in source.journal.keys:
+                return source
+        return None
+
+    def place(self, page_dir: Path) -> None:
+        """Make every path relative to ``page_dir``, where the page is written."""
+        page = page_dir.resolve()
+        for source in self.sources:
+            home = Path(os.path.relpath(source.run_dir.resolve(), page)).as_posix()
+            source.home = "" if home == "." else home
+        for ref in self.refs.values():
+            ref.home = self.sources[0].home
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Keep the journals open while cells read their events back."""
+        with contextlib.ExitStack() as stack:
+            for source in self.sources:
+                if source.journal.keys:
+                    stack.enter_context(source.journal.reading())
+            yield
 
 
 def _load_manifest(run_dir: Path, path: str | None) -> Manifest | None:
@@ -194,13 +270,42 @@ def _combo(axes: Iterable[tuple[str, str]]) -> str:
     return ",".join(f"{n}={v}" for n, v in axes)
 
 
-def plan_grid(run_dir: Path) -> GridPlan:
+def _source(run_dir: Path) -> tuple[GridSource, Mapping[str, object]]:
     journal = JournalOffsets.of_file(run_dir / JOURNAL_NAME)
     info = _run_info(run_dir)
-    manifest_path = _text(info.get("manifest"))
     shard_text = _text(info.get("shard"))
     if shard_text is None and journal.last_started is not None:
         shard_text = journal.last_started.shard
+    return GridSource(run_dir, journal, Shard.read(shard_text)), info
+
+
+def _manifest_sha(source: GridSource, info: Mapping[str, object]) -> str | None:
+    sha = _text(info.get("manifest_sha256"))
+    started = source.journal.last_started
+    return sha if sha is not None or started is None else started.manifest_sha256
+
+
+def plan_grid(run_dirs: Sequence[Path]) -> GridPlan:
+    """The grid of a run dir, or of the run dirs of one job's shards as one grid.
+
+    Raises:
+        ConfigError: several run dirs that are not distinct shards of one manifest.
+    """
+    read = [_source(run_dir) for run_dir in run_dirs]
+    sources = [source for source, _ in read]
+    info = read[0][1]
+    if len(read) > 1:
+        if len({_manifest_sha(s, i) for s, i in read} - {None}) > 1:
+            raise ConfigError(
+                "these run dirs hold runs of different manifests: one gallery "
+                "shows one job's shards"
+            )
+        try:
+            missing_shards([source.shard for source in sources])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    run_dir = sources[0].run_dir
+    manifest_path = _text(info.get("manifest"))
     manifest = _load_manifest(run_dir, manifest_path)
     refs: dict[str, GridRef] = {}
     rows: dict[str, list[str]] = {}
@@ -209,6 +314,13 @@ def plan_grid(run_dir: Path) -> GridPlan:
     statuses: Counter[str] = Counter()
     planned: set[str] = set()
     expandable = False
+    shards = [source.shard for source in sources]
+    whole = any(shard is None for shard in shards)
+
+    def status_of(key: str) -> CellStatus | None:
+        source = next((s for s in sources if key in s.journal.keys), None)
+        return None if source is None else cell_status(source.journal, key)
+
     if manifest is not None:
         for reference in manifest.references:
             refs[reference.id] = GridRef(
@@ -216,29 +328,35 @@ def plan_grid(run_dir: Path) -> GridPlan:
             )
             rows[reference.id] = []
         variants.update((v.id, None) for v in manifest.variants)
-        shard = Shard.read(shard_text)
         try:
             if count_tasks(manifest) <= MAX_EXPAND:
                 for spec in expand(manifest):
-                    if shard and not shard.contains(spec.key):
+                    if not whole and not any(
+                        shard is not None and shard.contains(spec.key)
+                        for shard in shards
+                    ):
                         continue
                     planned.add(spec.key)
                     rows.setdefault(spec.reference_id, []).append(spec.key)
                     combos.setdefault(_combo(spec.axes))
-                    statuses[cell_status(journal, spec.key) or "not-run"] += 1
+                    statuses[status_of(spec.key) or "not-run"] += 1
                 expandable = True
         except (PipelineError, ValueError) as exc:
             log.warning("gallery: cannot expand %s: %s", manifest_path, exc)
     images = 0
-    for key in journal.keys:
-        images += len(journal.completed_images.get(key, ()))
-        if key in planned or (status := cell_status(journal, key)) is None:
-            continue
-        statuses[status] += 1
-        ref_id, variant, axes = parse_key(key)
-        rows.setdefault(ref_id, []).append(key)
-        variants.setdefault(variant)
-        combos.setdefault(_combo(axes))
+    for index, source in enumerate(sources):
+        journal = source.journal
+        for key in journal.keys:
+            if any(key in earlier.journal.keys for earlier in sources[:index]):
+                continue  # shown from the first run dir that has it
+            images += len(journal.completed_images.get(key, ()))
+            if key in planned or (status := cell_status(journal, key)) is None:
+                continue
+            statuses[status] += 1
+            ref_id, variant, axes = parse_key(key)
+            rows.setdefault(ref_id, []).append(key)
+            variants.setdefault(variant)
+            combos.setdefault(_combo(axes))
     for ref_id in rows:
         refs.setdefault(ref_id, GridRef(ref_id))
     if manifest is not None:
@@ -249,8 +367,7 @@ def plan_grid(run_dir: Path) -> GridPlan:
         title = run_dir.name or str(run_dir)
     return GridPlan(
         title=title,
-        run_dir=run_dir,
-        journal=journal,
+        sources=sources,
         manifest=manifest if expandable else None,
         refs=refs,
         variants=list(variants),
@@ -280,9 +397,8 @@ def cells_of(plan: GridPlan, references: Sequence[str]) -> dict[str, list[GridCe
 
     Small per cell (slots, parameters kept as the text shown), as a page holds
     a few thousand of them at once. Reads events back: call it inside
-    ``with plan.journal.reading():``.
+    ``with plan.reading():``.
     """
-    journal, run_dir = plan.journal, plan.run_dir
     grid: dict[str, list[GridCell]] = {}
     for reference in references:
         row = grid[reference] = []
@@ -291,11 +407,14 @@ def cells_of(plan: GridPlan, references: Sequence[str]) -> dict[str, list[GridCe
             v, c = plan.variant_at.get(variant), plan.combo_at.get(_combo(axes))
             if v is None or c is None:  # pragma: no cover - the plan has them all
                 continue
-            status = cell_status(journal, key) if key in journal.keys else None
+            source = plan.source_of(key)
+            if source is None:
+                row.append(GridCell(key, reference, v, c, "not-run"))
+                continue
+            journal, run_dir = source.journal, source.run_dir
+            status = cell_status(journal, key)
             cell = GridCell(key, reference, v, c, status or "not-run")
             row.append(cell)
-            if key not in journal.keys:
-                continue
             params: dict[str, Any] | None = None
             images = journal.completed_images.get(key, {})
             for index in sorted(images):
@@ -308,6 +427,7 @@ def cells_of(plan: GridPlan, references: Sequence[str]) -> dict[str, list[GridCe
                         event.seed,
                         _money(event.cost_usd),
                         event.image_uuid,
+                        home=source.home,
                     )
                 )
                 meta = _read_sidecar(run_dir, event.path)
@@ -353,27 +473,28 @@ def _fill_from_manifest(manifest: Manifest, grid: Mapping[str, list[GridCell]]) 
         log.warning("gallery: cannot expand the manifest: %s", exc)
 
 
-def _thumb_of(run_dir: Path, target: GridImage | GridRef) -> None:
+def _thumb_of(page_dir: Path, target: GridImage | GridRef) -> None:
     """Make ``target``'s thumbnail when its image is there; set its size."""
     if isinstance(target, GridImage):
-        src = run_dir / target.path
-        dst = run_dir / thumb_relpath(target.path)
+        src = page_dir / target.home / target.path
+        dst = page_dir / target.home / thumb_relpath(target.path)
     elif target.local is not None:
         src = target.local
-        dst = run_dir / THUMBS_DIR / "refs" / (safe_part(target.id) + ".jpg")
+        dst = page_dir / target.home / target.thumb_relpath
     else:
         return
     target.size = thumbnail_or_none(src, dst) if src.is_file() else None
 
 
 def make_grid_thumbnails(
-    run_dir: Path, grid: Mapping[str, list[GridCell]], refs: Sequence[GridRef]
+    page_dir: Path, grid: Mapping[str, list[GridCell]], refs: Sequence[GridRef]
 ) -> None:
+    """Thumbnails of these cells' images and references (each in its run dir)."""
     targets: list[GridImage | GridRef] = [
         img for row in grid.values() for cell in row for img in cell.images
     ]
     targets.extend(ref for ref in refs if ref.local is not None)
-    in_threads(lambda target: _thumb_of(run_dir, target), targets)
+    in_threads(lambda target: _thumb_of(page_dir, target), targets)
 
 
 def _display_params(params: Mapping[str, Any] | None) -> str | None:

@@ -99,6 +99,16 @@ class SubmittedEvent(_EventBase):
     """The task UUID this resubmission replaces (lost or failed before)."""
 
 
+class SentEvent(_EventBase):
+    """These tasks' submit requests left: one line per burst of requests, written
+    beside them, never ahead. ``submitted`` is journaled ahead of sending; this tells
+    a task at the API from one queued behind the concurrency limit (``remix
+    status``). Resume does not read it: it asks about every pending task anyway."""
+
+    event: Literal["sent"] = "sent"
+    task_uuids: list[str]
+
+
 class AcceptedEvent(_EventBase):
     """The API acknowledged a submitted task."""
 
@@ -155,6 +165,9 @@ class RunStartedEvent(_EventBase):
     images: int = Field(ge=0)
     estimate_usd: Decimal = Field(allow_inf_nan=False)
     shard: str | None = None
+    journals_sent: bool = False
+    """This run journals ``sent`` lines. False in journals of an older remix: its
+    submitted tasks all count as sent."""
 
 
 class RerunEvent(_EventBase):
@@ -182,6 +195,7 @@ class RunEndedEvent(_EventBase):
 Event = Annotated[
     UploadedEvent
     | SubmittedEvent
+    | SentEvent
     | AcceptedEvent
     | CompletedEvent
     | FailedEvent
@@ -427,6 +441,9 @@ class JournalFold(ABC, Generic[C, S, F]):
     uploads: dict[str, str] = field(default_factory=dict)
     """Reference content sha256 -> uploaded image UUID."""
     accepted_uuids: set[str] = field(default_factory=set)
+    queued: set[str] = field(default_factory=set)
+    """Task UUIDs journaled ahead by a run that journals ``sent`` lines, in no
+    ``sent`` line yet (nor lost): not sent, as far as the journal knows."""
     spent_usd: Decimal = Decimal(0)
     events_count: int = 0
     run_started: RunStartedEvent | None = None
@@ -442,6 +459,7 @@ class JournalFold(ABC, Generic[C, S, F]):
     """(task UUID, image index) -> where a rerun moved that image."""
     _paid: set[tuple[str, int]] = field(default_factory=set, repr=False)
     _finished: set[str] = field(default_factory=set, repr=False)
+    _journals_sent: bool = field(default=False, repr=False)
 
     # What is kept of an event, and the event back from what was kept.
 
@@ -501,6 +519,15 @@ class JournalFold(ABC, Generic[C, S, F]):
         """Task UUIDs to poll first on resume, in journal order."""
         return [self.task_of(s) for subs in self.pending.values() for s in subs]
 
+    def sent_and_queued(self) -> tuple[list[str], list[str]]:
+        """The pending task UUIDs split: sent (at the API), and journaled ahead but
+        not sent (queued), in journal order."""
+        pending = self.pending_uuids()
+        return (
+            [u for u in pending if u not in self.queued],
+            [u for u in pending if u in self.queued],
+        )
+
     # The rules
 
     def apply(self, event: Event) -> None:
@@ -512,6 +539,10 @@ class JournalFold(ABC, Generic[C, S, F]):
                 self.uploads[event.sha256] = event.image_uuid
             case SubmittedEvent():
                 self._on_submitted(event)
+                if self._journals_sent:
+                    self.queued.add(event.task_uuid)
+            case SentEvent():
+                self.queued.difference_update(event.task_uuids)
             case AcceptedEvent():
                 self.accepted_uuids.add(event.task_uuid)
             case CompletedEvent():
@@ -523,6 +554,7 @@ class JournalFold(ABC, Generic[C, S, F]):
                     self._finished.add(event.task_uuid)
                 self.pending.pop(event.key, None)
             case LostEvent():
+                self.queued.discard(event.task_uuid)
                 self.lost.add(event.task_uuid)
                 self._finished.add(event.task_uuid)
                 self._drop_pending(event.key, event.task_uuid)
@@ -530,6 +562,7 @@ class JournalFold(ABC, Generic[C, S, F]):
                 if self.run_started is None:
                     self.run_started = event
                 self.last_started, self.last_ended = event, None
+                self._journals_sent = event.journals_sent
             case RunEndedEvent():
                 self.run_ended = self.last_ended = event
             case RerunEvent():

@@ -185,6 +185,7 @@ async def run_job(
                 images=images,
                 estimate_usd=totals.estimate_usd,
                 shard=None if options.shard is None else options.shard.label,
+                journals_sent=True,
             )
         )
         engine = Engine(
@@ -220,7 +221,8 @@ async def run_manifest(
     then write the ledger and gallery (unless ``outputs`` is False).
 
     ``job`` is the manifest already loaded by ``load_job`` (not read again);
-    ``options.budget_usd`` of None falls back to the manifest's ``budget_usd``. A
+    ``options.budget_usd`` of None falls back to the manifest's ``budget_usd``, split
+    evenly across the shards of a sharded run (N shards run at once: N x the cap). A
     ledger or gallery that could not be written is ``summary.outputs_error``.
     ``rerun_changed`` lets tasks that already ran have changed parameters: they run
     again, their earlier images kept as superseded (see ``pipeline.run_identity``).
@@ -233,8 +235,9 @@ async def run_manifest(
     """
     job = job or load_job(manifest_path)
     budget = job.manifest.job.budget_usd
-    if options.budget_usd is None and budget is not None:
-        options = dataclasses.replace(options, budget_usd=budget)
+    if options.budget_usd is None and budget is not None:  # a shard: budget / N
+        share = budget if options.shard is None else options.shard.budget_share(budget)
+        options = dataclasses.replace(options, budget_usd=share)
     check_budget(job.manifest, settings, options)
     key = settings.api_key
     with open_run_dir(

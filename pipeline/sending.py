@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from decimal import Decimal
 from typing import Final, Protocol
@@ -23,10 +23,10 @@ from pipeline.accounts import Accounts
 from pipeline.answers import SubmitOutcome
 from pipeline.client import CREDIT_HINT, RunwareClient
 from pipeline.config import Settings
-from pipeline.errors import AuthError
+from pipeline.errors import AuthError, StorageError
 from pipeline.feed import inherited_uploads
 from pipeline.flow import Queue, SlotGate, UrgentRequests
-from pipeline.journal import Event, SubmittedEvent, utc_now
+from pipeline.journal import Event, SentEvent, SubmittedEvent, utc_now
 from pipeline.limits import AdaptiveLimit
 from pipeline.poller import Poller
 from pipeline.records import Flight, Prepared, lost_event
@@ -93,9 +93,11 @@ class Sending:
         self._request_stop = request_stop
         self._replies = replies
         self._batch_max = settings.limits.submit_batch
+        self._sent = SentLog(append)
 
     def start(self, tg: TaskGroup) -> None:
-        """Start the journaler and the submitters in ``tg``."""
+        """Start the journaler, the submitters and the sent log in ``tg``."""
+        tg.start_soon(self._sent.run)
         tg.start_soon(self._journaler)
         for _ in range(SUBMITTERS):
             tg.start_soon(self._submitter)
@@ -228,6 +230,7 @@ class Sending:
                 flight.last_sent_at = now
         self._poller.schedule_first(flights, now)
         self._accounts.submit_sent(flights)
+        self._sent.note(flights)
         try:
             with self._urgent.out():
                 outcome = await self._client.submit_wire([f.wire for f in flights])
@@ -298,3 +301,45 @@ class Sending:
             f"the account has insufficient credit ({outcome.credit_message}): "
             f"{CREDIT_HINT}",
         )
+
+
+class SentLog:
+    """Journals which tasks went out: one ``sent`` line per burst of submits, written
+    beside the submit path, never ahead of it.
+
+    For ``remix status`` alone (in flight vs queued), so no submit waits for it; a
+    line lost in a crash shows its tasks as queued, and a resume asks about every
+    journaled task either way.
+    """
+
+    def __init__(self, append: Append) -> None:
+        self._append = append
+        self._uuids: list[str] = []
+        self._wake = anyio.Event()
+
+    def note(self, flights: Iterable[Flight]) -> None:
+        """These tasks' request is leaving now."""
+        self._uuids.extend(f.task_uuid for f in flights)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write what was noted while the last line was being written, until
+        cancelled; then what is left."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                await self._flush()
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._flush()
+                except StorageError as exc:  # the run is ending: status only
+                    log.warning("could not journal the last sent tasks: %s", exc)
+
+    async def _flush(self) -> None:
+        # Dropped once written: cancelled while waiting, they go in the last line.
+        uuids = list(self._uuids)
+        if uuids:
+            await self._append(SentEvent(ts=utc_now(), task_uuids=uuids))
+            del self._uuids[: len(uuids)]

@@ -1,6 +1,9 @@
-"""Where a run dir stands (``remix status``): counts, cost, state, how to resume.
+"""Where a run dir stands (``remix status``): counts, cost, state, how to resume;
+and where one job stands across the run dirs of its shards.
 
-Read-only on purpose, so it is safe while a run is writing to the directory.
+Read-only on purpose, so it is safe while a run is writing to the directory. In
+flight means sent and unfinished; tasks journaled ahead of sending (``submitted``
+with no ``sent`` line yet) are queued, not in flight.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
+from pipeline.errors import ConfigError
 from pipeline.journal import JOURNAL_NAME
-from pipeline.rundata import load_run
+from pipeline.rundata import RunData, load_run
 from pipeline.rundir import LOCK_NAME
+from pipeline.shard import Shard, missing_shards
 
 
 def _lock_holder(path: Path) -> int | None:
@@ -54,6 +59,9 @@ class RunStatus:
     done: int
     failed: int
     in_flight: int
+    """Tasks sent to the API and not finished."""
+    queued: int
+    """Tasks journaled ahead of sending, not sent yet (nothing charged for them)."""
     remaining: int | None
     images_done: int
     images_total: int | None
@@ -62,6 +70,8 @@ class RunStatus:
     started_at: str | None
     last_activity: datetime | None
     pending_task_uuids: tuple[str, ...]
+    """Every unfinished task UUID, sent or queued: what a resume asks about."""
+    queued_task_uuids: tuple[str, ...]
     resume_command: str | None
 
     def to_json(self) -> dict[str, object]:
@@ -79,6 +89,7 @@ class RunStatus:
             "done": self.done,
             "failed": self.failed,
             "in_flight": self.in_flight,
+            "queued": self.queued,
             "remaining": self.remaining,
             "images_done": self.images_done,
             "images_total": self.images_total,
@@ -91,6 +102,7 @@ class RunStatus:
             if self.last_activity is None
             else self.last_activity.isoformat(),
             "pending_task_uuids": list(self.pending_task_uuids),
+            "queued_task_uuids": list(self.queued_task_uuids),
             "resume_command": self.resume_command,
         }
 
@@ -109,15 +121,26 @@ def run_status(run_dir: Path) -> RunStatus:
     Raises:
         ConfigError: ``run_dir`` is not a run directory.
     """
-    run = load_run(run_dir)
+    return _status_of(load_run(run_dir))
+
+
+def _status_of(run: RunData) -> RunStatus:
+    run_dir = run.run_dir
     state = run.state
     done = len(state.done_keys)
     failed = sum(1 for k in state.failed if not state.is_complete(k))
-    in_flight = len(state.pending)
+    in_flight = queued = 0
+    for subs in state.pending.values():
+        if any(state.task_of(s) not in state.queued for s in subs):
+            in_flight += 1
+        else:
+            queued += 1
     total = None if run.last_started is None else run.last_started.tasks
-    remaining = None if total is None else max(0, total - done - failed - in_flight)
+    remaining = (
+        None if total is None else max(0, total - done - failed - in_flight - queued)
+    )
     pid = _lock_holder(run_dir / LOCK_NAME) or _lock_holder(run_dir / JOURNAL_NAME)
-    left = in_flight + (remaining or 0)
+    left = in_flight + queued + (remaining or 0)
     finished = False
     if pid is not None:
         name, detail = "running", f"a remix process (pid {pid}) is running it"
@@ -138,6 +161,7 @@ def run_status(run_dir: Path) -> RunStatus:
     resumable = pid is None and (not finished or failed > 0)
     manifest = run.manifest
     started_at = run.info.get("started_at")
+    _, queued_uuids = state.sent_and_queued()
     return RunStatus(
         run_dir=str(run_dir),
         manifest=manifest,
@@ -151,6 +175,7 @@ def run_status(run_dir: Path) -> RunStatus:
         done=done,
         failed=failed,
         in_flight=in_flight,
+        queued=queued,
         remaining=remaining,
         images_done=state.images_done,
         images_total=None if run.last_started is None else run.last_started.images,
@@ -159,8 +184,136 @@ def run_status(run_dir: Path) -> RunStatus:
         started_at=started_at if isinstance(started_at, str) else None,
         last_activity=run.last_event_at,
         pending_task_uuids=tuple(state.pending_uuids()),
+        queued_task_uuids=tuple(queued_uuids),
         resume_command=resume_command(run_dir, manifest, run.shard)
         + (" --retry-failed" if name == "finished-with-failures" else ""),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """The run dirs of one job's shards as one job: their counts added up."""
+
+    runs: tuple[RunStatus, ...]
+    missing_shards: tuple[str, ...]
+    """Shards of the job (``I/N``) none of the given run dirs holds."""
+    state: str
+    """running, finished, finished-with-failures, incomplete (shards missing or
+    unfinished)."""
+    detail: str
+    tasks_total: int | None
+    """The given shards' tasks (None while one has not started)."""
+    done: int
+    failed: int
+    in_flight: int
+    queued: int
+    remaining: int | None
+    images_done: int
+    images_total: int | None
+    spent_usd: Decimal
+    estimate_usd: Decimal | None
+    """The whole job's plan estimate (every shard journals the job's)."""
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict: the job's totals, and each run dir's status."""
+        return {
+            "state": self.state,
+            "detail": self.detail,
+            "missing_shards": list(self.missing_shards),
+            "tasks_total": self.tasks_total,
+            "done": self.done,
+            "failed": self.failed,
+            "in_flight": self.in_flight,
+            "queued": self.queued,
+            "remaining": self.remaining,
+            "images_done": self.images_done,
+            "images_total": self.images_total,
+            "spent_usd": str(self.spent_usd),
+            "estimate_usd": None
+            if self.estimate_usd is None
+            else str(self.estimate_usd),
+            "runs": [run.to_json() for run in self.runs],
+        }
+
+
+def _manifest_sha(run: RunData) -> str | None:
+    sha = run.info.get("manifest_sha256")
+    if isinstance(sha, str):
+        return sha
+    return None if run.last_started is None else run.last_started.manifest_sha256
+
+
+def load_shards(run_dirs: list[Path]) -> list[RunData]:
+    """Read run dirs that must hold distinct shards of one job (one manifest).
+
+    Raises:
+        ConfigError: one is not a run dir, or they are not shards of one job.
+    """
+    runs = [load_run(d) for d in run_dirs]
+    shas = {sha for run in runs if (sha := _manifest_sha(run)) is not None}
+    if len(shas) > 1:
+        raise ConfigError(
+            "these run dirs hold runs of different manifests: pass the run dirs "
+            "of one job's shards (`remix report` compares several jobs)"
+        )
+    try:
+        missing_shards([Shard.read(run.shard) for run in runs])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return runs
+
+
+def _sum_known(values: list[int | None]) -> int | None:
+    return None if any(v is None for v in values) else sum(v or 0 for v in values)
+
+
+def job_status(run_dirs: list[Path]) -> JobStatus:
+    """The shards in ``run_dirs`` as one job (read-only; safe during their runs).
+
+    Raises:
+        ConfigError: one is not a run dir, or they are not shards of one job.
+    """
+    runs = load_shards(run_dirs)
+    statuses = tuple(_status_of(run) for run in runs)
+    missing = tuple(
+        s.label for s in missing_shards([Shard.read(run.shard) for run in runs])
+    )
+    running = [s for s in statuses if s.state == "running"]
+    unfinished = [s for s in statuses if not s.finished]
+    failed = sum(s.failed for s in statuses)
+    if running:
+        pids = ", ".join(str(s.running_pid) for s in running)
+        name = "running"
+        detail = f"{len(running)} of {len(statuses)} shard(s) running (pid {pids})"
+    elif missing or unfinished:
+        name = "incomplete"
+        bits = []
+        if unfinished:
+            bits.append(f"{len(unfinished)} shard(s) unfinished")
+        if missing:
+            bits.append(f"shard(s) {', '.join(missing)} not given (or not started)")
+        detail = "; ".join(bits)
+    elif failed:
+        name = "finished-with-failures"
+        detail = f"{failed:,} task(s) failed; add --retry-failed to submit them again"
+    else:
+        name, detail = "finished", f"every task of {len(statuses)} shard(s) is done"
+    estimates = [s.estimate_usd for s in statuses if s.estimate_usd is not None]
+    return JobStatus(
+        runs=statuses,
+        missing_shards=missing,
+        state=name,
+        detail=detail,
+        tasks_total=_sum_known([s.tasks_total for s in statuses]),
+        done=sum(s.done for s in statuses),
+        failed=failed,
+        in_flight=sum(s.in_flight for s in statuses),
+        queued=sum(s.queued for s in statuses),
+        remaining=_sum_known([s.remaining for s in statuses]),
+        images_done=sum(s.images_done for s in statuses),
+        images_total=_sum_known([s.images_total for s in statuses]),
+        spent_usd=sum((s.spent_usd for s in statuses), Decimal(0)),
+        estimate_usd=max(estimates) if estimates else None,
     )
 
 
@@ -175,11 +328,21 @@ def _ago(then: datetime, now: datetime) -> str:
     return f"{seconds // 86400} days ago"
 
 
+def _counts(
+    status: RunStatus | JobStatus,
+) -> str:
+    total = "?" if status.tasks_total is None else f"{status.tasks_total:,}"
+    remaining = "?" if status.remaining is None else f"{status.remaining:,}"
+    return (
+        f"{status.done:,} done, {status.failed:,} failed, "
+        f"{status.in_flight:,} in flight, {status.queued:,} queued, "
+        f"{remaining} remaining of {total}"
+    )
+
+
 def format_status(status: RunStatus, *, now: datetime | None = None) -> str:
     """``remix status`` as aligned text lines."""
     now = now or datetime.now(UTC)
-    total = "?" if status.tasks_total is None else f"{status.tasks_total:,}"
-    remaining = "?" if status.remaining is None else f"{status.remaining:,}"
     images_total = "?" if status.images_total is None else f"{status.images_total:,}"
     estimate = (
         ""
@@ -191,8 +354,14 @@ def format_status(status: RunStatus, *, now: datetime | None = None) -> str:
         f"manifest      {status.manifest or '(unknown: no run.json)'}"
         + (f"  shard {status.shard}" if status.shard else ""),
         f"state         {status.state}: {status.detail}",
-        f"tasks         {status.done:,} done, {status.failed:,} failed, "
-        f"{status.in_flight:,} in flight, {remaining} remaining of {total}",
+    ]
+    if status.running_pid is not None:
+        lines.append(
+            f"pid           {status.running_pid} (kill -INT {status.running_pid}: "
+            "no new submits, in-flight tasks collected, resumable)"
+        )
+    lines += [
+        f"tasks         {_counts(status)}",
         f"images        {status.images_done:,} of {images_total}",
         f"cost          ${status.spent_usd} so far{estimate}",
     ]
@@ -201,14 +370,58 @@ def format_status(status: RunStatus, *, now: datetime | None = None) -> str:
     if status.last_activity is not None:
         last = status.last_activity.isoformat(timespec="seconds")
         lines.append(f"last activity {last} ({_ago(status.last_activity, now)})")
-    if status.pending_task_uuids:
-        shown = ", ".join(status.pending_task_uuids[:5])
-        more = len(status.pending_task_uuids) - 5
+    queued = set(status.queued_task_uuids)
+    sent = [u for u in status.pending_task_uuids if u not in queued]
+    if sent:
+        shown = ", ".join(sent[:5])
+        more = len(sent) - 5
         lines.append(
             f"in flight     {shown}" + (f" (+{more:,} more)" if more > 0 else "")
+        )
+    if status.queued:
+        lines.append(
+            f"queued        {status.queued:,} journaled ahead, not sent yet "
+            "(nothing charged for them)"
         )
     if status.resumable and status.resume_command:
         lines.append(f"resume with   {status.resume_command}")
     elif status.state == "running":
         lines.append("resume        not needed: the run is in progress")
     return "\n".join(lines)
+
+
+def format_job_status(job: JobStatus) -> str:
+    """``remix status`` over one job's shards: the job's totals, then a line per
+    shard, then how to resume the ones that stopped."""
+    images_total = "?" if job.images_total is None else f"{job.images_total:,}"
+    estimate = (
+        "" if job.estimate_usd is None else f" (plan estimate ${job.estimate_usd})"
+    )
+    manifests = {r.manifest for r in job.runs if r.manifest}
+    count = next((Shard.read(r.shard) for r in job.runs if r.shard), None)
+    given = f"{len(job.runs)} of {count.count} shards" if count else "run dirs"
+    lines = [
+        f"job           {', '.join(sorted(manifests)) or '(unknown manifest)'} "
+        f"({given})",
+        f"state         {job.state}: {job.detail}",
+        f"tasks         {_counts(job)}",
+        f"images        {job.images_done:,} of {images_total}",
+        f"cost          ${job.spent_usd} so far{estimate}",
+    ]
+    for run in sorted(job.runs, key=lambda r: _shard_order(r.shard)):
+        pid = "" if run.running_pid is None else f" (pid {run.running_pid})"
+        lines.append(
+            f"shard {run.shard or '-':<7} {run.state}{pid}: {_counts(run)}  "
+            f"{run.run_dir}"
+        )
+    lines += [
+        f"resume with   {run.resume_command}"
+        for run in job.runs
+        if run.resumable and run.resume_command
+    ]
+    return "\n".join(lines)
+
+
+def _shard_order(label: str | None) -> int:
+    shard = Shard.read(label)
+    return -1 if shard is None else shard.index

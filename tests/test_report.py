@@ -619,7 +619,7 @@ def test_show_status_table_and_json(
     """The table names every count and the resume command; JSON is one object."""
     assert show_status(half_run.run_dir) == ExitCode.OK
     out = capsys.readouterr().out
-    assert "3 done, 1 failed, 1 in flight, 1 remaining of 6" in out
+    assert "3 done, 1 failed, 1 in flight, 0 queued, 1 remaining of 6" in out
     assert "cost          $0.2575 so far (plan estimate $0.4375)" in out
     assert f"in flight     {half_run.pending_uuid}" in out
     assert "resume with   remix run '/jobs/lobby styles.toml' --run-dir" in out

@@ -20,13 +20,14 @@ from pipeline.cli.run import cmd_plan, cmd_run
 from pipeline.cli.show import show_report, show_status
 from pipeline.errors import ConfigError, ManifestError, PipelineError
 from pipeline.exit_codes import ExitCode
-from pipeline.gallery import write_gallery
+from pipeline.gallery import write_job_gallery
+from pipeline.rundata import check_run_dir
 
 log = logging.getLogger("pipeline")
 
 
 def cmd_status(args: argparse.Namespace) -> ExitCode:
-    return show_status(args.run_dir, fmt=args.format)
+    return show_status(*args.run_dirs, fmt=args.format)
 
 
 def cmd_report(args: argparse.Namespace) -> ExitCode:
@@ -34,7 +35,11 @@ def cmd_report(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_gallery(args: argparse.Namespace) -> ExitCode:
-    print(write_gallery(args.run_dir))
+    """One page: RUN_DIR/gallery.html, or for one job's shards JOB-gallery.html
+    beside their run dirs (``--out`` chooses)."""
+    for run_dir in args.run_dirs:
+        check_run_dir(run_dir)
+    print(write_job_gallery(args.run_dirs, out=args.out))
     return ExitCode.OK
 
 

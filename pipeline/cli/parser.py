@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,10 +37,11 @@ def _positive_int(text: str) -> int:
 
 
 def _shard(text: str) -> Shard:
+    """``I/N``, or ``auto/N`` resolved here from the scheduler's environment."""
     try:
-        return Shard.parse(text)
+        return Shard.resolve(text, os.environ)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--shard: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class _Help(argparse.HelpFormatter):
@@ -136,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list the width x height pairs Ideogram Remix accepts, and exit",
     )
+    plan.add_argument(
+        "--shard",
+        type=_shard,
+        help="count shard I of N (0-based) only, e.g. 0/4; auto/N as for run",
+    )
 
     run = sub.add_parser(
         "run",
@@ -180,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--shard",
         type=_shard,
-        help="run shard I of N (0-based), e.g. 0/4 (default: every task)",
+        help="run shard I of N (0-based), e.g. 0/4; auto/N takes I from "
+        "JOB_COMPLETION_INDEX (Kubernetes) or SLURM_ARRAY_TASK_ID (Slurm) "
+        "(default: every task)",
     )
     run.add_argument(
         "--retry-failed",
@@ -197,13 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         parents=[common],
-        help="progress, failures and cost of a run dir",
+        help="progress, failures and cost of a run dir (or of one job's shards)",
         formatter_class=_Help,
         epilog=_examples(
-            "remix status runs/demo", "remix status runs/demo --format json"
+            "remix status runs/demo",
+            "remix status runs/nightly-shard0of2 runs/nightly-shard1of2",
         ),
     )
-    status.add_argument("run_dir", type=Path, help="a run directory")
+    status.add_argument(
+        "run_dirs", type=Path, nargs="+", help="a run dir, or the run dirs of shards"
+    )
     status.add_argument(
         "--format", choices=["table", "json"], default="table", help="output format"
     )
@@ -233,11 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     gallery = sub.add_parser(
         "gallery",
         parents=[common],
-        help="write RUN_DIR/gallery.html",
+        help="write RUN_DIR/gallery.html, or one page for one job's shards",
         formatter_class=_Help,
-        epilog=_examples("remix gallery runs/demo"),
+        epilog=_examples(
+            "remix gallery runs/demo",
+            "remix gallery runs/nightly-shard0of2 runs/nightly-shard1of2",
+        ),
     )
-    gallery.add_argument("run_dir", type=Path, help="a run directory")
+    gallery.add_argument(
+        "run_dirs", type=Path, nargs="+", help="a run dir, or the run dirs of shards"
+    )
+    gallery.add_argument(
+        "--out",
+        type=Path,
+        help="the page to write (default: RUN_DIR/gallery.html for one run dir; "
+        "JOB-gallery.html beside the run dirs for several)",
+    )
 
     doctor = sub.add_parser(
         "doctor",

@@ -9,6 +9,7 @@ import json
 import logging
 import shlex
 import textwrap
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +26,49 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError
 from pipeline.exit_codes import ExitCode
+from pipeline.expand import expand
 from pipeline.gallery import GALLERY_NAME
 from pipeline.ledger import LEDGER_NAME
 from pipeline.nightly import resolve_run_dir
 from pipeline.progress import NullProgress, Progress, TqdmProgress
 from pipeline.records import FAILURES_SHOWN, EngineOptions, RunDirCounts, RunSummary
 from pipeline.runner import Job, load_job
+from pipeline.shard import Shard
 from pipeline.wire import ALLOWED_SIZES
 
 log = logging.getLogger("pipeline")
 
 
-def plan_of(job: Job, settings: Settings) -> dict[str, Any]:
-    """What ``remix plan`` shows: the counts, the estimate and the budget."""
+def plan_of(job: Job, settings: Settings, shard: Shard | None = None) -> dict[str, Any]:
+    """What ``remix plan`` shows: the counts, the estimate and the budget; of one
+    shard's tasks when ``shard`` is given (its budget: the job's / N)."""
     by_speed: dict[str, int] = dict(job.report.images_by_speed)
+    tasks, images = job.report.tasks, job.report.images
+    estimate = job.totals(settings).estimate_usd
+    if shard is not None:
+        tasks = images = 0
+        by_speed = {}
+        for spec in expand(job.manifest):  # counted, never held
+            if shard.contains(spec.key):
+                tasks += 1
+                images += spec.images
+                speed = spec.rendering_speed or "DEFAULT"
+                by_speed[speed] = by_speed.get(speed, 0) + spec.images
+        estimate = sum(
+            (settings.price_for(s) * n for s, n in by_speed.items()), Decimal(0)
+        )
     budget = job.manifest.job.budget_usd
+    share = None if budget is None or shard is None else shard.budget_share(budget)
     return {
         "job": job.manifest.job.name,
         "manifest": str(job.path),
-        "tasks": job.report.tasks,
-        "images": job.report.images,
+        "shard": None if shard is None else shard.label,
+        "tasks": tasks,
+        "images": images,
         "images_by_rendering_speed": by_speed,
-        "estimated_cost_usd": str(job.totals(settings).estimate_usd),
+        "estimated_cost_usd": str(estimate),
         "budget_usd": None if budget is None else str(budget),
+        "shard_budget_usd": None if share is None else str(share),
     }
 
 
@@ -58,12 +79,15 @@ def cmd_plan(args: argparse.Namespace) -> ExitCode:
     if args.manifest is None:
         raise ConfigError("plan needs a MANIFEST (or --sizes for the allowed sizes)")
     settings = load_settings(args.config)
-    plan = plan_of(load_job(args.manifest), settings)
+    shard: Shard | None = args.shard
+    plan = plan_of(load_job(args.manifest), settings, shard)
     if args.format == "json":
         print(json.dumps(plan, indent=2))
         return ExitCode.OK
-    rows = [
-        ("job", plan["job"]),
+    rows = [("job", plan["job"])]
+    if shard is not None:
+        rows.append(("shard", f"{shard.label} (these counts are this shard's)"))
+    rows += [
         ("tasks", f"{plan['tasks']:,}"),
         ("images", f"{plan['images']:,}"),
     ]
@@ -72,8 +96,23 @@ def cmd_plan(args: argparse.Namespace) -> ExitCode:
         for speed, count in sorted(plan["images_by_rendering_speed"].items())
     ]
     rows.append(("estimated cost", f"${plan['estimated_cost_usd']}"))
-    if plan["budget_usd"] is not None:
-        rows.append(("budget", f"${plan['budget_usd']}"))
+    if shard is not None and plan["budget_usd"] is not None:
+        rows.append(
+            (
+                "budget",
+                f"${plan['shard_budget_usd']} for this shard: the job's "
+                f"${plan['budget_usd']} split across {shard.count} shards "
+                "(--budget sets a shard's own)",
+            )
+        )
+    elif plan["budget_usd"] is not None:
+        rows.append(
+            (
+                "budget",
+                f"${plan['budget_usd']} (run with --shard I/N, each shard gets "
+                "1/N of it unless --budget is given)",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -16,7 +16,7 @@ from pipeline.costs import build_report, format_report, parse_by, report_csv
 from pipeline.errors import ConfigError
 from pipeline.exit_codes import ExitCode
 from pipeline.rundata import check_run_dir, load_run
-from pipeline.status import format_status, run_status
+from pipeline.status import format_job_status, format_status, job_status, run_status
 
 
 def _invalid(message: object) -> ExitCode:
@@ -24,16 +24,25 @@ def _invalid(message: object) -> ExitCode:
     return ExitCode.INVALID
 
 
-def show_status(run_dir: Path, *, fmt: str = "table") -> ExitCode:
-    """Print ``run_dir``'s status (table or JSON); INVALID when it is not a run dir."""
+def show_status(run_dir: Path, *more: Path, fmt: str = "table") -> ExitCode:
+    """Print ``run_dir``'s status (table or JSON); with ``more`` run dirs, the shards
+    of one job as one job. INVALID when one is not a run dir, or they are not the
+    shards of one job."""
     try:
-        status = run_status(run_dir)
+        if more:
+            job = job_status([run_dir, *more])
+            text = format_job_status(job)
+            data = job.to_json()
+        else:
+            status = run_status(run_dir)
+            text = format_status(status)
+            data = status.to_json()
     except ConfigError as exc:
         return _invalid(exc)
     if fmt == "json":
-        sys.stdout.write(json.dumps(status.to_json(), indent=2) + "\n")
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
-        sys.stdout.write(format_status(status) + "\n")
+        sys.stdout.write(text + "\n")
     return ExitCode.OK
 
 
