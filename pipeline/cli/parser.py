@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--shard",
         type=_shard,
-        help="count shard I of N (0-based) only, e.g. 0/4; auto/N as for run",
+        help="count shard I of N (0-based) only, e.g. 0/4; auto/N as for run "
+        "(default: the whole job)",
     )
 
     run = sub.add_parser(
