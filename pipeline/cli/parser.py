@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from datetime import date
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cli.sandboxed import SANDBOX_KEY
+from pipeline.periods import parse_date
 from pipeline.shard import Shard
 
 if TYPE_CHECKING:  # imported when serving: the sandbox is not every run's cost
@@ -32,6 +34,13 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
+
+
+def _date(text: str) -> date:
+    try:
+        return parse_date(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _shard(text: str) -> Shard:
@@ -90,9 +99,38 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--by",
         default="variant",
-        help="reference, variant, day, run or axis:NAME (e.g. axis:remixStrength)",
+        help="reference, variant, run, axis:NAME (e.g. axis:remixStrength), or a "
+        "period: day, week (ISO, e.g. 2026-W49) or month (e.g. 2026-12). For html: "
+        "the page's first view (a period, stacked by variant; or a stacking axis, "
+        "per day), both switchable in the page",
     )
-    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.add_argument(
+        "--format",
+        choices=["table", "csv", "json", "html"],
+        default="table",
+        help="html: a page of charts, written beside the run dirs (their common "
+        "parent's cost-report.html) or to -o, with plotly.js next to it; its path "
+        "is printed",
+    )
+    report.add_argument(
+        "--since",
+        type=_date,
+        help="only what happened on or after this date (YYYY-MM-DD, in --tz)",
+    )
+    report.add_argument(
+        "--until",
+        type=_date,
+        help="only what happened on or before this date, through its end "
+        "(YYYY-MM-DD, in --tz)",
+    )
+    report.add_argument(
+        "--tz",
+        help="IANA time zone in which days start, e.g. Europe/Berlin or UTC "
+        "(default: this machine's zone)",
+    )
+    report.add_argument(
+        "-o", "--output", type=Path, help="write the report to this file instead"
+    )
 
     gallery = sub.add_parser(
         "gallery", parents=[common], help="write RUN_DIR/gallery.html"
