@@ -488,3 +488,20 @@ def test_html_report_in_headless_chromium(
     assert {t["name"] for t in weekly} == {"atrium", "lobby"}
     with Image.open(shot) as png:
         assert png.size == (1400, 1600)
+
+
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="no chromium binary (Debian: apt-get install chromium; .ci/run installs it)",
+)
+@pytest.mark.timeout(200)
+def test_empty_html_report_in_headless_chromium(tmp_path: Path) -> None:
+    """A run that spent nothing yet still gives a page without errors."""
+    write_journal(tmp_path / "runs" / "night", [started(1, 1, PRICE)])
+    page = tmp_path / "page" / "report.html"
+    assert main(["report", str(tmp_path / "runs" / "night"), "--format", "html",
+                 "-o", str(page)]) == 0  # fmt: skip
+    result = render_report(page, tmp_path / "profile", tmp_path / "empty.png")
+    assert result["errors"] == []
+    assert result["charts"]["failures"] == []
+    assert "Nothing was spent" in page.read_text()

@@ -229,7 +229,7 @@
   function drawn(id) {
     const gd = document.getElementById(id);
     const yaxis = gd._fullLayout.yaxis;
-    const perPx = (yaxis.range[1] - yaxis.range[0]) / yaxis._length;
+    const perPx = yaxis && yaxis.range ? (yaxis.range[1] - yaxis.range[0]) / yaxis._length : 0;
     const layers = gd.querySelectorAll(".barlayer .trace");
     let bar = 0;
     return gd._fullData.map((t, i) => {
@@ -287,8 +287,12 @@
   }
   document.getElementById("period").addEventListener("change", draw);
   document.getElementById("stack").addEventListener("change", draw);
-  Promise.all([draw(), drawReferences()]).then(() => {
-    if (location.hash === "#check") return check();
-    return undefined;
-  }).catch((e) => errors.push(String(e)));
+  Promise.all([draw(), drawReferences()])
+    .then(() => (location.hash === "#check" ? check() : undefined))
+    .catch((e) => {
+      console.error(e && e.stack ? e.stack : e);
+      if (location.hash === "#check") {
+        document.getElementById("check").textContent = JSON.stringify({ errors });
+      }
+    });
 })();
