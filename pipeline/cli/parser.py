@@ -115,21 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--since",
         type=_date,
+        metavar="DATE",
         help="only what happened on or after this date (YYYY-MM-DD, in --tz)",
     )
     report.add_argument(
         "--until",
         type=_date,
+        metavar="DATE",
         help="only what happened on or before this date, through its end "
         "(YYYY-MM-DD, in --tz)",
     )
     report.add_argument(
         "--tz",
+        metavar="ZONE",
         help="IANA time zone in which days start, e.g. Europe/Berlin or UTC "
         "(default: this machine's zone)",
     )
     report.add_argument(
-        "-o", "--output", type=Path, help="write the report to this file instead"
+        "-o",
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="write the report to this file instead (its path is printed)",
     )
 
     gallery = sub.add_parser(
