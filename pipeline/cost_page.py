@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import cache
@@ -50,12 +51,6 @@ def default_page_path(run_dirs: Sequence[Path]) -> Path:
     return Path(os.path.commonpath(parents)) / COST_PAGE_NAME
 
 
-def _labels(day: date | None) -> dict[str, str]:
-    if day is None:
-        return dict.fromkeys(PERIOD_KINDS, NONE_LABEL)
-    return {kind: period_label(day, kind) for kind in PERIOD_KINDS}
-
-
 def _all_periods(days: set[date], has_none: bool) -> dict[str, list[str]]:
     """Every period from the first day to the last (gaps as empty bars)."""
     ordered = sorted(days)
@@ -69,54 +64,88 @@ def _all_periods(days: set[date], has_none: bool) -> dict[str, list[str]]:
     return periods
 
 
+RECORD_FIELDS: Final = (
+    "day",
+    "run",
+    "key",
+    "cost",
+    "estimate",
+    "images",
+    "failed",
+    "in_flight",
+)
+"""A record's columns: ``day``, ``run`` and ``key`` index ``days``, ``runs`` and
+``keys``; nights of thousands of tasks stay a few bytes per task key and night."""
+
+
+@dataclass
+class _Records:
+    """Ledger rows and estimates summed per (day, run, task key), as indexed rows."""
+
+    rows: list[list[object]]
+    days: dict[str, list[str]]
+    """Per period kind, the label of each day index (``day``, ``week``, ``month``)."""
+    keys: list[list[object]]
+    """Per key index: ``[reference, variant, {axis: value}]``."""
+    active_days: set[date]
+    has_none: bool
+    axis_names: list[str]
+
+
 def _records(
     runs: Sequence[RunData], labels: Sequence[str], zone: Zone, window: Window
-) -> tuple[list[dict[str, object]], set[date], bool, list[str]]:
+) -> _Records:
     """One record per (day, run, task key): the page sums them per period and axis."""
-    cells: dict[tuple[date | None, str, str], GroupTotals] = {}
-    days: set[date] = set()
+    cells: dict[tuple[date | None, int, str], GroupTotals] = {}
 
-    def cell(at: datetime | None, run: str, key: str) -> GroupTotals | None:
+    def cell(at: datetime | None, run: int, key: str) -> GroupTotals | None:
         day = None if at is None else zone.local_date(at)
         if not (window.open or window.contains(day)):
             return None
-        if day is not None:
-            days.add(day)
         found = cells.get((day, run, key))
         if found is None:
             found = cells[day, run, key] = GroupTotals(key)
         return found
 
-    for label, run in zip(labels, runs, strict=True):
+    for index, run in enumerate(runs):
         for row in run.rows:
             at = row.completed_at or row.submitted_at
-            if (c := cell(at, label, row.key)) is not None:
+            if (c := cell(at, index, row.key)) is not None:
                 c.add_row(row)
         for key, sub in run.key_estimates.items():
-            if (c := cell(sub.ts, label, key)) is not None:
+            if (c := cell(sub.ts, index, key)) is not None:
                 c.estimate_usd += sub.estimate_usd
+    day_index: dict[date | None, int] = {}
+    key_index: dict[str, int] = {}
+    keys: list[list[object]] = []
     axis_names: dict[str, None] = {}
-    records: list[dict[str, object]] = []
-    has_none = False
-    for (day, run_label, key), totals in cells.items():
-        reference, variant, axes = parse_key(key)
-        axis_names.update(dict.fromkeys(name for name, _ in axes))
-        has_none = has_none or day is None
-        records.append(
-            {
-                **_labels(day),
-                "run": run_label,
-                "reference": reference,
-                "variant": variant,
-                "axes": dict(axes),
-                "cost": float(totals.cost_usd),
-                "estimate": float(totals.estimate_usd),
-                "images": totals.images,
-                "failed": totals.failed,
-                "in_flight": totals.in_flight,
-            }
+    rows: list[list[object]] = []
+    for (day, run_index, key), totals in cells.items():
+        d = day_index.setdefault(day, len(day_index))
+        k = key_index.get(key)
+        if k is None:
+            k = key_index[key] = len(keys)
+            reference, variant, axes = parse_key(key)
+            axis_names.update(dict.fromkeys(name for name, _ in axes))
+            keys.append([reference, variant, dict(axes)])
+        rows.append(
+            [
+                d,
+                run_index,
+                k,
+                float(totals.cost_usd),
+                float(totals.estimate_usd),
+                totals.images,
+                totals.failed,
+                totals.in_flight,
+            ]
         )
-    return records, days, has_none, sorted(axis_names)
+    days: dict[str, list[str]] = {
+        kind: [NONE_LABEL if d is None else period_label(d, kind) for d in day_index]
+        for kind in PERIOD_KINDS
+    }
+    active = {d for d in day_index if d is not None}
+    return _Records(rows, days, keys, active, None in day_index, sorted(axis_names))
 
 
 def _money(value: Decimal | None) -> str:
@@ -158,8 +187,9 @@ def cost_page_data(
     short = [Path(r).name or r for r in labels]
     if len(set(short)) == len(short):
         labels = short
-    records, days, has_none, axis_names = _records(runs, labels, zone, window)
-    stacks = ["variant", "reference", "run", *(f"axis:{a}" for a in axis_names)]
+    records = _records(runs, labels, zone, window)
+    stacks = ["variant", "reference", "run"]
+    stacks += [f"axis:{a}" for a in records.axis_names]
     if stack not in stacks:
         stacks.append(stack)
     refs = build_report(runs, by="reference", zone=zone, window=window).groups
@@ -174,8 +204,11 @@ def cost_page_data(
         "period": period,
         "stack": stack,
         "stacks": stacks,
-        "periods": _all_periods(days, has_none),
-        "records": records,
+        "periods": _all_periods(records.active_days, records.has_none),
+        "days": records.days,
+        "keys": records.keys,
+        "fields": list(RECORD_FIELDS),
+        "records": records.rows,
         "total": {
             "cost": _usd(total.cost_usd),
             "estimate": _usd(total.estimate_usd),

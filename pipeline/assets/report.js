@@ -23,14 +23,17 @@
   const money = (v) => "$" + v.toFixed(4);
   const config = { displaylogo: false, displayModeBar: false, responsive: true };
 
+  /* Records are rows of data.fields: day, run and key are indexes into
+     data.days[period], data.runs and data.keys ([reference, variant, axes]). */
+  const F = Object.fromEntries(data.fields.map((name, i) => [name, i]));
+
   function groupOf(record, stack) {
-    if (stack === "run") return record.run;
-    if (stack === "reference") return record.reference;
-    if (stack === "variant") return record.variant;
+    if (stack === "run") return data.runs[record[F.run]];
+    const [reference, variant, axes] = data.keys[record[F.key]];
+    if (stack === "reference") return reference;
+    if (stack === "variant") return variant;
     const axis = stack.slice("axis:".length);
-    return Object.prototype.hasOwnProperty.call(record.axes, axis)
-      ? record.axes[axis]
-      : NONE;
+    return Object.prototype.hasOwnProperty.call(axes, axis) ? axes[axis] : NONE;
   }
 
   /* Per period: totals; per stack group: cost and failures per period. */
@@ -40,23 +43,25 @@
     const zeros = () => periods.map(() => 0);
     const totals = { cost: zeros(), estimate: zeros(), images: zeros(), failed: zeros() };
     const groups = new Map();
+    const labels = data.days[period];
     for (const r of data.records) {
-      const i = index.get(r[period]);
+      const i = index.get(labels[r[F.day]]);
       if (i === undefined) continue;
-      totals.cost[i] += r.cost;
-      totals.estimate[i] += r.estimate;
-      totals.images[i] += r.images;
-      totals.failed[i] += r.failed;
+      const cost = r[F.cost];
+      totals.cost[i] += cost;
+      totals.estimate[i] += r[F.estimate];
+      totals.images[i] += r[F.images];
+      totals.failed[i] += r[F.failed];
       const name = groupOf(r, stack);
       let g = groups.get(name);
       if (!g) {
         g = { name, total: 0, cost: zeros(), failed: zeros(), images: zeros() };
         groups.set(name, g);
       }
-      g.total += r.cost;
-      g.cost[i] += r.cost;
-      g.failed[i] += r.failed;
-      g.images[i] += r.images;
+      g.total += cost;
+      g.cost[i] += cost;
+      g.failed[i] += r[F.failed];
+      g.images[i] += r[F.images];
     }
     let ordered = [...groups.values()].sort(
       (a, b) => b.total - a.total || String(a.name).localeCompare(String(b.name)),
