@@ -1,7 +1,8 @@
-"""Cost reports: ledger rows grouped (by reference, variant, matrix axis, day or run)
-over any number of run dirs (nightly runs, shards), the actual cost set beside the
-plan's estimate. Dollars of run dirs made against a local sandbox are counted apart
-as ``sandbox_usd`` and marked, so they are never read as a bill.
+"""Cost reports: ledger rows grouped (by reference, variant, matrix axis, run, or a
+day, ISO week or month in a chosen time zone) over any number of run dirs (nightly
+runs, shards), optionally cut to a date window, the actual cost set beside the plan's
+estimate. Dollars of run dirs made against a local sandbox are counted apart as
+``sandbox_usd`` and marked, so they are never read as a bill.
 """
 
 from __future__ import annotations
@@ -10,11 +11,20 @@ import csv
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
-from typing import Final
+from typing import Final, cast
 
 from pipeline.ledger import PLAIN_NUMBER, LedgerRow, csv_safe, parse_key
+from pipeline.periods import (
+    OPEN_WINDOW,
+    PERIOD_KINDS,
+    PeriodKind,
+    Window,
+    Zone,
+    period_label,
+    resolve_zone,
+)
 from pipeline.rundata import RunData
 from pipeline.shard import Shard
 
@@ -92,9 +102,13 @@ class Report:
     """The plans' estimates (run_started), each job counted once across its shards."""
     runs: list[str]
     spent_usd: Decimal
-    """The journals' own spent totals, summed: equals ``total.cost_usd``."""
+    """The journals' own spent totals, summed: equals ``total.cost_usd`` unless a
+    date window cut some rows off."""
     sandbox_runs: list[str] = field(default_factory=list)
     """The run dirs made against a local sandbox (their dollars: ``sandbox_usd``)."""
+    tz: str | None = None
+    """The zone days were cut in (time groupings and windows only)."""
+    window: Window = OPEN_WINDOW
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict with exact decimal strings."""
@@ -108,14 +122,18 @@ class Report:
             "total": self.total.to_json(),
             "plan_estimate_usd": None if plan is None else str(plan),
             "spent_usd": str(self.spent_usd),
+            "tz": self.tz,
+            "since": None if self.window.since is None else str(self.window.since),
+            "until": None if self.window.until is None else str(self.window.until),
         }
 
 
-_BY_NAMES: Final = ("reference", "variant", "day", "run")
+_BY_NAMES: Final = ("reference", "variant", *PERIOD_KINDS, "run")
 
 
 def parse_by(by: str) -> tuple[str, str | None]:
-    """``(kind, axis name)`` from ``reference|variant|day|run|axis:NAME|axis=NAME``.
+    """``(kind, axis name)`` from ``reference|variant|day|week|month|run|axis:NAME``
+    (also ``axis=NAME``).
 
     Raises:
         ValueError: an unknown grouping, with the accepted spellings.
@@ -128,7 +146,8 @@ def parse_by(by: str) -> tuple[str, str | None]:
     if text in _BY_NAMES:
         return text, None
     raise ValueError(
-        f"unknown --by {by!r}: use reference, variant, day, run or axis:NAME "
+        f"unknown --by {by!r}: use reference, variant, day, week, month, run or "
+        "axis:NAME "
         "(NAME as in the task keys, e.g. axis:remixStrength)"
     )
 
@@ -152,8 +171,14 @@ def _resolve_axis(name: str, runs: Sequence[RunData]) -> str:
     return last if last in names else name
 
 
-def _day(at: datetime | None) -> str:
-    return NONE_LABEL if at is None else at.astimezone(UTC).date().isoformat()
+def _period(at: datetime | None, kind: str, zone: Zone) -> str:
+    if at is None:
+        return NONE_LABEL
+    return period_label(zone.local_date(at), cast(PeriodKind, kind))
+
+
+def _in_window(at: datetime | None, zone: Zone, window: Window) -> bool:
+    return window.open or window.contains(None if at is None else zone.local_date(at))
 
 
 def _run_labels(runs: Sequence[RunData]) -> list[str]:
@@ -203,13 +228,24 @@ def _sort_key(label: str) -> tuple[int, Decimal, str]:
     return 1, Decimal(0), label
 
 
-def build_report(runs: Sequence[RunData], *, by: str) -> Report:
+def build_report(
+    runs: Sequence[RunData],
+    *,
+    by: str,
+    zone: Zone | None = None,
+    window: Window = OPEN_WINDOW,
+) -> Report:
     """Group the ledger rows of ``runs`` (merged) and total them.
+
+    Days (weeks, months) are cut in ``zone`` (None: the machine's local zone); a row
+    counts on its completion's date (else its submission's), an estimate on its
+    submission's. ``window`` keeps only rows and estimates dated inside it.
 
     Raises:
         ValueError: ``by`` is not a known grouping.
     """
     kind, axis = parse_by(by)
+    zone = zone or resolve_zone(None)
     if axis is not None:
         axis = _resolve_axis(axis, runs)
     groups: dict[str, GroupTotals] = {}
@@ -226,10 +262,13 @@ def build_report(runs: Sequence[RunData], *, by: str) -> Report:
         cache: dict[str, str] = {}
         sandbox = run.is_sandbox
         for row in run.rows:
+            at = row.completed_at or row.submitted_at
+            if not _in_window(at, zone, window):
+                continue
             if kind == "run":
                 name = label
-            elif kind == "day":
-                name = _day(row.completed_at or row.submitted_at)
+            elif kind in PERIOD_KINDS:
+                name = _period(at, kind, zone)
             else:
                 name = cache.get(row.key) or cache.setdefault(
                     row.key, key_group(row.key)
@@ -237,10 +276,12 @@ def build_report(runs: Sequence[RunData], *, by: str) -> Report:
             get(name).add_row(row, sandbox=sandbox)
             total.add_row(row, sandbox=sandbox)
         for key, sub in run.key_estimates.items():
+            if not _in_window(sub.ts, zone, window):
+                continue
             if kind == "run":
                 name = label
-            elif kind == "day":
-                name = _day(sub.ts)
+            elif kind in PERIOD_KINDS:
+                name = _period(sub.ts, kind, zone)
             else:
                 name = cache.get(key) or key_group(key)
             get(name).estimate_usd += sub.estimate_usd
@@ -254,6 +295,8 @@ def build_report(runs: Sequence[RunData], *, by: str) -> Report:
         runs=[str(r.run_dir) for r in runs],
         spent_usd=sum((r.state.spent_usd for r in runs), Decimal(0)),
         sandbox_runs=[str(r.run_dir) for r in runs if r.is_sandbox],
+        tz=zone.name if kind in PERIOD_KINDS or not window.open else None,
+        window=window,
     )
 
 
@@ -328,5 +371,11 @@ def format_report(report: Report) -> str:
         lines.append(
             f"sandbox: ${report.total.sandbox_usd} of the cost is a local sandbox's, "
             f"not billed ({', '.join(report.sandbox_runs)})"
+        )
+    if not report.window.open:
+        since, until = report.window.since, report.window.until
+        lines.append(
+            f"dates {since or 'start'} to {until or 'now'} ({report.tz}, inclusive): "
+            f"${report.total.cost_usd} of ${report.spent_usd} spent in all"
         )
     return "\n".join(lines)

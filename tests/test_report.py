@@ -51,6 +51,7 @@ from pipeline.ledger import (
     read_ledger,
     write_ledger,
 )
+from pipeline.periods import resolve_zone
 from pipeline.rundata import load_run
 from pipeline.status import run_status
 
@@ -437,7 +438,7 @@ def test_report_by_run_day_and_axis(two_nights: list[Path]) -> None:
         ("night-1", 3),
         ("night-2", 2),
     ]
-    by_day = build_report(runs, by="day")
+    by_day = build_report(runs, by="day", zone=resolve_zone("UTC"))
     assert [g.group for g in by_day.groups] == ["2026-11-03", "2026-11-04"]
     assert by_day.groups[1].cost_usd == Decimal("0.1325")
     by_axis = build_report(runs, by="axis:s")

@@ -31,7 +31,15 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_report(args: argparse.Namespace) -> ExitCode:
-    return show_report(args.run_dirs, by=args.by, fmt=args.format)
+    return show_report(
+        args.run_dirs,
+        by=args.by,
+        fmt=args.format,
+        since=args.since,
+        until=args.until,
+        tz=args.tz,
+        output=args.output,
+    )
 
 
 def cmd_gallery(args: argparse.Namespace) -> ExitCode:

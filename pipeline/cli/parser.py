@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import date
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cli.sandboxed import SANDBOX_KEY
+from pipeline.periods import parse_date
 from pipeline.rundir import remix_version
 from pipeline.shard import Shard
 
@@ -34,6 +36,13 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
+
+
+def _date(text: str) -> date:
+    try:
+        return parse_date(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _shard(text: str) -> Shard:
@@ -234,13 +243,44 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--by",
         default="variant",
-        help="reference, variant, day, run or axis:NAME (e.g. axis:remixStrength)",
+        help="reference, variant, run, axis:NAME (e.g. axis:remixStrength), or a "
+        "period: day, week (ISO, e.g. 2026-W49) or month (e.g. 2026-12). For html: "
+        "the page's first view (a period, stacked by variant; or a stacking axis, "
+        "per day), both switchable in the page",
     )
     report.add_argument(
         "--format",
-        choices=["table", "csv", "json"],
+        choices=["table", "csv", "json", "html"],
         default="table",
-        help="output format",
+        help="html: a page of charts, written beside the run dirs (their common "
+        "parent's cost-report.html) or to -o, with plotly.js next to it; its path "
+        "is printed",
+    )
+    report.add_argument(
+        "--since",
+        type=_date,
+        metavar="DATE",
+        help="only what happened on or after this date (YYYY-MM-DD, in --tz)",
+    )
+    report.add_argument(
+        "--until",
+        type=_date,
+        metavar="DATE",
+        help="only what happened on or before this date, through its end "
+        "(YYYY-MM-DD, in --tz)",
+    )
+    report.add_argument(
+        "--tz",
+        metavar="ZONE",
+        help="IANA time zone in which days start, e.g. Europe/Berlin or UTC "
+        "(default: this machine's zone)",
+    )
+    report.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="write the report to this file instead (its path is printed)",
     )
 
     gallery = sub.add_parser(
