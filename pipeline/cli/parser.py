@@ -260,14 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--since",
         type=_date,
         metavar="DATE",
-        help="only what happened on or after this date (YYYY-MM-DD, in --tz)",
+        help="only what happened on or after this date (YYYY-MM-DD, in --tz; "
+        "default: from the first run)",
     )
     report.add_argument(
         "--until",
         type=_date,
         metavar="DATE",
         help="only what happened on or before this date, through its end "
-        "(YYYY-MM-DD, in --tz)",
+        "(YYYY-MM-DD, in --tz; default: up to now)",
     )
     report.add_argument(
         "--tz",
@@ -280,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         metavar="FILE",
-        help="write the report to this file instead (its path is printed)",
+        help="write the report to this file instead, its path printed (default: "
+        "stdout; for html, cost-report.html beside the run dirs)",
     )
 
     gallery = sub.add_parser(
