@@ -125,14 +125,13 @@ def bench_run(
 
 def bench_journal(root: Path, events: int) -> JsonObject:
     """A journal of ``events`` events (half submitted, half completed), loaded."""
-    from pipeline.journal import (
-        JOURNAL_NAME,
+    from pipeline.journal import JOURNAL_NAME, load_state
+    from pipeline.journal_events import (
         CompletedEvent,
         Event,
         RunStartedEvent,
         SubmittedEvent,
         encode_events,
-        load_state,
     )
 
     root.mkdir(parents=True, exist_ok=True)

@@ -272,12 +272,8 @@ class CallTimer:
 
     def phases(self, run_dir: Path, latency_s: float) -> list[str]:
         """Where a slot's hold time goes, per task, mean over tasks (seconds)."""
-        from pipeline.journal import (
-            JOURNAL_NAME,
-            CompletedEvent,
-            SubmittedEvent,
-            read_journal,
-        )
+        from pipeline.journal import JOURNAL_NAME, read_journal
+        from pipeline.journal_events import CompletedEvent, SubmittedEvent
 
         journaled: dict[str, float] = {}
         stored: dict[str, float] = {}
@@ -433,12 +429,8 @@ def turnaround(run_dir: Path, concurrency: int, engine_wall_s: float) -> JsonObj
     ``turnaround_share`` = sum(turnaround) / (C x wall): above 1 because a slot
     is given back when the API is done, before the images are stored.
     """
-    from pipeline.journal import (
-        JOURNAL_NAME,
-        CompletedEvent,
-        SubmittedEvent,
-        read_journal,
-    )
+    from pipeline.journal import JOURNAL_NAME, read_journal
+    from pipeline.journal_events import CompletedEvent, SubmittedEvent
 
     submitted: dict[str, float] = {}
     done: dict[str, float] = {}

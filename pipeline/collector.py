@@ -18,7 +18,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pipeline.client import RunwareClient
 from pipeline.errors import DownloadError
 from pipeline.flow import UrgentRequests, cancel_at, receive, send
-from pipeline.journal import CompletedEvent, Event, utc_now
+from pipeline.journal_events import CompletedEvent, Event, utc_now
 from pipeline.records import Downloaded, Fetch, FetchFailed, Stored
 from pipeline.storage import (
     detect_ext,

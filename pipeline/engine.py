@@ -50,14 +50,8 @@ from pipeline.errors import ApiError, AuthError, InsufficientCreditError, Storag
 from pipeline.expand import TaskSpec
 from pipeline.feed import UploadsAhead, prepare, selected, to_send, window
 from pipeline.flow import Queue, SlotGate, UrgentRequests, watch_signals
-from pipeline.journal import (
-    Event,
-    JournalWriter,
-    ResumeState,
-    RunEndedEvent,
-    UploadedEvent,
-    utc_now,
-)
+from pipeline.journal import JournalWriter, ResumeState
+from pipeline.journal_events import Event, RunEndedEvent, UploadedEvent, utc_now
 from pipeline.limits import AccountPacer, AdaptiveLimit, Budget, RateMeter
 from pipeline.poller import Poller
 from pipeline.progress import NullProgress, Progress

@@ -14,15 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Self
 
-from pipeline.journal import (
-    CompletedEvent,
-    Event,
-    FailedEvent,
-    JournalFold,
-    SubmittedEvent,
-    read_event_at,
-    read_journal_lines,
-)
+from pipeline.journal import JournalFold, read_event_at, read_journal_lines
+from pipeline.journal_events import CompletedEvent, Event, FailedEvent, SubmittedEvent
 
 
 class SubmittedLine(NamedTuple):

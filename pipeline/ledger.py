@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Final, Literal
 
 from pipeline.errors import ConfigError
-from pipeline.journal import JOURNAL_NAME, C, CompletedEvent, F, JournalFold, S
+from pipeline.journal import JOURNAL_NAME, C, F, JournalFold, S
+from pipeline.journal_events import CompletedEvent
 from pipeline.journal_offsets import JournalOffsets
 from pipeline.rundir import SANDBOX_API, read_run_info, recorded_api
 from pipeline.storage import write_atomic_text_stream

@@ -10,7 +10,8 @@ from typing import Any
 
 from pipeline.exit_codes import ExitCode
 from pipeline.expand import TaskSpec
-from pipeline.journal import JournalFold, LostEvent, utc_now
+from pipeline.journal import JournalFold
+from pipeline.journal_events import LostEvent, utc_now
 from pipeline.shard import Shard
 from pipeline.wire import ImageInferenceRequest, ImageResult
 

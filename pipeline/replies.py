@@ -23,7 +23,7 @@ from pipeline.dialect import UnknownTask
 from pipeline.errors import PipelineError, TaskTimeoutError
 from pipeline.feed import inherited_uploads, prepare
 from pipeline.flow import Queue, UrgentRequests
-from pipeline.journal import FailedEvent, utc_now
+from pipeline.journal_events import FailedEvent, utc_now
 from pipeline.poller import Poller
 from pipeline.records import Fetch, FetchFailed, Flight, Prepared, lost_event
 from pipeline.references import ReferenceUploader

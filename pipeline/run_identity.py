@@ -23,7 +23,8 @@ import anyio.to_thread
 
 from pipeline.errors import StorageError
 from pipeline.expand import TaskSpec
-from pipeline.journal import JOURNAL_NAME, JournalWriter, RerunEvent, load_state
+from pipeline.journal import JOURNAL_NAME, JournalWriter, load_state
+from pipeline.journal_events import RerunEvent
 from pipeline.plan import substitute_images
 from pipeline.storage import sidecar_path
 

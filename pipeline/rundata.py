@@ -13,14 +13,8 @@ from decimal import Decimal
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.journal import (
-    JOURNAL_NAME,
-    ResumeState,
-    RunEndedEvent,
-    RunStartedEvent,
-    SubmittedEvent,
-    load_state,
-)
+from pipeline.journal import JOURNAL_NAME, ResumeState, load_state
+from pipeline.journal_events import RunEndedEvent, RunStartedEvent, SubmittedEvent
 from pipeline.ledger import LedgerRow, build_ledger_rows
 from pipeline.rundir import RUN_INFO_NAME, SANDBOX_API, read_run_info, recorded_api
 

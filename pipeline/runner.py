@@ -24,13 +24,8 @@ from pipeline.expand import expand
 from pipeline.feed import selected
 from pipeline.gallery import write_gallery
 from pipeline.gc_tuning import sparing_collector
-from pipeline.journal import (
-    JOURNAL_NAME,
-    JournalWriter,
-    RunStartedEvent,
-    load_state,
-    utc_now,
-)
+from pipeline.journal import JOURNAL_NAME, JournalWriter, load_state
+from pipeline.journal_events import RunStartedEvent, utc_now
 from pipeline.journal_offsets import JournalOffsets
 from pipeline.ledger import write_ledger
 from pipeline.manifest import Manifest

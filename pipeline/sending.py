@@ -26,7 +26,7 @@ from pipeline.config import Settings
 from pipeline.errors import AuthError, StorageError
 from pipeline.feed import inherited_uploads
 from pipeline.flow import Queue, SlotGate, UrgentRequests
-from pipeline.journal import Event, SentEvent, SubmittedEvent, utc_now
+from pipeline.journal_events import Event, SentEvent, SubmittedEvent, utc_now
 from pipeline.limits import AdaptiveLimit
 from pipeline.poller import Poller
 from pipeline.records import Flight, Prepared, lost_event

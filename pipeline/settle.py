@@ -35,7 +35,7 @@ import anyio.to_thread
 from pipeline.answers import PollOutcome
 from pipeline.dialect import Dialect, UnknownTask, save_dialect, unknown_task_answer
 from pipeline.errors import PipelineError
-from pipeline.journal import utc_now
+from pipeline.journal_events import utc_now
 from pipeline.records import Flight
 
 __all__ = ["Answer", "Settler", "Settling", "Step"]

@@ -33,14 +33,8 @@ import aiohttp
 from aiohttp import web
 from PIL import Image
 
-from pipeline.journal import (
-    JOURNAL_NAME,
-    CompletedEvent,
-    ResumeState,
-    SubmittedEvent,
-    load_state,
-    read_journal,
-)
+from pipeline.journal import JOURNAL_NAME, ResumeState, load_state, read_journal
+from pipeline.journal_events import CompletedEvent, SubmittedEvent
 from pipeline.ledger import write_ledger
 from pipeline.sandbox import SandboxState, serving
 

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.accounts import Accounts
 from pipeline.flow import SlotGate
-from pipeline.journal import LostEvent, SubmittedEvent, load_state, read_journal
+from pipeline.journal import load_state, read_journal
+from pipeline.journal_events import LostEvent, SubmittedEvent
 from pipeline.limits import Budget
 from pipeline.progress import NullProgress
 from pipeline.records import Flight, RunSummary

@@ -31,7 +31,7 @@ from pipeline.cost_page import (
     render_cost_page,
 )
 from pipeline.costs import build_report
-from pipeline.journal import Event, FailedEvent, RunEndedEvent, SubmittedEvent
+from pipeline.journal_events import Event, FailedEvent, RunEndedEvent, SubmittedEvent
 from pipeline.periods import Window, parse_date, period_label, resolve_zone
 from pipeline.rundata import load_run
 from tests.test_report import PRICE, completed, started, submitted, uuid, write_journal

@@ -23,7 +23,8 @@ from typing import Final
 import anyio
 import pytest
 
-from pipeline.journal import JOURNAL_NAME, LostEvent, read_journal
+from pipeline.journal import JOURNAL_NAME, read_journal
+from pipeline.journal_events import LostEvent
 from pipeline.sandbox import STATE, SandboxConfig, SandboxState, create_app
 from tests.faultkit import (
     CRASH_ENV,

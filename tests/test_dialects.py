@@ -18,7 +18,8 @@ from typing import Any, Final
 import pytest
 
 from pipeline.dialect import DIALECT_NAME, Dialect, PollMode
-from pipeline.journal import FailedEvent, read_journal
+from pipeline.journal import read_journal
+from pipeline.journal_events import FailedEvent
 from pipeline.records import RunSummary
 from pipeline.sandbox import STATE, SandboxConfig, SandboxState, create_app, serving
 from pipeline.sandbox.presets import DIALECTS

@@ -20,13 +20,8 @@ from aiohttp.test_utils import TestServer
 from pipeline import collector as collector_module
 from pipeline import gc_tuning
 from pipeline.errors import StorageError
-from pipeline.journal import (
-    FailedEvent,
-    LostEvent,
-    SubmittedEvent,
-    load_state,
-    read_journal,
-)
+from pipeline.journal import load_state, read_journal
+from pipeline.journal_events import FailedEvent, LostEvent, SubmittedEvent
 from pipeline.ledger import write_ledger
 from pipeline.sandbox import STATE, SandboxConfig
 from tests.conftest import SandboxFactory

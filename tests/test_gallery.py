@@ -22,12 +22,11 @@ from PIL import Image, ImageDraw
 
 from pipeline.expand import expand
 from pipeline.gallery import GALLERY_NAME, write_gallery
-from pipeline.journal import (
-    JOURNAL_NAME,
+from pipeline.journal import JOURNAL_NAME, JournalWriter
+from pipeline.journal_events import (
     CompletedEvent,
     Event,
     FailedEvent,
-    JournalWriter,
     RunStartedEvent,
     SubmittedEvent,
 )

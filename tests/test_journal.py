@@ -18,21 +18,18 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from pipeline.errors import StorageError
-from pipeline.journal import (
+from pipeline.journal import JournalWriter, ResumeState, load_state, read_journal
+from pipeline.journal_events import (
     AcceptedEvent,
     CompletedEvent,
     Event,
     FailedEvent,
-    JournalWriter,
     LostEvent,
-    ResumeState,
     RunEndedEvent,
     RunStartedEvent,
     SubmittedEvent,
     UploadedEvent,
     encode_events,
-    load_state,
-    read_journal,
 )
 from pipeline.journal_offsets import JournalOffsets
 

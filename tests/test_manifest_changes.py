@@ -19,15 +19,8 @@ from pipeline.cli.app import main
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.expand import expand
-from pipeline.journal import (
-    CompletedEvent,
-    Event,
-    JournalWriter,
-    RerunEvent,
-    SubmittedEvent,
-    load_state,
-    read_journal,
-)
+from pipeline.journal import JournalWriter, load_state, read_journal
+from pipeline.journal_events import CompletedEvent, Event, RerunEvent, SubmittedEvent
 from pipeline.ledger import read_ledger, write_ledger
 from pipeline.manifest import load_manifest
 from pipeline.records import EngineOptions, RunSummary

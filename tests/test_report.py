@@ -28,18 +28,16 @@ from pipeline.costs import (
     report_csv,
 )
 from pipeline.exit_codes import ExitCode
-from pipeline.journal import (
-    JOURNAL_NAME,
+from pipeline.journal import JOURNAL_NAME, JournalWriter, load_state
+from pipeline.journal_events import (
     CompletedEvent,
     Event,
     FailedEvent,
-    JournalWriter,
     LostEvent,
     RunEndedEvent,
     RunStartedEvent,
     SubmittedEvent,
     encode_events,
-    load_state,
 )
 from pipeline.ledger import (
     LEDGER_NAME,

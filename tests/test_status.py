@@ -15,10 +15,9 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.engine import Engine
-from pipeline.journal import (
-    JOURNAL_NAME,
+from pipeline.journal import JOURNAL_NAME, JournalWriter
+from pipeline.journal_events import (
     Event,
-    JournalWriter,
     LostEvent,
     RunStartedEvent,
     SentEvent,

@@ -14,7 +14,8 @@ from typing import Final
 
 import pytest
 
-from pipeline.journal import CompletedEvent, read_journal
+from pipeline.journal import read_journal
+from pipeline.journal_events import CompletedEvent
 from pipeline.sandbox import STATE, SandboxConfig
 from tests.conftest import SandboxFactory
 from tests.jobkit import base_url, fast_settings, run_manifest, styles, write_job
