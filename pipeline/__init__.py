@@ -1,9 +1,10 @@
 """remix: batch image-to-image runs on Runware's Ideogram Remix API.
 
 The library API (the README's "As a library"): ``load_settings``, ``load_job`` and
-``run_manifest`` do what ``remix run`` does; ``run_status``, ``write_ledger`` and
-``write_gallery`` read a run dir back. Names load on first use, so ``import pipeline``
-(and every ``python -m pipeline...``) costs nothing until one is used.
+``run_manifest`` do what ``remix run`` does; ``run_status`` (``job_status`` for a
+job's shards), ``write_ledger`` and ``write_gallery`` read a run dir back. Names load
+on first use, so ``import pipeline`` (and every ``python -m pipeline...``) costs
+nothing until one is used.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ if TYPE_CHECKING:
     from pipeline.exit_codes import ExitCode
     from pipeline.gallery import write_gallery
     from pipeline.ledger import write_ledger
-    from pipeline.records import EngineOptions, RunSummary
+    from pipeline.records import EngineOptions, RunDirCounts, RunSummary
     from pipeline.runner import Job, default_run_dir, load_job, run_manifest
     from pipeline.shard import Shard
-    from pipeline.status import RunStatus, run_status
+    from pipeline.status import JobStatus, RunStatus, job_status, run_status
 
 _HOMES: dict[str, str] = {
     "Settings": "pipeline.config",
@@ -32,13 +33,16 @@ _HOMES: dict[str, str] = {
     "write_gallery": "pipeline.gallery",
     "write_ledger": "pipeline.ledger",
     "EngineOptions": "pipeline.records",
+    "RunDirCounts": "pipeline.records",
     "RunSummary": "pipeline.records",
     "Job": "pipeline.runner",
     "default_run_dir": "pipeline.runner",
     "load_job": "pipeline.runner",
     "run_manifest": "pipeline.runner",
     "Shard": "pipeline.shard",
+    "JobStatus": "pipeline.status",
     "RunStatus": "pipeline.status",
+    "job_status": "pipeline.status",
     "run_status": "pipeline.status",
 }
 
@@ -47,13 +51,16 @@ __all__ = [
     "EngineOptions",
     "ExitCode",
     "Job",
+    "JobStatus",
     "ManifestError",
     "PipelineError",
+    "RunDirCounts",
     "RunStatus",
     "RunSummary",
     "Settings",
     "Shard",
     "default_run_dir",
+    "job_status",
     "load_job",
     "load_settings",
     "run_manifest",
