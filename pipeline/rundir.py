@@ -74,12 +74,18 @@ def recorded_api(info: dict[str, Any] | None) -> str | None:
     api = info.get("api")
     if isinstance(api, str):
         return api
+    base = _recorded_base_url(info)
+    if base is not None and api_host(base) == SANDBOX_API:
+        return SANDBOX_API
+    return None
+
+
+def _recorded_base_url(info: dict[str, Any]) -> str | None:
+    """The base URL in run.json's settings (every run.json has recorded them)."""
     settings = info.get("settings")
     api_settings = settings.get("api") if isinstance(settings, dict) else None
     base = api_settings.get("base_url") if isinstance(api_settings, dict) else None
-    if isinstance(base, str) and api_host(base) == SANDBOX_API:
-        return SANDBOX_API
-    return None
+    return base if isinstance(base, str) else None
 
 
 def _api_name(api: str) -> str:
@@ -92,10 +98,8 @@ def _recorded_api(run_dir: Path, info: dict[str, Any], api: str, base_url: str) 
     recorded = info.get("api")
     if isinstance(recorded, str):
         return recorded
-    settings = info.get("settings")
-    api_settings = settings.get("api") if isinstance(settings, dict) else None
-    base = api_settings.get("base_url") if isinstance(api_settings, dict) else None
-    if isinstance(base, str) and api_host(base) not in (api, api_host(base_url)):
+    base = _recorded_base_url(info)
+    if base is not None and api_host(base) not in (api, api_host(base_url)):
         return api_host(base)  # its settings say it ran elsewhere
     log.warning(
         "%s: run.json names no API (made by an older remix); adopting %s",
