@@ -32,7 +32,7 @@ from pipeline.ledger import parse_key
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.plan import count_tasks
 from pipeline.rundir import read_run_info
-from pipeline.shard import Shard, missing_shards
+from pipeline.shard import Shard
 from pipeline.storage import safe_part, sidecar_path
 from pipeline.thumbnails import THUMBS_DIR, in_threads, thumb_relpath, thumbnail_or_none
 
@@ -325,25 +325,25 @@ def _manifest_sha(source: GridSource, info: Mapping[str, object]) -> str | None:
 
 def _is_comparison(read: Sequence[tuple[GridSource, Mapping[str, object]]]) -> bool:
     """Whether several run dirs are runs to compare rather than one job's shards:
-    shards of one manifest merge into one grid, anything else is shown side by side.
+    distinct shards of one manifest and one split merge into one grid; anything else
+    (two nights, two jobs, the same shard on two nights) is shown side by side.
 
     Raises:
-        ConfigError: one job's shards that do not fit together, or a run dir twice.
+        ConfigError: a run dir given twice.
     """
     if len(read) == 1:
         return False
     sources = [source for source, _ in read]
-    one_job = len({_manifest_sha(s, i) for s, i in read} - {None}) <= 1
-    if one_job and all(source.shard is not None for source in sources):
-        try:
-            missing_shards([source.shard for source in sources])
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        return False
     resolved = [source.run_dir.resolve() for source in sources]
-    if len(set(resolved)) < len(resolved):
-        raise ConfigError("a run dir is given twice: pass each run dir once")
-    return True
+    for index, run_dir in enumerate(resolved):
+        if run_dir in resolved[:index]:
+            raise ConfigError(f"{sources[index].run_dir} is given twice: pass it once")
+    shards = [source.shard for source in sources]
+    one_job = len({_manifest_sha(s, i) for s, i in read} - {None}) <= 1
+    split = {shard.count for shard in shards if shard is not None}
+    indices = {shard.index for shard in shards if shard is not None}
+    distinct = len(indices) == len(shards)
+    return not (one_job and None not in shards and len(split) == 1 and distinct)
 
 
 def plan_grid(run_dirs: Sequence[Path]) -> GridPlan:

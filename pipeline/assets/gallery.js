@@ -82,6 +82,7 @@
     if (pinned) pinned.classList.remove("sel");
     pinned = td;
     app.classList.toggle("pinned", !!td);
+    fit();
     if (td) { td.classList.add("sel"); show(td, i); }
   }
 
