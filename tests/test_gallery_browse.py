@@ -141,9 +141,10 @@ def test_lightbox_keys_walk_the_cells_in_grid_order(
 def test_picks_survive_a_reload_and_come_back_through_picks(
     demo: DemoRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Star one cell with `s` in the lightbox and one with a click on its star; after
-    a reload both are still starred; the exported file lists exactly them, and
-    `remix gallery RUN --picks FILE` marks exactly them in the written page."""
+    """Star one cell with `s` in the lightbox, one with `s` on the focused cell and
+    one with a click on its star; after a reload they are still starred; the
+    exported file lists exactly them, and `remix gallery RUN --picks FILE` marks
+    exactly them in the written page."""
     page = demo.run_dir / GALLERY_NAME
     downloads = tmp_path / "downloads"
     order = [str(c["data-key"]) for c in _cells(_parse(page.read_text()))]
@@ -160,6 +161,9 @@ def test_picks_survive_a_reload_and_come_back_through_picks(
         await tab.key("ArrowRight")
         await tab.key("s")
         await tab.key("Escape")
+        fourth = json.dumps(f'td.cell[data-key="{done[3]}"]')
+        await tab.eval(f"document.querySelector({fourth}).focus()")
+        await tab.key("s")
         await tab.click(third)
         return await tab.eval(PICKED)
 
@@ -175,7 +179,7 @@ def test_picks_survive_a_reload_and_come_back_through_picks(
         return picked
 
     starred = _browse(tmp_path / "profile", star)
-    assert sorted(starred) == sorted({order[1], done[2]})
+    assert sorted(starred) == sorted({order[1], done[2], done[3]})
     after = _browse(tmp_path / "profile", reload_and_export, downloads=downloads)
     assert after == starred
     exported = downloads / "picks.json"
