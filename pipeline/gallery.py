@@ -1,34 +1,39 @@
 """The static HTML contact sheet of a run dir: ``gallery.html`` plus ``thumbs/``;
-or one page for the run dirs of one job's shards (``remix gallery S0 S1 --out P``).
+one page for the run dirs of one job's shards (``remix gallery S0 S1 --out P``); or
+runs compared key by key (``remix gallery NIGHT_A NIGHT_B``).
 
 References run down the side (with the reference image itself), variants across,
 matrix axis combinations as sub-columns (and selectable), one cell per task. The
-page is a single file with inline CSS and JS: it opens from the file system with no
-server, network or CDN. Thumbnails are JPEGs made once with Pillow (kept while newer
-than their image) and lazy-loaded, so a 5,000-image run opens fast. Cell details
-(prompt, parameters, seed, cost, error) live in one JSON block with shared strings
-stored once; the page only ever sets them as text, and every text in the HTML is
-escaped: prompts and error messages are user and server input.
+page is a single file with inline CSS and JS, and everything it loads or links lives
+under the run dir (reference images are copied in) by relative paths: it opens from
+the file system, a zip or any web server, with no network or CDN. Thumbnails are
+JPEGs made once with Pillow and lazy-loaded, so a 5,000-image run opens fast. Cell
+details live in one JSON block with shared strings stored once; the page only ever
+sets them as text, and Jinja2 escapes every text in the HTML: prompts and error
+messages are user and server input.
 
-This module renders; :mod:`pipeline.gallery_grid` builds the grid (from the journal
-and, when it still loads, the run's manifest) and :mod:`pipeline.thumbnails` makes the
-thumbnails. The page's template, CSS and JS are package data in ``pipeline/assets``,
-inlined into each page as it is written.
+This module hands plain data to the Jinja2 template ``assets/gallery.html.j2`` (which
+inlines ``gallery.css`` and ``gallery.js``); :mod:`pipeline.gallery_grid` builds the
+grid (from the journal and, when it still loads, the run's manifest) and
+:mod:`pipeline.thumbnails` makes the thumbnails.
 """
 
 from __future__ import annotations
 
-import html
+import csv
+import io
 import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
-from importlib.resources import files
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
+from urllib.parse import quote
 
+from pipeline.errors import ConfigError
 from pipeline.gallery_grid import (
     CellStatus,
     GridCell,
@@ -42,6 +47,9 @@ from pipeline.gallery_grid import (
 from pipeline.ledger import parse_key
 from pipeline.storage import safe_part, write_atomic_text_stream
 
+if TYPE_CHECKING:
+    from jinja2 import Template
+
 log = logging.getLogger(__name__)
 
 GALLERY_NAME: Final = "gallery.html"
@@ -50,24 +58,17 @@ PAGE_CELLS: Final = 2_000
 
 
 @cache
-def _asset(name: str) -> str:
-    """A file of ``pipeline/assets`` (the page's template, CSS and JS)."""
-    return (files("pipeline") / "assets" / name).read_text(encoding="utf-8")
+def _template() -> Template:
+    """The page's Jinja2 template (``assets/gallery.html.j2``, CSS and JS inlined)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
 
-
-def _page_parts() -> tuple[str, str, str]:
-    """The page template cut around its rows and its data: head, foot, tail."""
-    head, _, rest = _asset("gallery.html").partition("{rows}")
-    foot, _, tail = rest.partition("{data}")
-    return head, foot, tail
-
-
-# ---------------------------------------------------------------------------
-# HTML
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
+    env = Environment(
+        loader=PackageLoader("pipeline", "assets"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("gallery.html.j2")
 
 
 def _script_json(data: object) -> str:
@@ -100,6 +101,7 @@ class _Strings:
 
 
 def _cell_data(cell: GridCell, strings: _Strings) -> dict[str, object]:
+    """What the page's script shows of a cell (details panel, lightbox, picks)."""
     return {
         "k": cell.key,
         "s": cell.status,
@@ -116,6 +118,7 @@ def _cell_data(cell: GridCell, strings: _Strings) -> dict[str, object]:
                 "seed": img.seed,
                 "cost": img.cost,
                 "u": img.image_uuid,
+                "r": img.run,
             }
             for img in cell.images
         ],
@@ -125,66 +128,57 @@ def _cell_data(cell: GridCell, strings: _Strings) -> dict[str, object]:
 _STATUS_NOTE: Final[Mapping[str, str]] = {
     "pending": "in flight",
     "not-run": "not run yet",
+    "partial": "partly done",
 }
 
 
-def _cell_html(cell: GridCell, index: int, variant: str) -> str:
-    first = " first" if cell.combo == 0 else ""
-    attrs = (
-        f'class="cell {cell.status}{first}" data-c="{index}" '
-        f'data-combo="{cell.combo}" '
-        f'data-ref="{_e(cell.reference)}" data-variant="{_e(variant)}" '
-        f'data-key="{_e(cell.key)}" tabindex="0"'
-    )
-    parts: list[str] = []
-    multi = " multi" if len(cell.images) > 1 else ""
-    if cell.images:
-        parts.append(f'<div class="imgs{multi}">')
-        for i, img in enumerate(cell.images):
-            alt = _e(f"{cell.key} #{img.index + 1}")
-            thumb = img.thumb
-            if thumb is None or img.size is None:
-                parts.append(
-                    f'<a class="missing" data-i="{i}" href="{_e(img.href)}">'
-                    "image missing or unreadable</a>"
-                )
-                continue
-            w, h = img.size
-            parts.append(
-                f'<a data-i="{i}" href="{_e(img.href)}" target="_blank">'
-                f'<img src="{_e(thumb)}" width="{w}" height="{h}" alt="{alt}" '
-                'loading="lazy" decoding="async"></a>'
-            )
-        parts.append("</div>")
-    if cell.status == "failed" and cell.error is not None:
-        code, message = cell.error
-        parts.append(
-            f'<div class="fail"><b>failed</b> <code>{_e(code)}</code>'
-            f'<span class="msg">{_e(message)}</span></div>'
-        )
-    elif note := _STATUS_NOTE.get(cell.status):
-        parts.append(f'<div class="note">{_e(note)}</div>')
-    elif cell.status == "partial":
-        parts.append('<div class="note">partly done</div>')
-    return f"<td {attrs}>{''.join(parts)}</td>"
+def _cell_view(
+    cell: GridCell, index: int, variant: str, runs: Sequence[str], picked: bool
+) -> dict[str, object]:
+    """A cell as the template draws it."""
+    images = [
+        {
+            "i": i,
+            "href": img.href,
+            "thumb": img.thumb if img.size is not None else None,
+            "w": img.size[0] if img.size else None,
+            "h": img.size[1] if img.size else None,
+            "alt": f"{cell.key} #{img.index + 1}",
+            "run": img.run,
+            "run_label": None if img.run is None else runs[img.run],
+        }
+        for i, img in enumerate(cell.images)
+    ]
+    failed = cell.status == "failed" and cell.error is not None
+    return {
+        "c": index,
+        "key": cell.key,
+        "status": cell.status,
+        "first": cell.combo == 0,
+        "combo": cell.combo,
+        "ref": cell.reference,
+        "variant": variant,
+        "images": images,
+        "error": cell.error if failed else None,
+        "note": None if failed else _STATUS_NOTE.get(cell.status),
+        "picked": picked,
+    }
 
 
-def _ref_html(ref: GridRef) -> str:
-    thumb = ref.thumb
-    if thumb is not None and ref.size is not None:
-        w, h = ref.size
-        href = ref.local.as_uri() if ref.local is not None else thumb
-        image = (
-            f'<a href="{_e(href)}" target="_blank"><img src="{_e(thumb)}" '
-            f'width="{w}" height="{h}" alt="reference {_e(ref.id)}" '
-            'loading="lazy" decoding="async"></a>'
-        )
-    else:
-        label = "no local file" if ref.source is None else ref.source
-        if len(label) > 60:
-            label = label[:57] + "..."
-        image = f'<div class="ph" title="{_e(ref.source or "")}">{_e(label)}</div>'
-    return f'<th class="ref" scope="row">{image}<span>{_e(ref.id)}</span></th>'
+def _ref_view(ref: GridRef) -> dict[str, object]:
+    """A reference row's header as the template draws it."""
+    label = "no local file" if ref.source is None else ref.source
+    if len(label) > 60:
+        label = label[:57] + "..."
+    return {
+        "id": ref.id,
+        "thumb": ref.thumb if ref.size is not None else None,
+        "href": ref.href,
+        "w": ref.size[0] if ref.size else None,
+        "h": ref.size[1] if ref.size else None,
+        "source": ref.source or "",
+        "label": label,
+    }
 
 
 def _axes_of(combos: Sequence[str]) -> dict[str, list[str]]:
@@ -213,7 +207,9 @@ def _summary(plan: GridPlan) -> str:
     for status, label in labels:
         if n := statuses[status]:
             bits.append(f"{n:,} {label}")
-    if len(plan.sources) > 1:
+    if plan.compare:
+        bits.append("comparing " + " | ".join(plan.run_labels))
+    elif len(plan.sources) > 1:
         given = ", ".join(str(s) for s in sorted(plan.shards, key=lambda s: s.index))
         bits.append(f"shards {given}")
     bits.append(f"${plan.spent_usd} spent")
@@ -233,107 +229,148 @@ def page_path(first: Path, number: int) -> Path:
     return first.with_name(f"{first.stem}-{number}{first.suffix}")
 
 
-def _nav(first: Path, number: int, count: int, first_row: int, rows: int) -> str:
-    """Links between the pages (nothing when there is only one)."""
+def _nav(
+    first: Path, number: int, count: int, first_row: int, rows: int
+) -> dict[str, object] | None:
+    """Links between the pages (None when there is only one)."""
     if count <= 1:
-        return ""
+        return None
 
-    def link(n: int, text: str, rel: str = "") -> str:
-        extra = f' rel="{rel}"' if rel else ""
-        return f'<a href="{_e(page_path(first, n).name)}"{extra}>{text}</a>'
+    def href(n: int) -> str:
+        return quote(page_path(first, n).name)
 
-    prev = link(number - 1, "\u2039 prev", "prev") if number > 1 else ""
-    nxt = link(number + 1, "next \u203a", "next") if number < count else ""
-    pages = " ".join(
-        f'<b aria-current="page">{n}</b>' if n == number else link(n, str(n))
-        for n in range(1, count + 1)
-    )
     last = first_row + rows
-    where = f"page {number} of {count}: references {first_row + 1:,} to {last:,}"
-    return (
-        f'<nav class="pages" aria-label="pages" data-page="{number}" '
-        f'data-pages="{count}">{prev} {pages} {nxt} '
-        f'<span class="dim">{_e(where)}</span></nav>'
-    )
+    return {
+        "number": number,
+        "count": count,
+        "prev": href(number - 1) if number > 1 else None,
+        "next": href(number + 1) if number < count else None,
+        "pages": [
+            {"number": n, "href": href(n), "current": n == number}
+            for n in range(1, count + 1)
+        ],
+        "where": f"page {number} of {count}: references {first_row + 1:,} to {last:,}",
+    }
+
+
+def _store_key(plan: GridPlan) -> str:
+    """Where the page keeps its picks in localStorage: one gallery (all its pages,
+    wherever it is opened from) shares them; another run's gallery does not."""
+    return "remix-picks:" + "|".join([plan.title, *plan.run_labels])
 
 
 def _page_chunks(
-    plan: GridPlan, references: Sequence[str], grid: dict[str, list[GridCell]], nav: str
+    plan: GridPlan,
+    references: Sequence[str],
+    grid: dict[str, list[GridCell]],
+    nav: dict[str, object] | None,
+    picks: frozenset[str],
 ) -> Iterator[str]:
-    """One page in pieces: the header, these reference rows, their cells' details.
-
-    Rows go out as they are made and their cells are dropped from ``grid``; what
-    stays until the end is each cell's JSON text and the page's shared strings.
-    """
+    """One page, streamed: the template draws rows as they are made, and each row's
+    cells are dropped from ``grid``; what stays until the end is each cell's JSON text
+    and the page's shared strings."""
     strings = _Strings()
     n_combos = len(plan.combos)
-    head1 = "".join(
-        f'<th class="variant" colspan="{n_combos}" scope="colgroup">{_e(v)}</th>'
-        for v in plan.variants
-    )
-    head2 = "".join(
-        f'<th class="combo{" first" if i == 0 else ""}" '
-        f'data-combo="{i}" scope="col">'
-        + (
-            "<br>".join(_e(part) for part in c.split(","))
-            if c
-            else '<span class="dim">—</span>'
-        )
-        + "</th>"
-        for _ in plan.variants
-        for i, c in enumerate(plan.combos)
-    )
-    axes = _axes_of(plan.combos)
-    filters = "".join(
-        f'<label>{_e(name)} <select data-axis="{_e(name)}">'
-        '<option value="">all</option>'
-        + "".join(f'<option value="{_e(v)}">{_e(v)}</option>' for v in values)
-        + "</select></label>"
-        for name, values in axes.items()
-        if len(values) > 1
-    )
-    generated = datetime.now(UTC).isoformat(timespec="seconds")
-    empty = (
-        ""
-        if plan.cells
-        else '<p class="nothing">No tasks in this run yet: run it, then regenerate '
-        "the gallery with <code>remix gallery RUN_DIR</code>.</p>"
-    )
-    page_head, page_foot, page_tail = _page_parts()
-    yield page_head.format(
-        title=_e(plan.title),
-        summary=_e(_summary(plan)),
-        filters=filters,
-        nav=nav,
-        head1=head1,
-        head2=head2,
-        empty=empty,
-        css=_asset("gallery.css"),
-    )
     data: list[str] = []
-    for number, ref_id in enumerate(references):
-        by_pos = {(c.variant, c.combo): c for c in grid.pop(ref_id, ())}
-        tds: list[str] = []
-        for v, variant in enumerate(plan.variants):
-            for i in range(n_combos):
-                cell = by_pos.get((v, i))
-                if cell is None:
-                    first = " first" if i == 0 else ""
-                    tds.append(f'<td class="empty{first}" data-combo="{i}"></td>')
-                    continue
-                tds.append(_cell_html(cell, len(data), variant))
-                data.append(_script_json(_cell_data(cell, strings)))
-        newline = "\n" if number else ""
-        yield f"{newline}<tr>{_ref_html(plan.refs[ref_id])}{''.join(tds)}</tr>"
-    run_dirs = ", ".join(str(d) for d in plan.run_dirs)
-    yield page_foot.format(run_dir=_e(run_dirs), generated=_e(generated))
-    combos = [dict(parse_key(f"_/_/{c}")[2]) if c else {} for c in plan.combos]
-    # The JSON of {"combos", "strings", "cells"}, the cells' parts made above.
-    yield f'{{"combos":{_script_json(combos)},"strings":{_script_json(strings.table)}'
-    yield ',"cells":['
-    yield ",".join(data)
-    yield "]}"
-    yield page_tail.format(js=_asset("gallery.js"))
+
+    def rows() -> Iterator[dict[str, object]]:
+        for ref_id in references:
+            by_pos = {(c.variant, c.combo): c for c in grid.pop(ref_id, ())}
+            cells: list[dict[str, object] | None] = []
+            for v, variant in enumerate(plan.variants):
+                for i in range(n_combos):
+                    cell = by_pos.get((v, i))
+                    if cell is None:
+                        cells.append(None)
+                        continue
+                    picked = cell.key in picks
+                    view = _cell_view(cell, len(data), variant, plan.run_labels, picked)
+                    cells.append(view)
+                    data.append(_script_json(_cell_data(cell, strings)))
+            yield {"ref": _ref_view(plan.refs[ref_id]), "cells": cells}
+
+    def data_json() -> str:
+        combos = [dict(parse_key(f"_/_/{c}")[2]) if c else {} for c in plan.combos]
+        head = {
+            "combos": combos,
+            "strings": strings.table,
+            "runs": plan.run_labels if plan.compare else [],
+            "picks": sorted(picks),
+        }
+        return _script_json(head)[:-1] + ',"cells":[' + ",".join(data) + "]}"
+
+    page = {
+        "title": plan.title,
+        "summary": _summary(plan),
+        "store": _store_key(plan),
+        "nav": nav,
+        "axes": [
+            {"name": name, "choices": values}
+            for name, values in _axes_of(plan.combos).items()
+            if len(values) > 1
+        ],
+        "variants": plan.variants,
+        "combos": [c.split(",") if c else [] for c in plan.combos],
+        "empty": not plan.cells,
+        "run_dirs": ", ".join(str(d) for d in plan.run_dirs),
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    yield from _template().generate(page=page, rows=rows(), data_json=data_json)
+
+
+@dataclass(frozen=True)
+class Picks:
+    """Task keys a designer starred, and the file they came from (for messages)."""
+
+    keys: frozenset[str]
+    source: Path | None = None
+
+
+def load_picks(path: Path) -> Picks:
+    """The picks of a file the gallery exported (JSON ``{"picks": [{"key": ...}]}``),
+    a JSON list of keys, or a CSV with a ``key`` column.
+
+    Raises:
+        ConfigError: the file cannot be read or is not a picks file; names the file.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"picks file {path}: cannot read it ({exc})") from None
+    keys: list[object]
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if rows and "key" not in rows[0]:
+            raise ConfigError(f"picks file {path}: no 'key' column")
+        keys = [row["key"] for row in rows]
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"picks file {path}: not JSON ({exc})") from None
+        found = data.get("picks") if isinstance(data, dict) else data
+        if not isinstance(found, list):
+            raise ConfigError(
+                f"picks file {path}: expected a gallery export "
+                '({"picks": [{"key": ...}, ...]}) or a list of keys'
+            )
+        keys = [item.get("key") if isinstance(item, dict) else item for item in found]
+    bad = [k for k in keys if not isinstance(k, str) or not k]
+    if bad:
+        raise ConfigError(f"picks file {path}: {len(bad)} pick(s) without a task key")
+    return Picks(frozenset(str(k) for k in keys), path)
+
+
+def _check_picks(plan: GridPlan, picks: Picks) -> None:
+    """Picks of another gallery would mark nothing: say so rather than ignore them."""
+    known = {key for row in plan.rows.values() for key in row}
+    unknown = sorted(picks.keys - known)
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        where = f"picks file {picks.source}" if picks.source else "picks"
+        raise ConfigError(
+            f"{where}: {len(unknown)} key(s) not in these run dirs ({shown})"
+        )
 
 
 def _remove_stale_pages(first: Path, count: int) -> None:
@@ -347,7 +384,9 @@ def _remove_stale_pages(first: Path, count: int) -> None:
                 log.warning("could not remove old gallery page %s: %s", path, exc)
 
 
-def write_gallery(run_dir: Path, *, page_cells: int = PAGE_CELLS) -> Path:
+def write_gallery(
+    run_dir: Path, *, page_cells: int = PAGE_CELLS, picks: Picks | None = None
+) -> Path:
     """Write ``RUN_DIR/gallery.html`` (and its other pages, missing thumbnails).
 
     Pages hold whole reference rows, about ``page_cells`` cells each, and are
@@ -357,12 +396,12 @@ def write_gallery(run_dir: Path, *, page_cells: int = PAGE_CELLS) -> Path:
     Raises:
         StorageError: a page could not be written.
     """
-    return write_job_gallery([run_dir], page_cells=page_cells)
+    return write_job_gallery([run_dir], page_cells=page_cells, picks=picks)
 
 
 def default_gallery_path(run_dirs: Sequence[Path], title: str) -> Path:
-    """``RUN_DIR/gallery.html`` for one run dir; for several (one job's shards),
-    ``JOB-gallery.html`` in the directory that holds them all."""
+    """``RUN_DIR/gallery.html`` for one run dir; for several (one job's shards, or
+    runs compared), ``JOB-gallery.html`` in the directory that holds them all."""
     if len(run_dirs) == 1:
         return run_dirs[0] / GALLERY_NAME
     parent = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
@@ -376,20 +415,27 @@ def write_job_gallery(
     *,
     out: Path | None = None,
     page_cells: int = PAGE_CELLS,
+    picks: Picks | None = None,
 ) -> Path:
-    """Write one gallery of ``run_dirs`` (a run dir, or one job's shards) at ``out``
-    (default: :func:`default_gallery_path`), its later pages beside it as
-    ``OUT-2.html``...; thumbnails go in each image's run dir. Returns ``out``.
+    """Write one gallery of ``run_dirs`` at ``out`` (default:
+    :func:`default_gallery_path`), its later pages beside it as ``OUT-2.html``...;
+    thumbnails go in each image's run dir. One job's shards make one grid; other
+    run dirs are compared, key by key. ``picks`` (task keys) show starred.
+    Returns ``out``.
 
     Raises:
-        ConfigError: several run dirs that are not distinct shards of one manifest.
+        ConfigError: several run dirs that are neither one job's shards nor
+            distinct runs to compare; picks of keys these run dirs do not have.
         StorageError: a page could not be written.
     """
     plan = plan_grid(run_dirs)
+    if picks is not None:
+        _check_picks(plan, picks)
     target = out or default_gallery_path(run_dirs, plan.title)
     page_dir = target.parent
     plan.place(page_dir)
     pages = split_pages(plan, page_cells)
+    picked = picks.keys if picks is not None else frozenset()
     first_row = 0
     with plan.reading():
         for number, references in enumerate(pages, 1):
@@ -398,7 +444,7 @@ def write_job_gallery(
             nav = _nav(target, number, len(pages), first_row, len(references))
             write_atomic_text_stream(
                 page_path(target, number),
-                _page_chunks(plan, references, grid, nav),
+                _page_chunks(plan, references, grid, nav, picked),
             )
             del grid
             first_row += len(references)

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from pipeline.ledger import parse_key
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.plan import count_tasks
 from pipeline.rundir import read_run_info
-from pipeline.shard import Shard, missing_shards
+from pipeline.shard import Shard
 from pipeline.storage import safe_part, sidecar_path
 from pipeline.thumbnails import THUMBS_DIR, in_threads, thumb_relpath, thumbnail_or_none
 
@@ -73,6 +74,8 @@ class GridImage:
     """The thumbnail's size; None: no thumbnail (image missing or unreadable)."""
     home: str = ""
     """Its run dir, relative to the page's directory ("" when the page is in it)."""
+    run: int | None = None
+    """Which run it comes from, when runs are compared (index into the plan's)."""
 
     @property
     def href(self) -> str:
@@ -119,11 +122,28 @@ class GridRef:
     """The thumbnail's size; None: no thumbnail."""
     home: str = ""
     """The run dir its thumbnail goes in, relative to the page's directory."""
+    copied: bool = False
+    """Whether the reference image itself was copied into the run dir."""
 
     @property
     def thumb_relpath(self) -> str:
         """The thumbnail's path inside its run dir."""
         return PurePosixPath(THUMBS_DIR, "refs", safe_part(self.id) + ".jpg").as_posix()
+
+    @property
+    def copy_relpath(self) -> str:
+        """Where the reference image is copied inside the run dir, so the page links
+        to it relatively (a zipped or served run dir keeps it)."""
+        suffix = self.local.suffix.lower() if self.local is not None else ""
+        name = safe_part(self.id) + suffix
+        return PurePosixPath(THUMBS_DIR, "references", name).as_posix()
+
+    @property
+    def href(self) -> str | None:
+        """The reference image (its copy, else its thumbnail), relative to the page."""
+        if self.copied:
+            return _under(self.home, self.copy_relpath)
+        return self.thumb
 
     @property
     def thumb(self) -> str | None:
@@ -162,6 +182,8 @@ class GridPlan:
     """Reference id -> the keys of its cells."""
     statuses: Counter[str]
     images: int
+    compare: bool = False
+    """The run dirs are separate runs shown side by side, not one job's shards."""
     variant_at: dict[str, int] = field(init=False)
     combo_at: dict[str, int] = field(init=False)
 
@@ -177,6 +199,14 @@ class GridPlan:
     @property
     def run_dirs(self) -> list[Path]:
         return [source.run_dir for source in self.sources]
+
+    @property
+    def run_labels(self) -> list[str]:
+        """A short name per run dir: its name, or its path where names repeat."""
+        names = [s.run_dir.name or str(s.run_dir) for s in self.sources]
+        if len(set(names)) == len(names):
+            return names
+        return [str(s.run_dir) for s in self.sources]
 
     @property
     def spent_usd(self) -> Decimal:
@@ -197,6 +227,14 @@ class GridPlan:
             if key in source.journal.keys:
                 return source
         return None
+
+    def sources_of(self, key: str) -> list[GridSource]:
+        """The run dirs whose images a cell shows: each run compared that has
+        ``key``, else the one shard that has it."""
+        if not self.compare:
+            found = self.source_of(key)
+            return [] if found is None else [found]
+        return [s for s in self.sources if key in s.journal.keys]
 
     def place(self, page_dir: Path) -> None:
         """Make every path relative to ``page_dir``, where the page is written."""
@@ -285,25 +323,40 @@ def _manifest_sha(source: GridSource, info: Mapping[str, object]) -> str | None:
     return sha if sha is not None or started is None else started.manifest_sha256
 
 
-def plan_grid(run_dirs: Sequence[Path]) -> GridPlan:
-    """The grid of a run dir, or of the run dirs of one job's shards as one grid.
+def _is_comparison(read: Sequence[tuple[GridSource, Mapping[str, object]]]) -> bool:
+    """Whether several run dirs are runs to compare rather than one job's shards:
+    distinct shards of one manifest and one split merge into one grid; anything else
+    (two nights, two jobs, the same shard on two nights) is shown side by side.
 
     Raises:
-        ConfigError: several run dirs that are not distinct shards of one manifest.
+        ConfigError: a run dir given twice.
+    """
+    if len(read) == 1:
+        return False
+    sources = [source for source, _ in read]
+    resolved = [source.run_dir.resolve() for source in sources]
+    for index, run_dir in enumerate(resolved):
+        if run_dir in resolved[:index]:
+            raise ConfigError(f"{sources[index].run_dir} is given twice: pass it once")
+    shards = [source.shard for source in sources]
+    one_job = len({_manifest_sha(s, i) for s, i in read} - {None}) <= 1
+    split = {shard.count for shard in shards if shard is not None}
+    indices = {shard.index for shard in shards if shard is not None}
+    distinct = len(indices) == len(shards)
+    return not (one_job and None not in shards and len(split) == 1 and distinct)
+
+
+def plan_grid(run_dirs: Sequence[Path]) -> GridPlan:
+    """The grid of a run dir; of the run dirs of one job's shards as one grid; or of
+    runs compared (each cell shows every run's images of its key).
+
+    Raises:
+        ConfigError: one job's shards that do not fit together, or a run dir twice.
     """
     read = [_source(run_dir) for run_dir in run_dirs]
     sources = [source for source, _ in read]
     info = read[0][1]
-    if len(read) > 1:
-        if len({_manifest_sha(s, i) for s, i in read} - {None}) > 1:
-            raise ConfigError(
-                "these run dirs hold runs of different manifests: one gallery "
-                "shows one job's shards"
-            )
-        try:
-            missing_shards([source.shard for source in sources])
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    compare = _is_comparison(read)
     run_dir = sources[0].run_dir
     manifest_path = _text(info.get("manifest"))
     manifest = _load_manifest(run_dir, manifest_path)
@@ -315,7 +368,7 @@ def plan_grid(run_dirs: Sequence[Path]) -> GridPlan:
     planned: set[str] = set()
     expandable = False
     shards = [source.shard for source in sources]
-    whole = any(shard is None for shard in shards)
+    whole = compare or any(shard is None for shard in shards)
 
     def status_of(key: str) -> CellStatus | None:
         source = next((s for s in sources if key in s.journal.keys), None)
@@ -347,10 +400,13 @@ def plan_grid(run_dirs: Sequence[Path]) -> GridPlan:
     for index, source in enumerate(sources):
         journal = source.journal
         for key in journal.keys:
-            if any(key in earlier.journal.keys for earlier in sources[:index]):
+            earlier = any(key in e.journal.keys for e in sources[:index])
+            if earlier and not compare:
                 continue  # shown from the first run dir that has it
             images += len(journal.completed_images.get(key, ()))
-            if key in planned or (status := cell_status(journal, key)) is None:
+            if earlier or key in planned:
+                continue
+            if (status := cell_status(journal, key)) is None:
                 continue
             statuses[status] += 1
             ref_id, variant, axes = parse_key(key)
@@ -366,7 +422,7 @@ def plan_grid(run_dirs: Sequence[Path]) -> GridPlan:
     else:
         title = run_dir.name or str(run_dir)
     return GridPlan(
-        title=title,
+        title=f"{title} · compared" if compare else title,
         sources=sources,
         manifest=manifest if expandable else None,
         refs=refs,
@@ -375,6 +431,7 @@ def plan_grid(run_dirs: Sequence[Path]) -> GridPlan:
         rows=rows,
         statuses=statuses,
         images=images,
+        compare=compare,
     )
 
 
@@ -407,47 +464,55 @@ def cells_of(plan: GridPlan, references: Sequence[str]) -> dict[str, list[GridCe
             v, c = plan.variant_at.get(variant), plan.combo_at.get(_combo(axes))
             if v is None or c is None:  # pragma: no cover - the plan has them all
                 continue
-            source = plan.source_of(key)
-            if source is None:
+            found = plan.sources_of(key)
+            if not found:
                 row.append(GridCell(key, reference, v, c, "not-run"))
                 continue
-            journal, run_dir = source.journal, source.run_dir
-            status = cell_status(journal, key)
+            status = cell_status(found[0].journal, key)
             cell = GridCell(key, reference, v, c, status or "not-run")
             row.append(cell)
-            params: dict[str, Any] | None = None
-            images = journal.completed_images.get(key, {})
-            for index in sorted(images):
-                event = journal.completed_event(images[index])
-                cell.task_uuid = event.task_uuid
-                cell.images.append(
-                    GridImage(
-                        event.index,
-                        event.path,
-                        event.seed,
-                        _money(event.cost_usd),
-                        event.image_uuid,
-                        home=source.home,
-                    )
-                )
-                meta = _read_sidecar(run_dir, event.path)
-                if meta:
-                    cell.prompt = _text(meta.get("prompt")) or cell.prompt
-                    cell.negative = _text(meta.get("negative_prompt")) or cell.negative
-                    found = meta.get("params")
-                    params = found if isinstance(found, dict) else params
-            if params is not None:
-                cell.params = _display_params(params) or ""
-            if pending := journal.pending.get(key):
-                cell.task_uuid = journal.task_of(pending[-1])
-            failed = journal.failed.get(key)
-            if failed is not None and not journal.is_complete(key):
-                failure = journal.failed_event(failed)
-                cell.task_uuid = failure.task_uuid or cell.task_uuid
-                cell.error = (failure.code, failure.message)
+            for source in found:
+                run = plan.sources.index(source) if plan.compare else None
+                _fill_cell(cell, source, run)
     if plan.manifest is not None:
         _fill_from_manifest(plan.manifest, grid)
     return grid
+
+
+def _fill_cell(cell: GridCell, source: GridSource, run: int | None) -> None:
+    """A cell's images, prompt, parameters and error as one run dir has them."""
+    key, journal, run_dir = cell.key, source.journal, source.run_dir
+    params: dict[str, Any] | None = None
+    images = journal.completed_images.get(key, {})
+    for index in sorted(images):
+        event = journal.completed_event(images[index])
+        cell.task_uuid = event.task_uuid
+        cell.images.append(
+            GridImage(
+                event.index,
+                event.path,
+                event.seed,
+                _money(event.cost_usd),
+                event.image_uuid,
+                home=source.home,
+                run=run,
+            )
+        )
+        meta = _read_sidecar(run_dir, event.path)
+        if meta:
+            cell.prompt = _text(meta.get("prompt")) or cell.prompt
+            cell.negative = _text(meta.get("negative_prompt")) or cell.negative
+            found = meta.get("params")
+            params = found if isinstance(found, dict) else params
+    if params is not None:
+        cell.params = _display_params(params) or ""
+    if pending := journal.pending.get(key):
+        cell.task_uuid = journal.task_of(pending[-1])
+    failed = journal.failed.get(key)
+    if failed is not None and not journal.is_complete(key):
+        failure = journal.failed_event(failed)
+        cell.task_uuid = failure.task_uuid or cell.task_uuid
+        cell.error = (failure.code, failure.message)
 
 
 def _fill_from_manifest(manifest: Manifest, grid: Mapping[str, list[GridCell]]) -> None:
@@ -481,9 +546,28 @@ def _thumb_of(page_dir: Path, target: GridImage | GridRef) -> None:
     elif target.local is not None:
         src = target.local
         dst = page_dir / target.home / target.thumb_relpath
+        if src.is_file():
+            target.copied = _copy_in(src, page_dir / target.home / target.copy_relpath)
     else:
         return
     target.size = thumbnail_or_none(src, dst) if src.is_file() else None
+
+
+def _copy_in(src: Path, dst: Path) -> bool:
+    """Copy a reference image into the run dir (kept while newer than ``src``), so
+    the page never links outside it; False (logged) when it cannot be copied."""
+    tmp = dst.with_name(dst.name + ".part")
+    try:
+        if dst.is_file() and dst.stat().st_mtime_ns >= src.stat().st_mtime_ns:
+            return True
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)  # never leave a half copy behind
+        log.warning("reference %s not copied into the run dir: %s", src, exc)
+        return False
+    return True
 
 
 def make_grid_thumbnails(

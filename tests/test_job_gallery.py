@@ -112,3 +112,24 @@ def test_gallery_refuses_what_is_not_one_jobs_shards(
     assert "given twice" in capsys.readouterr().err
     assert main(["gallery", str(shards[0]), str(tmp_path / "nope")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_the_same_shard_on_two_nights_is_compared(
+    shards: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Shard 0/2 run on two nights is not one job's shards: one page compares them,
+    each done cell with both nights' images."""
+    job = tmp_path / "job" / "job.toml"
+    again = tmp_path / "runs" / "s0-night2"
+    argv = ["-q", "run", str(job), "--sandbox", "--run-dir", str(again)]
+    assert main([*argv, "--shard", "0/2"]) == 0
+    assert main(["gallery", str(shards[0]), str(again)]) == 0
+    page = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    text = page.read_text()
+    assert "comparing s0 | s0-night2" in text
+    cells = re.findall(r'<td class="cell done[^>]*>(.*?)</td>', text)
+    assert cells
+    for cell in cells:
+        assert 'data-run="0"' in cell
+        assert 'data-run="1"' in cell
+    assert_links_resolve(page, 2 * len(cells))

@@ -20,7 +20,7 @@ from pipeline.cli.run import cmd_plan, cmd_run
 from pipeline.cli.show import show_report, show_status
 from pipeline.errors import ConfigError, ManifestError, PipelineError
 from pipeline.exit_codes import ExitCode
-from pipeline.gallery import write_job_gallery
+from pipeline.gallery import load_picks, write_job_gallery
 from pipeline.rundata import check_run_dir
 
 log = logging.getLogger("pipeline")
@@ -43,11 +43,13 @@ def cmd_report(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_gallery(args: argparse.Namespace) -> ExitCode:
-    """One page: RUN_DIR/gallery.html, or for one job's shards JOB-gallery.html
-    beside their run dirs (``--out`` chooses)."""
+    """One page: RUN_DIR/gallery.html, or for one job's shards (or runs compared)
+    JOB-gallery.html beside their run dirs (``--out`` chooses); ``--picks`` stars
+    the keys of a picks file the page exported."""
     for run_dir in args.run_dirs:
         check_run_dir(run_dir)
-    print(write_job_gallery(args.run_dirs, out=args.out))
+    picks = None if args.picks is None else load_picks(args.picks)
+    print(write_job_gallery(args.run_dirs, out=args.out, picks=picks))
     return ExitCode.OK
 
 

@@ -288,15 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
     gallery = sub.add_parser(
         "gallery",
         parents=[common],
-        help="write RUN_DIR/gallery.html, or one page for one job's shards",
+        help="write RUN_DIR/gallery.html; one page for one job's shards; or runs "
+        "compared side by side",
         formatter_class=_Help,
         epilog=_examples(
             "remix gallery runs/demo",
             "remix gallery runs/nightly-shard0of2 runs/nightly-shard1of2",
+            "remix gallery runs/night-2026-12-01 runs/night-2026-12-02",
+            "remix gallery runs/demo --picks picks.json",
         ),
     )
     gallery.add_argument(
-        "run_dirs", type=Path, nargs="+", help="a run dir, or the run dirs of shards"
+        "run_dirs",
+        type=Path,
+        nargs="+",
+        help="a run dir; the run dirs of one job's shards (one grid); or runs to "
+        "compare (each cell shows every run's image)",
+    )
+    gallery.add_argument(
+        "--picks",
+        type=Path,
+        metavar="FILE",
+        help="star the task keys of this picks file (the page's 'export picks' "
+        "JSON, or a CSV with a key column) (default: none)",
     )
     gallery.add_argument(
         "--out",
