@@ -1,4 +1,5 @@
-"""Gallery page benchmark: what a designer's browser loads, and how soon it paints.
+"""Page benchmark: what the browser loads for the gallery and the HTML cost report of
+a run dir, and how soon each paints.
 
 Two run dirs made in-process against the ``--sandbox`` API, as the tests do: the demo
 job (3 references x 4 variants x 2 strengths: 24 images) and a generated one of
@@ -11,6 +12,10 @@ has loaded: the lazy thumbnails in view) and the first paint
 
     python bench/gallery_page.py
     python bench/gallery_page.py --refs 4 --variants 5 --strengths 2 --shot docs/x.png
+
+The cost report (``remix report RUN --format html``) is measured the same way: its
+HTML plus the plotly.js file beside it, and its first paint and the time until every
+chart is drawn.
 
 The last stdout line is one JSON object with the figures.
 """
@@ -141,6 +146,50 @@ def measure(run_dir: Path, profile: Path, shot: Path | None = None) -> JsonObjec
     }
 
 
+CHARTS_DRAWN = """(function () {
+  var plots = document.querySelectorAll('.js-plotly-plot');
+  return plots.length > 0 && Array.prototype.every.call(plots, function (p) {
+    return p.querySelector('.main-svg') !== null;
+  });
+})()"""
+
+
+async def _open_report(url: str, profile: Path) -> dict[str, Any]:
+    async with open_tab(profile, width=1400, height=900) as tab:
+        await tab.goto(url)
+        await tab.wait_for("performance.getEntriesByType('paint').length > 0")
+        await tab.wait_for(CHARTS_DRAWN)
+        figures: dict[str, Any] = await tab.eval(
+            "(function () { var p = {}; performance.getEntriesByType('paint')"
+            ".forEach(function (e) { p[e.name] = e.startTime; });"
+            " return {paint: p, charts_drawn_ms: performance.now(),"
+            " charts: document.querySelectorAll('.js-plotly-plot').length}; })()"
+        )
+        return figures
+
+
+def measure_report(run_dir: Path, profile: Path) -> JsonObject:
+    """Write the HTML cost report of ``run_dir`` and open it; weight and paint."""
+    page = run_dir / "cost-report.html"
+    started = time.perf_counter()
+    if remix(["-q", "report", str(run_dir), "--format", "html", "-o", str(page)]):
+        raise SystemExit(f"remix report {run_dir} failed")
+    write_s = time.perf_counter() - started
+    seen = anyio.run(_open_report, page.resolve().as_uri(), profile)
+    script_bytes = sum(p.stat().st_size for p in run_dir.glob("plotly-*.min.js"))
+    html_bytes = page.stat().st_size
+    return {
+        "report_write_s": round(write_s, 2),
+        "html_kb": round(html_bytes / 1024, 1),
+        "plotly_js_kb": round(script_bytes / 1024, 1),
+        "page_weight_kb": round((html_bytes + script_bytes) / 1024, 1),
+        "charts": seen["charts"],
+        "first_paint_ms": seen["paint"].get("first-paint"),
+        "first_contentful_paint_ms": seen["paint"].get("first-contentful-paint"),
+        "charts_drawn_ms": round(seen["charts_drawn_ms"]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--refs", type=int, default=10)
@@ -157,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         _sandbox_run(ROOT / "jobs" / "demo.toml", demo)
         figures["demo"] = measure(demo, work / "profile-demo", args.shot)
         emit(f"demo: {figures['demo']}")
+        figures["demo_report"] = measure_report(demo, work / "profile-demo-report")
+        emit(f"demo report: {figures['demo_report']}")
         big = work / "big"
         job = _big_job(work / "job", args.refs, args.variants, args.strengths)
         _sandbox_run(job, big)
         figures["big"] = measure(big, work / "profile-big")
         emit(f"big: {figures['big']}")
+        figures["big_report"] = measure_report(big, work / "profile-big-report")
+        emit(f"big report: {figures['big_report']}")
     emit_json(figures)
     return 0
 
