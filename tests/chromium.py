@@ -37,6 +37,28 @@ def chromium() -> str | None:
     return None
 
 
+def headless_args(binary: str, profile: Path) -> list[str]:
+    """A one-shot headless run (``--dump-dom``, ``--screenshot``): no network of its
+    own, the page's console in the log on stderr, virtual time for its scripts."""
+    return [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=15000",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
+
+
 class CdpError(RuntimeError):
     """Chromium refused a command, or a wait ran out."""
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import shutil
 import subprocess
 import textwrap
 import time
@@ -34,6 +33,7 @@ from pipeline.costs import build_report
 from pipeline.journal_events import Event, FailedEvent, RunEndedEvent, SubmittedEvent
 from pipeline.periods import Window, parse_date, period_label, resolve_zone
 from pipeline.rundata import load_run
+from tests.chromium import chromium, headless_args
 from tests.test_report import PRICE, completed, started, submitted, uuid, write_journal
 
 BERLIN = "Europe/Berlin"
@@ -355,23 +355,6 @@ def test_report_assets_are_package_data() -> None:
 # Real headless Chromium
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if found := shutil.which(name):
-            return found
-    return None
-
-
-def _chromium_args(binary: str, profile: Path) -> list[str]:
-    return [
-        binary, "--headless", "--no-sandbox", "--disable-gpu",
-        "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-        f"--user-data-dir={profile}", "--virtual-time-budget=15000",
-        "--enable-logging=stderr", "--v=0",
-    ]  # fmt: skip
-
-
 def _console_messages(stderr: str) -> list[str]:
     """The page's console messages in Chromium's log (logged at INFO, whatever
     their level; uncaught exceptions too): the page logs nothing when all is well."""
@@ -382,17 +365,17 @@ def render_report(page: Path, profile: Path, screenshot: Path) -> dict[str, Any]
     """Open ``page#check`` in headless Chromium: the page's own account of what its
     charts drew (values and SVG bar heights), with no console errors; and a
     1400x1600 screenshot."""
-    binary = _chromium()
+    binary = chromium()
     assert binary is not None
     url = page.resolve().as_uri() + "#check"
     env = {**os.environ, "HOME": str(profile)}
     run = subprocess.run(
-        [*_chromium_args(binary, profile / "dom"), "--dump-dom", url],
+        [*headless_args(binary, profile / "dom"), "--dump-dom", url],
         capture_output=True, text=True, timeout=90, check=True, env=env,
     )  # fmt: skip
     assert _console_messages(run.stderr) == []
     subprocess.run(
-        [*_chromium_args(binary, profile / "shot"), f"--screenshot={screenshot}",
+        [*headless_args(binary, profile / "shot"), f"--screenshot={screenshot}",
          "--window-size=1400,1600", page.resolve().as_uri()],
         capture_output=True, timeout=90, check=True, env=env,
     )  # fmt: skip
@@ -417,7 +400,7 @@ def _near(a: float | None, b: str | float | Decimal) -> bool:
 
 
 @pytest.mark.skipif(
-    _chromium() is None,
+    chromium() is None,
     reason="no chromium binary (Debian: apt-get install chromium; .ci/run installs it)",
 )
 @pytest.mark.timeout(200)
@@ -491,7 +474,7 @@ def test_html_report_in_headless_chromium(
 
 
 @pytest.mark.skipif(
-    _chromium() is None,
+    chromium() is None,
     reason="no chromium binary (Debian: apt-get install chromium; .ci/run installs it)",
 )
 @pytest.mark.timeout(200)

@@ -8,7 +8,6 @@ import hashlib
 import html.parser
 import json
 import os
-import shutil
 import subprocess
 import textwrap
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pipeline.journal_events import (
 from pipeline.manifest import load_manifest
 from pipeline.storage import encode_sidecar, image_relpath
 from pipeline.thumbnails import make_thumbnail, make_thumbnails
+from tests.chromium import chromium, headless_args
 
 T0 = datetime(2026, 11, 3, 22, 0, tzinfo=UTC)
 NASTY = "<b>\"quoted\" & 'single'</b> </script><script>alert(1)</script>"
@@ -438,31 +438,6 @@ def test_empty_run_dir_gives_a_page(tmp_path: Path) -> None:
 # Real headless Chromium
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if found := shutil.which(name):
-            return found
-    return None
-
-
-def _chromium_args(binary: str, profile: Path) -> list[str]:
-    return [
-        binary,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=15000",
-    ]
-
-
 def render_in_chromium(
     gallery: Path, profile: Path, *, screenshot: Path | None = None
 ) -> dict[str, object]:
@@ -470,12 +445,12 @@ def render_in_chromium(
 
     With ``screenshot``, also saves a 1400x1000 PNG of the page there.
     """
-    binary = _chromium()
+    binary = chromium()
     assert binary is not None
     url = gallery.resolve().as_uri() + "#check"
     env = {**os.environ, "HOME": str(profile)}
     dom = subprocess.run(
-        [*_chromium_args(binary, profile / "dom"), "--dump-dom", url],
+        [*headless_args(binary, profile / "dom"), "--dump-dom", url],
         capture_output=True,
         text=True,
         timeout=60,
@@ -485,7 +460,7 @@ def render_in_chromium(
     if screenshot is not None:
         subprocess.run(
             [
-                *_chromium_args(binary, profile / "shot"),
+                *headless_args(binary, profile / "shot"),
                 f"--screenshot={screenshot}",
                 "--window-size=1400,1000",
                 url,
@@ -503,7 +478,7 @@ def render_in_chromium(
 
 
 @pytest.mark.skipif(
-    _chromium() is None,
+    chromium() is None,
     reason="no chromium binary (Debian: apt-get install chromium; .ci/run installs it)",
 )
 @pytest.mark.timeout(150)
@@ -529,7 +504,7 @@ def test_gallery_renders_in_headless_chromium(demo: DemoRun, tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(
-    _chromium() is None,
+    chromium() is None,
     reason="no chromium binary (Debian: apt-get install chromium; .ci/run installs it)",
 )
 @pytest.mark.timeout(180)
