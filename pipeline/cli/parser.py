@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         type=_decimal,
         help="hard cap in USD for the run dir (default: the manifest's "
-        "job.budget_usd, else none)",
+        "job.budget_usd, split evenly across shards; else none)",
     )
     run.add_argument(
         "--shard",
