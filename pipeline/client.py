@@ -18,15 +18,12 @@ import base64
 import binascii
 import json
 import logging
-import os
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
-from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
@@ -60,6 +57,7 @@ from pipeline.errors import (
 )
 from pipeline.limits import Pacer
 from pipeline.retry import call_with_retry, retry_after_s
+from pipeline.unreachable import NAME_UNRESOLVED, connection_cause, host_of
 from pipeline.wire import (
     AuthenticationRequest,
     Envelope,
@@ -74,8 +72,6 @@ __all__ = [
     "RunwareClient",
     "SubmitOutcome",
     "UnusableImageError",
-    "connection_cause",
-    "host_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,34 +88,6 @@ CREDIT_HINT: Final = "top up the account, then rerun the same command to resume"
 TRANSIENT_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 CONGESTION_STATUSES: Final = frozenset({429, 503, 504})
 _CHUNK_BYTES: Final = 64 * 1024
-NAME_UNRESOLVED: Final = "name does not resolve"
-
-
-def host_of(url: str) -> str:
-    """The host (and port, when given) of a URL: what a person checks when it is
-    unreachable, without any user info the URL may carry."""
-    parts = urlsplit(url)
-    host = parts.hostname or url
-    return f"{host}:{parts.port}" if parts.port is not None else host
-
-
-def connection_cause(exc: BaseException) -> str:
-    """Why a connection failed, in a few plain words ("name does not resolve",
-    "Connection refused"), from ``exc`` and its causes: never a repr."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, socket.gaierror | aiohttp.ClientConnectorDNSError):
-            return NAME_UNRESOLVED
-        if isinstance(seen, OSError):
-            if seen.errno is not None and seen.errno > 0:
-                return os.strerror(seen.errno)
-            if seen.strerror:
-                return str(seen.strerror)
-        if seen.__cause__ is None:
-            text = str(seen) or type(seen).__name__
-            return " ".join(text.split())
-        seen = seen.__cause__
-    return type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from pipeline import spend_one as paid
 from pipeline.answers import PollOutcome, describe
-from pipeline.client import RunwareClient, connection_cause, host_of
+from pipeline.client import RunwareClient
 from pipeline.config import ENV_API_KEY, Settings
 from pipeline.dialect import (
     Dialect,
@@ -53,6 +53,7 @@ from pipeline.errors import (
 )
 from pipeline.exit_codes import ExitCode
 from pipeline.spend_one import Spend
+from pipeline.unreachable import connection_cause, host_of
 from pipeline.wire import (
     Envelope,
 )

@@ -85,18 +85,7 @@ class RunStatus:
             "running_pid": self.running_pid,
             "finished": self.finished,
             "resumable": self.resumable,
-            "tasks_total": self.tasks_total,
-            "done": self.done,
-            "failed": self.failed,
-            "in_flight": self.in_flight,
-            "queued": self.queued,
-            "remaining": self.remaining,
-            "images_done": self.images_done,
-            "images_total": self.images_total,
-            "spent_usd": str(self.spent_usd),
-            "estimate_usd": None
-            if self.estimate_usd is None
-            else str(self.estimate_usd),
+            **_counts_json(self),
             "started_at": self.started_at,
             "last_activity": None
             if self.last_activity is None
@@ -105,6 +94,24 @@ class RunStatus:
             "queued_task_uuids": list(self.queued_task_uuids),
             "resume_command": self.resume_command,
         }
+
+
+def _counts_json(status: RunStatus | JobStatus) -> dict[str, object]:
+    """The counts a run dir and a job of shards both report, JSON-ready."""
+    return {
+        "tasks_total": status.tasks_total,
+        "done": status.done,
+        "failed": status.failed,
+        "in_flight": status.in_flight,
+        "queued": status.queued,
+        "remaining": status.remaining,
+        "images_done": status.images_done,
+        "images_total": status.images_total,
+        "spent_usd": str(status.spent_usd),
+        "estimate_usd": None
+        if status.estimate_usd is None
+        else str(status.estimate_usd),
+    }
 
 
 def resume_command(run_dir: Path, manifest: str | None, shard: str | None) -> str:
@@ -220,18 +227,7 @@ class JobStatus:
             "state": self.state,
             "detail": self.detail,
             "missing_shards": list(self.missing_shards),
-            "tasks_total": self.tasks_total,
-            "done": self.done,
-            "failed": self.failed,
-            "in_flight": self.in_flight,
-            "queued": self.queued,
-            "remaining": self.remaining,
-            "images_done": self.images_done,
-            "images_total": self.images_total,
-            "spent_usd": str(self.spent_usd),
-            "estimate_usd": None
-            if self.estimate_usd is None
-            else str(self.estimate_usd),
+            **_counts_json(self),
             "runs": [run.to_json() for run in self.runs],
         }
 
