@@ -157,7 +157,8 @@ def test_successful_run_and_every_command_keep_the_key_secret(
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """run (with an upload), plan, status, report and gallery never show the key."""
+    """run (with an upload), plan, status, report (the HTML page too) and gallery
+    never show the key."""
     server = serve(
         create_app(SandboxConfig(seed=0, latency_s=0, api_key=KEY, render_scale=0.1))
     )
@@ -179,6 +180,7 @@ def test_successful_run_and_every_command_keep_the_key_secret(
         ["status", str(run_dir), "--format", "json"],
         ["report", str(run_dir), "--format", "json"],
         ["report", str(run_dir), "--format", "csv"],
+        ["report", str(run_dir), "--format", "html"],
         ["gallery", str(run_dir)],
     ):
         assert main(["-vv", *argv]) == 0, argv
